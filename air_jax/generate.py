@@ -13,6 +13,7 @@ import numpy as np
 
 from air_jax import decoding
 from air_jax.backend import batch_sharding, data_mesh, replicated, select_devices
+from air_jax.images import load_image
 from air_jax.loading import LoadedModel
 from models.llama import unstack_layers
 from models.spec import RectificationSpec
@@ -51,23 +52,8 @@ class Generation:
     return self.texts[0]
 
 
-def _load_image(img):
-  from PIL import Image
-
-  if isinstance(img, (str, os.PathLike)):
-    try:
-      with Image.open(img) as im:
-        return im.convert("RGB")
-    except (OSError, ValueError) as e:
-      raise ValueError(f"cannot read image {os.fspath(img)!r}: {e}") from e
-  if isinstance(img, np.ndarray):
-    arr = img
-    if arr.dtype != np.uint8:
-      arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr).convert("RGB")
-  if hasattr(img, "convert"):
-    return img.convert("RGB")
-  raise TypeError(f"image must be a PIL image, a numpy array or a path, not {type(img).__name__}")
+def _load_image(img, name: str = "image"):
+  return load_image(img, name)
 
 
 def format_prompt(processor, prompt: str) -> str:
@@ -213,7 +199,8 @@ def _prepare(params, image, prompt, bucket, devices):
     raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
   if not images:
     raise ValueError("no images given")
-  ids, mask, pixels = prepare_inputs(params.processor, [_load_image(i) for i in images], prompts, bucket)
+  loaded = [_load_image(im, f"image {k}") for k, im in enumerate(images)]
+  ids, mask, pixels = prepare_inputs(params.processor, loaded, prompts, bucket)
   b = ids.shape[0]
   extra = (-b) % len(devices)  # copies of row 0, dropped afterwards
   if extra:

@@ -1,0 +1,99 @@
+"""Bad inputs refused early and clearly: image arrays, truncated safetensors, stale temp files."""
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from air_jax.atomic import atomic_write_json, clean_stale_temps
+from air_jax.images import ImageError, array_to_uint8, load_image
+from convert.safetensors_io import SafetensorsFile
+
+
+@pytest.mark.parametrize("arr, words", [
+    (np.full((8, 8, 3), np.nan, np.float32), ["NaN", "(8, 8, 3)"]),
+    (np.random.RandomState(0).randn(8, 8, 3).astype(np.float32), ["normalised", "min -"]),
+    (np.full((8, 8, 3), 0.5, np.float32), ["ambiguous", "max 0.5"]),
+    (np.zeros((2, 8, 8, 3), np.uint8), ["batch", "list"]),
+    (np.zeros((8, 8, 4), np.uint8), ["[H, W, 3]", "(8, 8, 4)"]),
+    (np.zeros((3, 8, 8), np.uint8), ["channels last"]),
+    (np.full((8, 8, 3), 300, np.int32), ["[0, 255]", "max 300"]),
+    (np.zeros((8, 8, 3), bool), ["dtype bool"]),
+    (np.zeros((0, 8, 3), np.uint8), ["empty"]),
+    (np.full((8, 8, 3), 256.0), ["above 255"]),
+])
+def test_bad_image_arrays_are_refused(arr, words):
+  with pytest.raises(ImageError) as e:
+    array_to_uint8(arr, "image 3")
+  assert "image 3" in str(e.value)
+  for w in words:
+    assert w in str(e.value)
+
+
+def test_good_image_arrays():
+  assert array_to_uint8(np.full((4, 4, 3), 7, np.uint8)).dtype == np.uint8
+  out = array_to_uint8(np.full((4, 4, 3), 200.4, np.float32))
+  assert out.dtype == np.uint8 and out.max() == 200
+  assert array_to_uint8(np.full((4, 4), 9, np.int64)).max() == 9
+  assert load_image(np.zeros((5, 6), np.uint8)).size == (6, 5)
+
+
+def test_unreadable_image_path(tmp_path):
+  bad = tmp_path / "x.jpg"
+  bad.write_bytes(b"not an image")
+  with pytest.raises(ImageError, match="x.jpg"):
+    load_image(str(bad))
+  with pytest.raises(ImageError, match="not int"):
+    load_image(3)
+
+
+def _write(path, tensors):
+  save_file(tensors, str(path))
+  return path
+
+
+def test_truncated_safetensors_names_file_and_tensor(tmp_path):
+  p = _write(tmp_path / "model-00002-of-00003.safetensors",
+             {"a.weight": np.ones((4, 4), np.float32), "b.weight": np.ones((64, 8), np.float32)})
+  data = p.read_bytes()
+  p.write_bytes(data[:-100])
+  with pytest.raises(ValueError) as e:
+    SafetensorsFile(str(p))
+  msg = str(e.value)
+  assert "model-00002-of-00003.safetensors" in msg and "b.weight" in msg and "truncated" in msg
+
+
+def test_safetensors_offsets_inconsistent_with_shape(tmp_path):
+  p = _write(tmp_path / "m.safetensors", {"w": np.ones((4, 4), np.float32)})
+  data = p.read_bytes()
+  (n,) = struct.unpack("<Q", data[:8])
+  header = json.loads(data[8:8 + n])
+  header["w"]["shape"] = [4, 5]
+  raw = json.dumps(header).encode()
+  raw += b" " * (-len(raw) % 8)
+  p.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+  with pytest.raises(ValueError, match=r"tensor 'w'.*\[4, 5\]"):
+    SafetensorsFile(str(p))
+
+
+def test_good_safetensors_still_reads(tmp_path):
+  p = _write(tmp_path / "m.safetensors", {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+  with SafetensorsFile(str(p)) as f:
+    np.testing.assert_array_equal(f.get("w"), np.arange(6).reshape(2, 3))
+
+
+def test_stale_temp_files_are_cleaned(tmp_path):
+  target = tmp_path / "results.json"
+  dead = tmp_path / ".results.json.999999999.abc.tmp"  # no such pid
+  dead.write_text("{partial")
+  live = tmp_path / f".results.json.{os.getpid()}.xyz.tmp"  # a concurrent writer: kept
+  live.write_text("{")
+  other = tmp_path / ".other.json.999999999.abc.tmp"
+  other.write_text("{")
+  atomic_write_json(target, {"ok": 1})
+  assert json.loads(target.read_text()) == {"ok": 1}
+  assert not dead.exists() and live.exists() and other.exists()
+  assert clean_stale_temps(tmp_path / "other.json") == [str(other)]
