@@ -173,7 +173,7 @@ def write_outputs(out: Path, state: RunState, score: str, top_k: int, non_hal: s
     save_heatmap(out / f"heatmap_{key}.png", arrays[key], f"{key}_h ({score}); black: hal, green: non-hal",
                  hal_heads=sel["hal_heads"], non_hal_heads=sel["non_hal_heads"])
     heads[key] = {k: [[l, h, float(arrays[key][l, h])] for l, h in v] for k, v in sel.items()}
-  summary = {"config": state.settings, "score": score, "top_k": top_k, "non_hal": non_hal,
+  summary = {"config": state.settings, "out": str(out), "score": score, "top_k": top_k, "non_hal": non_hal,
              "num_samples": len(state.done), "num_tokens_H": int(arrays["count_H"].max(initial=0)),
              "num_tokens_N": int(arrays["count_N"].max(initial=0)), "heads": heads}
   atomic_write_json(out / "summary.json", summary, indent=1)
@@ -187,6 +187,9 @@ def run(argv: Sequence[str] | None = None, on_sample: Callable[[int], None] | No
     raise AttributionError(f"--top-k and --chunk must be >= 1, got {args.top_k} and {args.chunk}")
   if not Path(args.model).is_dir():
     raise AttributionError(f"--model {args.model}: not a directory")
+  from eval.cli import check_output_dir
+
+  check_output_dir(args.out)  # before any work
   chair_path = Path(args.chair_json)
   sentences, json_prompt = _load_sentences(chair_path, args.all_captions)
   if args.limit is not None:
@@ -286,16 +289,17 @@ def _attribute_one(sentence, images: CocoImages, attributor, chair_scorer, args)
 
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; returns the exit status (2 on a user error)."""
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  try:
+  from eval.cli import run_cli, where_results_are
+
+  def body() -> int:
     summary = run(argv)
-  except (AttributionError, AnnotationError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"{summary['num_samples']} captions, {summary['num_tokens_H']} hallucinated and "
-        f"{summary['num_tokens_N']} correct object tokens; top heads by S_h: "
-        f"{summary['heads']['S']['hal_heads'][:5]}")
-  return 0
+    print(f"{summary['num_samples']} captions, {summary['num_tokens_H']} hallucinated and "
+          f"{summary['num_tokens_N']} correct object tokens; top heads by S_h: "
+          f"{summary['heads']['S']['hal_heads'][:5]}")
+    print(where_results_are(summary["out"]))
+    return 0
+
+  return run_cli(body, (AttributionError, AnnotationError))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 from eval.captions_io import CaptionRecord, CaptionsFormatError, CaptionsWriter, load_captions, \
   read_jsonl_records
 from eval.chair_metric import STYLES, Vocabulary, compute_chair
+from eval.cli import check_output_dir
 from eval.coco import AnnotationError, CocoImages, GroundTruth, atomic_write_json, match_image_id
 
 log = logging.getLogger("eval.chair")
@@ -338,6 +339,7 @@ def run(argv: Sequence[str] | None = None,
     check_backend(args.backend)  # before any work: a wrong platform should fail at once
   methods = _methods(args.method)
   out_dir = Path(args.out)
+  check_output_dir(out_dir)  # before any work: a bad --out must not cost a captioning run
   if args.captions:
     if methods and len(methods) != len(args.captions):
       raise EvalError(f"{len(args.captions)} --captions file(s) but {len(methods)} --method label(s)")
@@ -391,7 +393,7 @@ def run(argv: Sequence[str] | None = None,
     result = score_records(records, images, gt, vocab, source=str(captions_path), sample=sample)
     result["skipped"] = gen_skipped + result["skipped"]
     result["config"] = {
-      "label": label, "captions_file": str(captions_path), "coco_root": str(args.coco_root),
+      "label": label, "captions_file": str(captions_path), "out": str(out_dir), "coco_root": str(args.coco_root),
       "split": args.split, "num_images": None if sample is None else args.num_images,
       "seed": None if sample is None else args.seed, "prompt": args.prompt if sample is not None else None,
       "max_new_tokens": args.max_new_tokens if sample is not None else None, "model": args.model,
@@ -408,14 +410,15 @@ def run(argv: Sequence[str] | None = None,
 
 def main(argv: Sequence[str] | None = None, captioner_factory: Callable[[str], Captioner] | None = None) -> int:
   """CLI entry point: prints the table, returns the exit status (2 on a user error)."""
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  try:
+  from eval.cli import run_cli, where_results_are
+
+  def body() -> int:
     results = run(argv, captioner_factory)
-  except (EvalError, AnnotationError, CaptionsFormatError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(format_table(results))
-  return 0
+    print(format_table(results))
+    print(where_results_are(*sorted({r["config"]["out"] for r in results.values()})))
+    return 0
+
+  return run_cli(body, (EvalError, AnnotationError, CaptionsFormatError))
 
 
 if __name__ == "__main__":
