@@ -14,6 +14,7 @@ import numpy as np
 from air_jax import decoding
 from air_jax.backend import batch_sharding, data_mesh, replicated, select_devices
 from air_jax.images import load_image
+from air_jax.limits import check_lengths, check_max_new_tokens
 from air_jax.loading import LoadedModel
 from models.llama import unstack_layers
 from models.spec import RectificationSpec
@@ -150,11 +151,11 @@ def generate(params: LoadedModel, air_cfg, image, prompt, *, max_new_tokens: int
     A Generation with the decoded texts (special tokens removed), token ids and optional outputs.
   """
   _check_model(params)
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  max_new_tokens = check_max_new_tokens(max_new_tokens)
   config = params.config
   devices = list(devices) if devices is not None else select_devices(backend)
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
+  check_lengths(config, ids.shape[0], ids.shape[1], max_new_tokens, params.dtype.itemsize, devices)
   spec = _spec_for(air_cfg, config)
   run = decoding.generate_tokens_debug if debug else decoding.generate_tokens_jit
   out = _run(params, run, spec, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
@@ -246,8 +247,11 @@ def generate_sweep(params: LoadedModel, air_cfgs: Sequence, image, prompt, *, ma
   if not air_cfgs:
     raise ValueError("air_cfgs is empty")
   devices = select_devices(backend)
+  max_new_tokens = check_max_new_tokens(max_new_tokens)
   specs = stack_specs([_spec_for(c, params.config) for c in air_cfgs])
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
+  check_lengths(params.config, ids.shape[0] * len(air_cfgs), ids.shape[1], max_new_tokens, params.dtype.itemsize,
+                devices)
   out = _run(params, _sweep_jit, specs, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, output_scores=False,
              output_stats=False)

@@ -97,3 +97,51 @@ def test_stale_temp_files_are_cleaned(tmp_path):
   assert json.loads(target.read_text()) == {"ok": 1}
   assert not dead.exists() and live.exists() and other.exists()
   assert clean_stale_temps(tmp_path / "other.json") == [str(other)]
+
+
+@pytest.mark.parametrize("preset", ["air", "adhh", "air_star"])
+def test_empty_head_sets_are_refused(tmp_path, preset):
+  from air_jax import AIRConfig
+
+  with pytest.raises(ValueError, match="heads is empty"):
+    AIRConfig.preset(preset, heads=[])
+  f = tmp_path / "heads.json"
+  f.write_text(json.dumps({"hal_heads": [], "non_hal_heads": []}))
+  with pytest.raises(ValueError, match="heads is empty.*hal_heads"):
+    AIRConfig.preset(preset, heads=str(f))
+
+
+@pytest.fixture(scope="module")
+def organism():
+  from pathlib import Path
+
+  import air_jax
+
+  return air_jax.load_pretrained(Path(__file__).resolve().parent.parent / "organism" / "checkpoint")
+
+
+@pytest.mark.parametrize("n", [2.5, "64", True, 0, -3])
+def test_max_new_tokens_must_be_a_positive_int(organism, n):
+  import air_jax
+
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    air_jax.generate(organism, None, np.zeros((64, 64, 3), np.uint8), "describe", max_new_tokens=n)
+
+
+def test_lengths_beyond_positions_are_refused_before_allocation(organism):
+  import air_jax
+
+  limit = organism.config.text.max_position_embeddings
+  with pytest.raises(ValueError, match=f"max_position_embeddings \\({limit}\\)"):
+    air_jax.generate(organism, None, np.zeros((64, 64, 3), np.uint8), "describe", max_new_tokens=10**9)
+  with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+    air_jax.generate(organism, None, np.zeros((64, 64, 3), np.uint8), "word " * (2 * limit), max_new_tokens=4)
+
+
+def test_cache_memory_check():
+  from air_jax.limits import check_lengths
+  from models.config import TextConfig
+
+  cfg = TextConfig(max_position_embeddings=10**12)
+  with pytest.raises(ValueError, match="KV cache .* GiB"):
+    check_lengths(cfg, 64, 1000, 10**8)
