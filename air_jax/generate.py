@@ -155,7 +155,8 @@ def generate(params: LoadedModel, air_cfg, image, prompt, *, max_new_tokens: int
   config = params.config
   devices = list(devices) if devices is not None else select_devices(backend)
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
-  check_lengths(config, ids.shape[0], ids.shape[1], max_new_tokens, params.dtype.itemsize, devices)
+  check_lengths(config, ids.shape[0], ids.shape[1], max_new_tokens, params.dtype.itemsize, devices,
+                real_prompt_len=int(mask.sum(-1).max()))
   spec = _spec_for(air_cfg, config)
   run = decoding.generate_tokens_debug if debug else decoding.generate_tokens_jit
   out = _run(params, run, spec, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
@@ -251,7 +252,7 @@ def generate_sweep(params: LoadedModel, air_cfgs: Sequence, image, prompt, *, ma
   specs = stack_specs([_spec_for(c, params.config) for c in air_cfgs])
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
   check_lengths(params.config, ids.shape[0] * len(air_cfgs), ids.shape[1], max_new_tokens, params.dtype.itemsize,
-                devices)
+                devices, real_prompt_len=int(mask.sum(-1).max()))
   out = _run(params, _sweep_jit, specs, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, output_scores=False,
              output_stats=False)

@@ -51,15 +51,20 @@ def kv_cache_bytes(config, batch: int, slots: int, itemsize: int) -> int:
 
 
 def check_lengths(config, batch: int, prompt_len: int, max_new_tokens: int, itemsize: int = 4,
-                  devices=None) -> None:
-  """Raises a ValueError when prompt + generation exceed the model's positions or the cache exceeds memory."""
+                  devices=None, real_prompt_len: int | None = None) -> None:
+  """Raises a ValueError when prompt + generation exceed the model's positions or the cache exceeds memory.
+
+  Positions count real tokens (`real_prompt_len`, the longest prompt without padding; left padding takes no
+  position); the cache holds the padded length `prompt_len` + max_new_tokens slots per row.
+  """
   text = _decoder(config)
   limit = getattr(text, "max_position_embeddings", None)
-  total = prompt_len + max_new_tokens
-  if limit is not None and total > limit:
-    raise ValueError(f"the prompt ({prompt_len} tokens, padding included) + max_new_tokens ({max_new_tokens}) = "
-                     f"{total} exceeds the model's max_position_embeddings ({limit}); shorten the prompt or lower "
+  real = prompt_len if real_prompt_len is None else real_prompt_len
+  if limit is not None and real + max_new_tokens > limit:
+    raise ValueError(f"the prompt ({real} tokens) + max_new_tokens ({max_new_tokens}) = {real + max_new_tokens} "
+                     f"exceeds the model's max_position_embeddings ({limit}); shorten the prompt or lower "
                      "max_new_tokens")
+  total = prompt_len + max_new_tokens
   need = kv_cache_bytes(config, batch, total, itemsize)
   have = available_memory_bytes(devices)
   if have is not None and need > have:
