@@ -1,4 +1,4 @@
-"""`generate(params, air_cfg, image, prompt)`: chat template, batching, bucketing, sharding, decoding, text."""
+"""`generate(params, method_cfg, image, prompt)`: chat template, batching, bucketing, sharding, decoding, text."""
 
 from __future__ import annotations
 
@@ -104,6 +104,15 @@ def _spec_for(air_cfg, config) -> RectificationSpec | None:
   raise TypeError(f"air_cfg must be None, an AIRConfig or a RectificationSpec, not {type(air_cfg).__name__}")
 
 
+def _method_for(method_cfg, config):
+  """Any decoding method (None, a registered name, a method config, an AIRConfig, a spec) -> CompiledMethod."""
+  from air_jax import methods
+
+  if isinstance(method_cfg, str):
+    method_cfg = methods.make(method_cfg)
+  return methods.as_compiled(method_cfg, config)
+
+
 _PLACED: dict = {}
 
 
@@ -127,7 +136,7 @@ def _place_params(params, mesh):
   return placed
 
 
-def generate(params: LoadedModel, air_cfg, image, prompt, *, max_new_tokens: int = 64, do_sample: bool = False,
+def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | jax.Array = 0,
              output_scores: bool = False, output_attention_stats: bool = False, backend: str | None = None,
              bucket: int = 64, debug: bool = False, devices: Sequence | None = None) -> Generation:
@@ -135,7 +144,8 @@ def generate(params: LoadedModel, air_cfg, image, prompt, *, max_new_tokens: int
 
   Args:
     params: the object returned by `air_jax.load_pretrained` (params, config and processor).
-    air_cfg: None (plain decoding), an `AIRConfig`, or a compiled `RectificationSpec`.
+    method_cfg: the decoding method: None (plain decoding), a registered name ("greedy", "vcd", ...), a method
+      config (`air_jax.methods.make(name, **overrides)`), an `AIRConfig`, or a compiled `RectificationSpec`.
     image: a PIL image, an array [H, W, 3], a path, or a list of them.
     prompt: a string or a list (one per image; a single string is used for every image).
     max_new_tokens: N, the number of tokens generated at most (rows stop at EOS).
@@ -155,17 +165,17 @@ def generate(params: LoadedModel, air_cfg, image, prompt, *, max_new_tokens: int
   config = params.config
   devices = list(devices) if devices is not None else select_devices(backend)
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
-  check_lengths(config, ids.shape[0], ids.shape[1], max_new_tokens, params.dtype.itemsize, devices,
-                real_prompt_len=int(mask.sum(-1).max()))
-  spec = _spec_for(air_cfg, config)
+  method = _method_for(method_cfg, config)
+  check_lengths(config, ids.shape[0] * method.plan.num_views, ids.shape[1], max_new_tokens, params.dtype.itemsize,
+                devices, real_prompt_len=int(mask.sum(-1).max()))
   run = decoding.generate_tokens_debug if debug else decoding.generate_tokens_jit
-  out = _run(params, run, spec, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
+  out = _run(params, run, method, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, output_scores=output_scores,
              output_stats=output_attention_stats)
   return _to_generation(params, out, ids, mask, b)
 
 
-def _run(params: LoadedModel, run, spec, ids, mask, pixels, devices, *, do_sample, temperature, top_k, top_p, seed,
+def _run(params: LoadedModel, run, method, ids, mask, pixels, devices, *, do_sample, temperature, top_k, top_p, seed,
          max_new_tokens, output_scores, output_stats):
   """Places the (padded) batch on the devices and runs `run` (a decoding.generate_tokens variant)."""
   config, tok = params.config, params.processor.tokenizer
@@ -176,7 +186,7 @@ def _run(params: LoadedModel, run, spec, ids, mask, pixels, devices, *, do_sampl
   mesh = data_mesh(devices)
   p = _place_params(params.params, mesh)
   shard = lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim))
-  out = run(p, config, shard(ids), shard(mask), shard(pixels), spec, sv, **kw)
+  out = run(p, config, shard(ids), shard(mask), shard(pixels), method, sv, **kw)
   return jax.tree.map(np.asarray, out)
 
 
@@ -231,25 +241,27 @@ _SWEEP_STATIC = ("config", "max_new_tokens", "sampling", "eos_ids", "pad_id", "o
 
 
 @functools.partial(jax.jit, static_argnames=_SWEEP_STATIC)
-def _sweep_jit(params, config, ids, mask, pixels, specs, sv, **kw):
-  one = lambda spec: decoding.generate_tokens(params, config, ids, mask, pixels, spec, sv, **kw)
-  return jax.vmap(one)(specs)
+def _sweep_jit(params, config, ids, mask, pixels, methods, sv, **kw):
+  one = lambda method: decoding.generate_tokens(params, config, ids, mask, pixels, method, sv, **kw)
+  return jax.vmap(one)(methods)
 
 
 def generate_sweep(params: LoadedModel, air_cfgs: Sequence, image, prompt, *, max_new_tokens: int = 64,
                    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    seed: int | jax.Array = 0, bucket: int = 64, backend: str | None = None) -> list[Generation]:
-  """One compiled, vmapped call for several AIR configs (a hyperparameter sweep, e.g. 8 values of lambda).
+  """One compiled, vmapped call for several method configs (a hyperparameter sweep, e.g. 8 values of lambda).
 
-  Every config must switch on the same ops (values may differ). Returns one Generation per config, equal to
-  calling `generate` with each config in turn.
+  Every config must compile to one structure (same method, same ops switched on; values may differ). Returns
+  one Generation per config, equal to calling `generate` with each config in turn.
   """
+  from air_jax import methods
+
   _check_model(params)
   if not air_cfgs:
     raise ValueError("air_cfgs is empty")
   devices = select_devices(backend)
   max_new_tokens = check_max_new_tokens(max_new_tokens)
-  specs = stack_specs([_spec_for(c, params.config) for c in air_cfgs])
+  specs = methods.stack_methods([_method_for(c, params.config) for c in air_cfgs])
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
   check_lengths(params.config, ids.shape[0] * len(air_cfgs), ids.shape[1], max_new_tokens, params.dtype.itemsize,
                 devices, real_prompt_len=int(mask.sum(-1).max()))
