@@ -17,9 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models import llama
-from models.config import LlavaConfig
-from models.llava import embed_inputs, positions_from_mask, prompt_context
+from models.family import family_of, prompt_pieces
 from models.segments import PAD, TEXT
 from models.spec import AttnContext, RectificationSpec
 
@@ -28,8 +26,9 @@ from models.spec import AttnContext, RectificationSpec
 class DecodeState:
   """Everything a decoding step needs besides params.
 
-  cache: {"k", "v"} [L, B, S, K, D] (or per layer, see models.llama.init_cache); key_segments [B, S] int32; next_position [B] int32 (RoPE position of the
-  next token); write_index [] int32 (the slot the next token goes to).
+  cache: the family's cache pytree (Llama: {"k", "v"} [L, B, S, K, D], or per layer, see models.llama.init_cache);
+  key_segments [B, S] int32; next_position [B] int32 (position offset of the next token; the family's
+  decode_positions turns it into RoPE positions); write_index [] int32 (the slot the next token goes to).
   """
 
   cache: dict
@@ -49,27 +48,27 @@ class Sampling:
   greedy: bool = True
 
 
-def prefill(params, config: LlavaConfig, input_ids, attention_mask, pixel_values, spec, cache_size: int,
+def prefill(params, config, input_ids, attention_mask, pixel_values, spec, cache_size: int,
             output_stats: bool = False, early_exit: tuple | None = None):
   """Runs the prompt [B, T] and returns (last-row logits [B, V], DecodeState, extras).
 
+  Any registered family (models.family): `pixel_values` is the family's vision input (an array or a dict of
+  arrays, as `Family.prepare_inputs` makes it), `config` selects the family.
   early_exit: optional static (layers, final_norm): extras then hold `exit_logits` [K, B, V], the last row's
-  logits read out after each of the K layers (see models.llama.decoder's output_hidden_layers).
+  logits read out after each of the K layers (`Family.exit_logits`).
   """
+  fam = family_of(config)
   b, t = input_ids.shape
-  embeds = embed_inputs(params, config, input_ids, pixel_values)
-  positions = positions_from_mask(attention_mask)
-  ctx = prompt_context(input_ids, attention_mask, config.image_token_id, key_slots=cache_size)
-  lm = params["language_model"]
-  cache = llama.init_cache(config.text, b, cache_size, embeds.dtype,
-                           per_layer=isinstance(lm["layers"], (list, tuple)))
-  hidden, cache, extras = llama.decoder(lm, config.text, embeds, positions, ctx, spec=spec, cache=cache,
-                                        write_index=0, output_stats=output_stats,
-                                        output_hidden_layers=early_exit[0] if early_exit else ())
-  logits = llama.lm_head(lm, params.get("lm_head"), hidden[:, -1])
+  embeds, positions, ctx = prompt_pieces(params, config, input_ids, attention_mask, pixel_values,
+                                         key_slots=cache_size)
+  cache = fam.init_cache(params, config, b, cache_size, embeds.dtype)
+  kw = {"output_hidden_layers": early_exit[0]} if early_exit else {}
+  hidden, cache, extras = fam.decoder(params, config, embeds, positions, ctx, spec=spec, cache=cache, write_index=0,
+                                      output_stats=output_stats, **kw)
+  logits = fam.logits(params, config, hidden[:, -1])
   extras = _exit_logits(params, config, extras, early_exit)
-  next_pos = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)
-  state = DecodeState(cache=cache, key_segments=ctx.key_segments, next_position=next_pos,
+  state = DecodeState(cache=cache, key_segments=ctx.key_segments,
+                      next_position=fam.next_position(config, positions, attention_mask),
                       write_index=jnp.asarray(t, jnp.int32))
   return logits, state, extras
 
@@ -82,35 +81,35 @@ def decode_context(key_segments: jax.Array, write_index: jax.Array) -> AttnConte
                      mask=visible[:, None, :], query_slot=write_index[None], prefill=False)
 
 
-def _exit_logits(params, config: LlavaConfig, extras: dict, early_exit) -> dict:
+def _exit_logits(params, config, extras: dict, early_exit) -> dict:
   """Replaces extras["hidden_states"] [K, B, T, E] by `exit_logits` [K, B, V] of the last row."""
   if not early_exit:
     return extras
   extras = dict(extras)
   hs = extras.pop("hidden_states")[:, :, -1]
-  lm = params["language_model"]
-  extras["exit_logits"] = llama.early_exit_logits(lm, params.get("lm_head"), config.text, hs, early_exit[1])
+  extras["exit_logits"] = family_of(config).exit_logits(params, config, hs, early_exit[1])
   return extras
 
 
-def decode_step(params, config: LlavaConfig, state: DecodeState, tokens: jax.Array, spec,
+def decode_step(params, config, state: DecodeState, tokens: jax.Array, spec,
                 output_stats: bool = False, write_cache: bool = True, early_exit: tuple | None = None):
   """Feeds tokens [B] at the next slot; returns (logits [B, V], new DecodeState, extras).
 
   write_cache=False scores the row without writing the cache (the returned state keeps the old cache): under
   `jax.vmap` over specs the cache then stays shared instead of being copied per item (head attribution).
   """
-  lm = params["language_model"]
+  fam = family_of(config)
   b = tokens.shape[0]
   key_segments = jax.lax.dynamic_update_slice(state.key_segments, jnp.full((b, 1), TEXT, jnp.int32),
                                               (0, state.write_index))
   ctx = decode_context(key_segments, state.write_index)
-  embeds = llama.embed_tokens(lm, tokens[:, None])
-  hidden, cache, extras = llama.decoder(lm, config.text, embeds, state.next_position[:, None], ctx, spec=spec,
-                                        cache=state.cache, write_index=state.write_index,
-                                        output_stats=output_stats, cache_write=write_cache,
-                                        output_hidden_layers=early_exit[0] if early_exit else ())
-  logits = llama.lm_head(lm, params.get("lm_head"), hidden[:, 0])
+  embeds = fam.embed_tokens(params, config, tokens[:, None])
+  positions = fam.decode_positions(config, state.next_position)
+  kw = {"output_hidden_layers": early_exit[0]} if early_exit else {}
+  hidden, cache, extras = fam.decoder(params, config, embeds, positions, ctx, spec=spec, cache=state.cache,
+                                      write_index=state.write_index, output_stats=output_stats,
+                                      cache_write=write_cache, **kw)
+  logits = fam.logits(params, config, hidden[:, 0])
   extras = _exit_logits(params, config, extras, early_exit)
   new = DecodeState(cache=cache, key_segments=key_segments, next_position=state.next_position + 1,
                     write_index=state.write_index + 1)
@@ -164,7 +163,7 @@ class _Stepper:
   The loop only calls these; every method-specific decision lives in the method's plan (air_jax.methods.base).
   """
 
-  def __init__(self, method, config: LlavaConfig, batch: int):
+  def __init__(self, method, config, batch: int):
     from air_jax.methods.base import as_compiled
 
     self.method = as_compiled(method, config)
@@ -206,7 +205,7 @@ class _Stepper:
     return jnp.tile(tok, self.v) if self.v > 1 else tok
 
 
-def generate_tokens(params, config: LlavaConfig, input_ids, attention_mask, pixel_values, method,
+def generate_tokens(params, config, input_ids, attention_mask, pixel_values, method,
                     sampling_values: SamplingValues, *, max_new_tokens: int, sampling: Sampling = Sampling(),
                     eos_ids: tuple[int, ...] = (), pad_id: int = 0, output_scores: bool = False,
                     output_stats: bool = False) -> dict:
@@ -232,7 +231,7 @@ def generate_tokens(params, config: LlavaConfig, input_ids, attention_mask, pixe
                                   cache_size, output_stats, early_exit=st.early_exit)
   extras = st.main_rows(extras)
   mstate = st.plan.init_state(st.values, base, config)
-  nl, nh = config.text.num_hidden_layers, config.text.num_attention_heads
+  nl, nh = config.dims.num_hidden_layers, config.dims.num_attention_heads
   buf = {
       "tokens": jnp.full((b, n), pad_id, jnp.int32),
       "done": jnp.zeros((b,), bool),

@@ -22,7 +22,8 @@ def check_max_new_tokens(n) -> int:
 
 
 def _decoder(config):
-  return getattr(config, "text", config)
+  """The decoder dims of a model config (any family: `config.dims`), or a decoder config itself."""
+  return getattr(config, "dims", None) or getattr(config, "text", config)
 
 
 def available_memory_bytes(devices=None) -> int | None:
