@@ -131,7 +131,7 @@ def detect(params: dict, cfg: OwlConfig, pixel_values: jax.Array, input_ids: jax
 
   Returns:
     {"logits" [B, P, Q], "pred_boxes" [B, P, 4] (cx, cy, w, h in [0, 1] of the padded square image),
-     "objectness_logits" [B, P] (OWLv2; zeros for OWL-ViT), "class_embeds" [B, P, E_text]}.
+     "objectness_logits" [B, P] (OWLv2; zeros for OWL-ViT), "class_embeds" [B, P, E_text] (unit norm)}.
   """
   b = pixel_values.shape[0]
   feats = image_features(params, cfg, pixel_values)  # [B, P, E]
@@ -151,7 +151,7 @@ def detect(params: dict, cfg: OwlConfig, pixel_values: jax.Array, input_ids: jax
   boxes = jax.nn.sigmoid(_mlp3(params["box_head"], feats) + box_bias(cfg.grid))
   objectness = (_mlp3(params["objectness_head"], feats)[..., 0] if "objectness_head" in params
                 else jnp.zeros(feats.shape[:2], feats.dtype))
-  return {"logits": logits, "pred_boxes": boxes, "objectness_logits": objectness, "class_embeds": cls}
+  return {"logits": logits, "pred_boxes": boxes, "objectness_logits": objectness, "class_embeds": cls_n}
 
 
 def center_to_corners(boxes: jax.Array) -> jax.Array:

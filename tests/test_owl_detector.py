@@ -21,7 +21,7 @@ def _make(path, version):
                 patch_size=8)
   cfg_cls, model_cls = (Owlv2Config, Owlv2ForObjectDetection) if version == 2 else (OwlViTConfig,
                                                                                     OwlViTForObjectDetection)
-  model = model_cls(cfg_cls(text_config=text, vision_config=vision, projection_dim=24)).eval()
+  model = model_cls(cfg_cls(text_config=text, vision_config=vision, projection_dim=32)).eval()
   model.save_pretrained(path)
   tok = train_tokenizer(96)
   tok.padding_side = "right"
