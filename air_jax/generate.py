@@ -123,7 +123,8 @@ def _place_params(params, mesh, config=None):
 def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | jax.Array = 0,
              output_scores: bool = False, output_attention_stats: bool = False, backend: str | None = None,
-             bucket: int = 64, debug: bool = False, devices: Sequence | None = None) -> Generation:
+             bucket: int = 64, debug: bool = False, devices: Sequence | None = None, num_beams: int = 1,
+             length_penalty: float = 1.0) -> Generation:
   """Generates a caption/answer for each (image, prompt) pair.
 
   Args:
@@ -140,18 +141,26 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
     bucket: prompt lengths are padded up to a multiple of this, so repeated calls reuse one compilation.
     debug: run a Python loop over the jitted step instead of one compiled while_loop (same result).
     devices: explicit devices to shard the batch over (overrides `backend`).
+    num_beams, length_penalty: beam search when num_beams > 1 (air_jax.beam_search, as transformers'
+      `num_beams` generate), with any method that only edits attention (AIR, AIR*, AD-HH, head ablations).
 
   Returns:
     A Generation with the decoded texts (special tokens removed), token ids and optional outputs.
   """
   _check_model(params)
   max_new_tokens = check_max_new_tokens(max_new_tokens)
+  if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+    raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
   config = params.config
   devices = list(devices) if devices is not None else select_devices(backend)
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
   method = _method_for(method_cfg, config)
   check_lengths(config, ids.shape[0] * method.plan.num_views, ids.shape[1], max_new_tokens, params.dtype.itemsize,
                 devices, real_prompt_len=int(mask.sum(-1).max()))
+  if num_beams != 1:
+    out = _run_beams(params, method, ids, mask, pixels, devices, num_beams=num_beams, length_penalty=length_penalty,
+                     max_new_tokens=max_new_tokens, b=b, sampling=do_sample or output_scores or output_attention_stats)
+    return _to_generation(params, out, ids, mask, b)
   run = decoding.generate_tokens_debug if debug else decoding.generate_tokens_jit
   out = _run(params, run, method, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, output_scores=output_scores,
@@ -171,6 +180,36 @@ def _run(params: LoadedModel, run, method, ids, mask, pixels, devices, *, do_sam
   p = _place_params(params.params, mesh, config)
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
   out = run(p, config, shard(ids), shard(mask), shard(pixels), method, sv, **kw)
+  return jax.tree.map(np.asarray, out)
+
+
+def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_beams, length_penalty,
+               max_new_tokens, b, sampling):
+  """Beam search (air_jax.beam_search) for methods that only edit attention."""
+  from air_jax import beam_search
+  from air_jax.methods.base import Plan
+
+  if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or \
+      not np.isfinite(length_penalty):
+    raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+  plan = method.plan
+  plain = (plan.num_views == 1 and not plan.early_exit_layers and type(plan).combine is Plan.combine
+           and type(plan).init_state is Plan.init_state)
+  if not plain:
+    raise ValueError(f"num_beams={num_beams}: beam search runs with methods that only edit attention (AIR, AIR*, "
+                     f"AD-HH, head ablations); {type(plan).__name__} adds views or changes the logits")
+  if sampling:
+    raise ValueError("num_beams > 1 is deterministic beam search: do_sample, output_scores and "
+                     "output_attention_stats are not available with it")
+  config, tok = params.config, params.processor.tokenizer
+  mesh = data_mesh(devices)
+  p = _place_params(params.params, mesh, config)
+  shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
+  spec = plan.spec(method.values, ids.shape[0], config)
+  out = beam_search.beam_search_jit(p, config, shard(ids), shard(mask), shard(pixels), spec,
+                                    num_beams=int(num_beams), max_new_tokens=max_new_tokens,
+                                    eos_ids=eos_token_ids(config, tok), pad_id=pad_token_id(tok),
+                                    length_penalty=float(length_penalty))
   return jax.tree.map(np.asarray, out)
 
 

@@ -143,6 +143,7 @@ class Family:
   def load_processor(self, path: str):
     from transformers import AutoProcessor  # deferred: transformers import is slow
 
+    require_tokenizer_files(path)
     try:
       return AutoProcessor.from_pretrained(path)
     except Exception as e:  # transformers raises many types here; name the directory
@@ -194,6 +195,21 @@ class Family:
 
   def partition_rules(self, config) -> tuple:
     return ()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def require_tokenizer_files(path: str) -> None:
+  """Raises a ValueError naming the files expected when a checkpoint directory holds no tokenizer at all.
+
+  (Without this check transformers falls through its loaders and ends with advice to install sentencepiece.)
+  """
+  import os
+
+  if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    raise ValueError(f"{path} holds no tokenizer: expected one of {', '.join(TOKENIZER_FILES)} (with "
+                     "tokenizer_config.json) beside config.json; copy the tokenizer files of the checkpoint there")
 
 
 def _tied(config) -> bool:

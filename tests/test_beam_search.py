@@ -64,3 +64,17 @@ def test_beam_search_with_early_eos_and_length_penalty(tiny_model, tiny_torch):
     for row in range(2):  # batch rows equal the prompt run alone
       alone = _ours(tiny_model, images[row], PROMPTS[row], 4, eos=eos, length_penalty=lp)
       np.testing.assert_array_equal(alone[0][0, :alone[1][0]], ours[0][row, :ours[1][row]])
+
+
+def test_generate_num_beams_and_bad_settings(tiny_model, tiny_torch):
+  images = random_images(2, 28, seed=11)
+  out = air_jax.generate(tiny_model, None, images, PROMPTS, max_new_tokens=N, num_beams=3)
+  theirs = _theirs(tiny_torch, tiny_model.processor, images, PROMPTS, 3)
+  _check((out.token_ids, out.num_tokens), theirs, tiny_model.processor.tokenizer.pad_token_id)
+  assert out.texts[0] == tiny_model.processor.tokenizer.decode(out.token_ids[0, :out.num_tokens[0]],
+                                                               skip_special_tokens=True).strip()
+  for bad in (0, 2.5, True):
+    with pytest.raises(ValueError, match="num_beams"):
+      air_jax.generate(tiny_model, None, images[0], PROMPTS[0], max_new_tokens=4, num_beams=bad)
+  with pytest.raises(ValueError, match="do_sample"):
+    air_jax.generate(tiny_model, None, images[0], PROMPTS[0], max_new_tokens=4, num_beams=2, do_sample=True)

@@ -145,3 +145,59 @@ def test_cache_memory_check():
   cfg = TextConfig(max_position_embeddings=10**12)
   with pytest.raises(ValueError, match="KV cache .* GiB"):
     check_lengths(cfg, 64, 1000, 10**8)
+
+
+def _copy_organism(tmp_path, edit=None, drop=()):
+  import shutil
+  from pathlib import Path
+
+  src = Path(__file__).resolve().parent.parent / "organism" / "checkpoint"
+  dst = tmp_path / "ckpt"
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*drop) if drop else None)
+  if edit is not None:
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+  return dst
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("num_attention_heads", 0, ["text_config.num_attention_heads = 0", "positive integer"]),
+    ("num_attention_heads", 3, ["not divisible", "num_attention_heads = 3"]),
+    ("hidden_size", 12.5, ["text_config.hidden_size = 12.5"]),
+    ("num_hidden_layers", -2, ["text_config.num_hidden_layers = -2"]),
+    ("num_hidden_layers", 10**9, ["GiB of parameters", "num_hidden_layers"]),
+])
+def test_bad_config_sizes_are_named_before_allocation(tmp_path, field, value, words):
+  import air_jax
+
+  def edit(cfg):
+    cfg["text_config"][field] = value
+
+  with pytest.raises(ValueError) as e:
+    air_jax.load_pretrained(_copy_organism(tmp_path, edit))
+  assert "config.json" in str(e.value)
+  for w in words:
+    assert w in str(e.value)
+
+
+def test_bad_vision_config_and_top_level(tmp_path):
+  import air_jax
+
+  def edit(cfg):
+    cfg["vision_config"]["patch_size"] = 0
+
+  with pytest.raises(ValueError, match="vision_config.patch_size = 0"):
+    air_jax.load_pretrained(_copy_organism(tmp_path, edit))
+  d = _copy_organism(tmp_path / "b")
+  (d / "config.json").write_text("[1, 2]")
+  with pytest.raises(ValueError, match="JSON object"):
+    air_jax.load_pretrained(d)
+
+
+def test_missing_tokenizer_is_named_before_weights(tmp_path):
+  import air_jax
+
+  d = _copy_organism(tmp_path, drop=("tokenizer.json", "model.safetensors"))
+  with pytest.raises(ValueError, match="holds no tokenizer: expected one of tokenizer.json"):
+    air_jax.load_pretrained(d)
