@@ -27,7 +27,7 @@ class Generation:
   """Output of `generate`. Lists follow the input order; `text` is the single string for a single input.
 
   token_ids [B, N] (pad after EOS), num_tokens [B] (EOS included), prompt_ids [B, T] (left padded),
-  scores [B, N, V] raw logits per step (output_scores), segment_mass [B, N, L, H, 3] attention mass of the
+  scores [B, N, V] the logits the sampler saw per step (raw logits, or the method's combined ones; output_scores), segment_mass [B, N, L, H, 3] attention mass of the
   generating row on system / image / text keys per layer and head (output_attention_stats).
   """
 

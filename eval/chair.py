@@ -29,7 +29,8 @@ from eval.coco import AnnotationError, CocoImages, GroundTruth, atomic_write_jso
 
 log = logging.getLogger("eval.chair")
 
-METHODS = ("greedy", "air", "air_star", "adhh")
+# Decoding methods come from the air_jax.methods registry (`known_methods`); this list is for the help text.
+METHODS = ("greedy", "air", "air_star", "adhh", "vcd", "dola", "pai", "farsight")
 DEFAULT_PROMPT = "Please describe this image in detail."
 # Settings a resumed captions file must share with the run that appends to it.
 RESUME_KEYS = ("method", "prompt", "max_new_tokens")
@@ -62,8 +63,15 @@ def _load_model(model_dir: str):
   return air_jax.load_pretrained(model_dir, dtype="float32")
 
 
+def known_methods() -> tuple[str, ...]:
+  """The registered decoding methods (air_jax.methods)."""
+  from air_jax import methods
+
+  return methods.names()
+
+
 def read_air_config(path: str | None) -> dict[str, dict[str, Any]]:
-  """Per-method AIRConfig overrides from a JSON file {method: {field: value}} (keys starting with _ ignored)."""
+  """Per-method config overrides from a JSON file {method: {field: value}} (keys starting with _ ignored)."""
   if path is None:
     return {}
   import json
@@ -81,8 +89,9 @@ def read_air_config(path: str | None) -> dict[str, dict[str, Any]]:
   for method, overrides in data.items():
     if method.startswith("_"):
       continue
-    if method not in METHODS or method == "greedy":
-      raise EvalError(f"--air-config {path}: unknown method {method!r}; expected one of {', '.join(METHODS[1:])}")
+    known = [m for m in known_methods() if m != "greedy"]
+    if method not in known:
+      raise EvalError(f"--air-config {path}: unknown method {method!r}; expected one of {', '.join(known)}")
     if not isinstance(overrides, dict):
       raise EvalError(f"--air-config {path}: the entry of {method!r} must be an object of AIRConfig fields")
     out[method] = overrides
@@ -95,24 +104,27 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
 
   Args:
     model_dir: Converted model directory (``air_jax.load_pretrained``); loaded once per process.
-    method: "greedy" (no intervention) or an ``air_jax.AIRConfig`` preset name.
+    method: a registered decoding method (``air_jax.methods.names()``: greedy, air, vcd, dola, ...).
     prompt: The instruction asked for every image.
     max_new_tokens: Generation budget.
     backend: "cpu", "gpu", "tpu" or None (JAX's default).
-    heads: Optional heads JSON for the preset.
-    overrides: AIRConfig field overrides for the preset (see --air-config).
+    heads: Optional heads JSON for the methods that take sensitive heads (the AIR family).
+    overrides: config field overrides for the method's preset (see --air-config).
+
+  The captioner's ``hyperparameters`` attribute holds the method's resolved settings (written into results).
   """
   import air_jax  # lazily: the CLI also scores captions files without the library's model code
 
   model = _load_model(model_dir)
-  air_cfg = None if method == "greedy" else air_jax.AIRConfig.preset(method, heads=heads, **(overrides or {}))
+  method_cfg = air_jax.methods.make(method, run_options={"heads": heads}, **(overrides or {}))
 
   def captioner(images: list, file_names: list[str]) -> list[str]:
     del file_names  # the model only sees pixels
-    out = air_jax.generate(model, air_cfg, images, [prompt] * len(images), max_new_tokens=max_new_tokens,
+    out = air_jax.generate(model, method_cfg, images, [prompt] * len(images), max_new_tokens=max_new_tokens,
                            backend=backend)
     return list(out.texts)
 
+  captioner.hyperparameters = air_jax.methods.hyperparameters(method_cfg)
   return captioner
 
 
@@ -287,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None)
   p.add_argument("--model", help="converted model directory (needed to generate)")
   p.add_argument("--heads", help="heads JSON for the AIR/AD-HH presets")
-  p.add_argument("--air-config", help="JSON {method: {AIRConfig field: value}} overriding the presets' "
+  p.add_argument("--air-config", help="JSON {method: {config field: value}} overriding the presets' "
                                       "hyperparameters (recorded in the output)")
   p.add_argument("--out", default="results", help="output directory (default results/)")
   p.add_argument("--captions", action="append", default=None,
@@ -349,9 +361,9 @@ def run(argv: Sequence[str] | None = None,
       raise EvalError(f"two captions files share a label {labels}; name them with --method")
   else:
     methods = methods or ["greedy"]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in known_methods()]
     if unknown:
-      raise EvalError(f"unknown --method {unknown}; expected {', '.join(METHODS)}")
+      raise EvalError(f"unknown --method {unknown}; expected {', '.join(known_methods())}")
     if captioner_factory is None:
       if not args.model:
         raise EvalError("--model DIR is required to generate captions (or pass --captions FILE to score)")
@@ -398,6 +410,7 @@ def run(argv: Sequence[str] | None = None,
       "seed": None if sample is None else args.seed, "prompt": args.prompt if sample is not None else None,
       "max_new_tokens": args.max_new_tokens if sample is not None else None, "model": args.model,
       "heads": args.heads, "air_config": air_overrides.get(label), "backend": args.backend,
+      "method_hyperparameters": getattr(captioners.get(label), "hyperparameters", None),
       "synonyms": str(args.synonyms or "default (COCO)"),
       "vocab_rules": args.vocab_rules, "reference_split": args.reference_split, "style": vocab.style,
       "vocab_sha256": vocab.digest(),

@@ -5,7 +5,7 @@
   out = air_jax.generate(model, cfg, image, prompt)
 """
 
-from air_jax.methods import air, greedy  # noqa: F401  (registration)
+from air_jax.methods import greedy, air, vcd, dola, pai, farsight  # noqa: F401,I001  (registration order)
 from air_jax.methods.base import (PLAIN, CompiledMethod, Plan, SpecPlan, ViewInputs, as_compiled, hyperparameters,
                                   stack_methods)
 from air_jax.methods.registry import describe, make, names, register

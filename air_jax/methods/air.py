@@ -13,4 +13,4 @@ from air_jax.methods.registry import register
 for _name, _doc in (("air", "AIR (the paper): modality-balanced reallocation + variance-constrained projection"),
                     ("air_star", "AIR* (the official code): rebalance, lens, AD-HH, projection"),
                     ("adhh", "AD-HH baseline: conditional text-attention removal on the sensitive heads")):
-  register(_name, lambda _n=_name, **kw: AIRConfig.preset(_n, **kw), _doc)
+  register(_name, lambda _n=_name, **kw: AIRConfig.preset(_n, **kw), _doc, options=("heads",))
