@@ -1,0 +1,203 @@
+"""Figures of the analyses (matplotlib, Agg backend): grey scales, markers and hatching, so they read in print.
+
+Every function returns a matplotlib Figure whose `axes` follow the documented grid (tests check the grid);
+`save` writes a PNG atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from air_jax.atomic import atomic_save
+
+MARKERS = ("o", "s", "^", "D", "v", "x")
+LINESTYLES = ("-", "--", ":", "-.")
+HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
+
+
+def _plt():
+  import matplotlib
+
+  matplotlib.use("Agg", force=True)
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def save(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+  """Writes the figure as PNG (temp file + rename) and closes it."""
+  plt = _plt()
+  atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+  plt.close(fig)
+
+
+def attention_grid(attn: np.ndarray, layers: Sequence[int], heads: Sequence[int], *, title: str = "",
+                   boundaries: Mapping[str, int] | None = None, power: float = 0.5):
+  """Attention maps: rows = layers, columns = heads plus a last column with the mean over all heads.
+
+  attn [L, H, S, S] of one caption. Grid len(layers) x (len(heads) + 1). Grey scale (darker = more attention,
+  shown as A^power to make weak structure visible); dotted lines mark segment starts (`boundaries`).
+  """
+  plt = _plt()
+  nr, nc = len(layers), len(heads) + 1
+  fig, axes = plt.subplots(nr, nc, figsize=(1.6 * nc + 0.6, 1.6 * nr + 0.6), squeeze=False)
+  for r, layer in enumerate(layers):
+    maps = [attn[layer, h] for h in heads] + [attn[layer].mean(0)]
+    for c, m in enumerate(maps):
+      ax = axes[r, c]
+      ax.imshow(np.power(np.clip(m, 0, 1), power), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+      for pos in (boundaries or {}).values():
+        ax.axvline(pos - 0.5, color="black", lw=0.5, ls=":")
+        ax.axhline(pos - 0.5, color="black", lw=0.5, ls=":")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if r == 0:
+        ax.set_title("mean of heads" if c == nc - 1 else f"head {heads[c]}", fontsize=8)
+      if c == 0:
+        ax.set_ylabel(f"layer {layer}\nquery position", fontsize=7)
+      if r == nr - 1:
+        ax.set_xlabel("key position", fontsize=7)
+  fig.suptitle(title or f"attention A^{power:g} (darker = more), dotted: segment starts", fontsize=9)
+  return fig
+
+
+def head_heatmap(values: np.ndarray, *, title: str, label: str, hal_heads: Sequence = (),
+                 non_hal_heads: Sequence = ()):
+  """Layers x heads heatmap (grey, diverging values shown with their sign in each cell): one axes + colour bar.
+
+  Sensitive heads are marked "S", insensitive ones "N".
+  """
+  plt = _plt()
+  v = np.asarray(values, np.float64)
+  nl, nh = v.shape
+  fig, ax = plt.subplots(figsize=(0.55 * nh + 2.0, 0.45 * nl + 1.4))
+  lim = np.nanmax(np.abs(v)) if np.isfinite(v).any() else 1.0
+  im = ax.imshow(v, cmap="Greys", vmin=-lim, vmax=lim, aspect="auto")
+  for (l, h), tag in [((l, h), "S") for l, h in hal_heads] + [((l, h), "N") for l, h in non_hal_heads]:
+    ax.text(h, l, tag, ha="center", va="center", fontsize=8, fontweight="bold",
+            color="white" if v[l, h] > lim / 3 else "black")
+  ax.set_xlabel("head")
+  ax.set_ylabel("layer")
+  ax.set_xticks(range(nh))
+  ax.set_yticks(range(nl))
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(im, ax=ax, label=label)
+  return fig
+
+
+def mai_figure(mai_values: np.ndarray, sensitive: np.ndarray, *, title: str = ""):
+  """Two panels: (a) mean MAI per generation step, sensitive vs other heads; (b) MAI per head (box per layer
+  group). mai_values [B, N, L, H] (NaN = no token)."""
+  plt = _plt()
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+  steps = np.arange(mai_values.shape[1])
+  for i, (name, sel) in enumerate((("sensitive heads", sensitive), ("other heads", ~sensitive))):
+    v = mai_values[..., sel]  # [B, N, k]
+    with np.errstate(all="ignore"):
+      m = np.nanmean(v, axis=(0, 2))
+    ax1.plot(steps, m, LINESTYLES[i], color="black", marker=MARKERS[i], markevery=max(1, len(steps) // 12), ms=4,
+             label=name)
+  ax1.set_xlabel("generation step (tokens)")
+  ax1.set_ylabel("MAI = text mass / image mass")
+  ax1.set_yscale("log")
+  ax1.legend(fontsize=8)
+  ax1.set_title("(a) MAI along the caption", fontsize=9)
+  data = [mai_values[..., sensitive].ravel(), mai_values[..., ~sensitive].ravel()]
+  data = [d[np.isfinite(d)] for d in data]
+  ax2.boxplot(data, showfliers=False)
+  ax2.set_xticks([1, 2], ["sensitive heads", "other heads"])
+  ax2.set_yscale("log")
+  ax2.set_ylabel("MAI (per head and step)")
+  ax2.set_title("(b) distribution", fontsize=9)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  return fig
+
+
+def rho_figure(theta: np.ndarray, curves: Mapping[str, np.ndarray], *, mc: Mapping[str, tuple] | None = None,
+               title: str = ""):
+  """One axes: rho(theta) curves (one per label, line styles), optional Monte Carlo points (theta, rho)."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for i, (name, rho) in enumerate(curves.items()):
+    ax.plot(theta, rho, LINESTYLES[i % 4], color="black", lw=1.2, label=name)
+  for i, (name, (th, r)) in enumerate((mc or {}).items()):
+    ax.plot(th, r, MARKERS[i % 6], color="black", mfc="none", ms=4, label=name)
+  ax.set_xlabel("relative key position theta = i / T")
+  ax.set_ylabel("propagation probability rho")
+  ax.set_ylim(0, 1.02)
+  ax.legend(fontsize=7)
+  ax.set_title(title or "token propagation probability (eq. 7)", fontsize=9)
+  return fig
+
+
+def variance_entropy_figure(variance: np.ndarray, entropy: np.ndarray, sensitive: np.ndarray, *, title: str = ""):
+  """One axes: per head (mean over rows) sigma_A^2 vs H(A_i); sensitive heads as filled squares."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5, 3.8))
+  ax.scatter(variance[~sensitive], entropy[~sensitive], marker="o", facecolors="none", edgecolors="black",
+             label="other heads")
+  ax.scatter(variance[sensitive], entropy[sensitive], marker="s", color="black", label="sensitive heads")
+  ax.set_xscale("log")
+  ax.set_xlabel("row variance sigma_A^2 (mean over generating rows)")
+  ax.set_ylabel("row entropy H(A_i) (nats)")
+  ax.legend(fontsize=8)
+  ax.set_title(title or "attention variance vs entropy per head", fontsize=9)
+  return fig
+
+
+def sensitivity_figure(curves: Mapping[str, Mapping[str, Sequence[float]]], *, defaults: Mapping[str, float] = {},
+                       title: str = ""):
+  """One panel per hyperparameter (1 x n grid): C_S and C_I (%) against its values, greedy as flat lines.
+
+  curves: name -> {"values": [...], "C_S": [...], "C_I": [...], "greedy_C_S": x, "greedy_C_I": y}.
+  """
+  plt = _plt()
+  names = list(curves)
+  fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.2), squeeze=False)
+  for ax, name in zip(axes[0], names):
+    c = curves[name]
+    x = np.asarray(c["values"], np.float64)
+    ax.plot(x, c["C_S"], "-", marker="o", color="black", label="C_S (AIR)")
+    ax.plot(x, c["C_I"], "--", marker="s", color="black", mfc="none", label="C_I (AIR)")
+    if "greedy_C_S" in c:
+      ax.axhline(c["greedy_C_S"], color="grey", ls="-", lw=0.8, label="C_S greedy")
+      ax.axhline(c["greedy_C_I"], color="grey", ls="--", lw=0.8, label="C_I greedy")
+    if name in defaults:
+      ax.axvline(defaults[name], color="black", ls=":", lw=0.8, label="shipped value")
+    ax.set_xlabel(name)
+    ax.set_ylabel("CHAIR (%)")
+  axes[0][0].legend(fontsize=7)
+  fig.suptitle(title or "sensitivity of AIR to its hyperparameters", fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def cost_figure(methods: Mapping[str, Mapping[str, float]], *, model: str = "", paper: bool = True):
+  """C.3: one axes, horizontal bars of seconds per caption per method (hatched), ratio to greedy as text, and
+  the paper's ratio (when given) as a hollow diamond on a secondary scale."""
+  plt = _plt()
+  names = list(methods)
+  secs = [float(methods[n]["caption_s"]) for n in names]
+  fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(names) + 1.4))
+  y = np.arange(len(names))
+  for i, (n, s) in enumerate(zip(names, secs)):
+    ax.barh(i, s, color="white", edgecolor="black", hatch=HATCHES[i % len(HATCHES)])
+    extra = f"  x{methods[n]['ratio']:.2f}"
+    pr = methods[n].get("paper_ratio")
+    if paper and pr is not None:
+      extra += f" (paper x{pr:.2f})"
+    ax.text(s, i, f" {s:.2f} s{extra}", va="center", fontsize=8)
+  ax.set_yticks(y, names)
+  ax.invert_yaxis()
+  ax.set_xlabel("time per caption (s)")
+  ax.set_xlim(0, max(secs) * 1.6 if secs else 1)
+  ax.set_title(f"decoding cost per method{' - ' + model if model else ''} (ratio to greedy)", fontsize=9)
+  return fig
+
+
+__all__ = ["attention_grid", "cost_figure", "head_heatmap", "mai_figure", "rho_figure", "save", "sensitivity_figure",
+           "variance_entropy_figure"]
