@@ -9,7 +9,8 @@ Modules: `similarity` (A.2), `propagation` (B.1), `attention_stats` (B.2), `imba
 from air_jax.analysis.attention_stats import generating_rows, row_entropy, row_variance, \
   variance_entropy_correlation
 from air_jax.analysis.cost import read_methods_json
-from air_jax.analysis.imbalance import distance_to_next, head_mask, high_tai_tokens, mai, mai_summary, tai, \
+from air_jax.analysis.imbalance import distance_to_next, head_mask, high_tai_tokens, mai, mai_summary, \
+  pooled_mai, tai, \
   within_fraction
 from air_jax.analysis.propagation import Spectrum, head_table, rho_closed_form, rho_finite, rho_monte_carlo, \
   spectrum, state_covariance, symmetrize
@@ -18,7 +19,7 @@ from air_jax.analysis.similarity import cosine, group_means, head_similarity, ou
 
 __all__ = [
   "DEFAULT_GRID", "KNOBS", "Spectrum", "cosine", "distance_to_next", "generating_rows", "group_means",
-  "head_mask", "head_similarity", "head_table", "high_tai_tokens", "mai", "mai_summary", "output_block",
+  "head_mask", "head_similarity", "head_table", "high_tai_tokens", "mai", "mai_summary", "output_block", "pooled_mai",
   "read_methods_json", "rho_closed_form", "rho_finite", "rho_monte_carlo", "row_entropy", "row_variance",
   "run_sweeps", "spectrum", "state_covariance", "sweep_configs", "symmetrize", "tai",
   "variance_entropy_correlation", "within_fraction",

@@ -88,30 +88,34 @@ def head_heatmap(values: np.ndarray, *, title: str, label: str, hal_heads: Seque
   return fig
 
 
-def mai_figure(mai_values: np.ndarray, sensitive: np.ndarray, *, title: str = ""):
-  """Two panels: (a) mean MAI per generation step, sensitive vs other heads; (b) MAI per head (box per layer
-  group). mai_values [B, N, L, H] (NaN = no token)."""
+def mai_figure(segment_mass: np.ndarray, num_tokens: np.ndarray, sensitive: np.ndarray, *, title: str = ""):
+  """Two panels (1 x 2): (a) pooled MAI per generation step, sensitive vs other heads; (b) pooled MAI of each
+  head (over all steps and captions), one box per group. segment_mass [B, N, L, H, 3], num_tokens [B]."""
+  from air_jax.analysis.imbalance import pooled_mai
+
   plt = _plt()
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-  steps = np.arange(mai_values.shape[1])
-  for i, (name, sel) in enumerate((("sensitive heads", sensitive), ("other heads", ~sensitive))):
-    v = mai_values[..., sel]  # [B, N, k]
-    with np.errstate(all="ignore"):
-      m = np.nanmean(v, axis=(0, 2))
-    ax1.plot(steps, m, LINESTYLES[i], color="black", marker=MARKERS[i], markevery=max(1, len(steps) // 12), ms=4,
-             label=name)
+  steps = np.arange(segment_mass.shape[1])
+  groups = [("sensitive heads", sensitive), ("other heads", ~sensitive)]
+  for i, (name, sel) in enumerate(groups):
+    if sel.any():
+      ax1.plot(steps, pooled_mai(segment_mass, num_tokens, heads=sel), LINESTYLES[i], color="black",
+               marker=MARKERS[i], markevery=max(1, len(steps) // 12), ms=4, label=name)
   ax1.set_xlabel("generation step (tokens)")
   ax1.set_ylabel("MAI = text mass / image mass")
   ax1.set_yscale("log")
   ax1.legend(fontsize=8)
-  ax1.set_title("(a) MAI along the caption", fontsize=9)
-  data = [mai_values[..., sensitive].ravel(), mai_values[..., ~sensitive].ravel()]
-  data = [d[np.isfinite(d)] for d in data]
-  ax2.boxplot(data, showfliers=False)
-  ax2.set_xticks([1, 2], ["sensitive heads", "other heads"])
+  ax1.set_title("(a) MAI along the caption (pooled over captions)", fontsize=9)
+  m = np.asarray(segment_mass, np.float64) * (steps[None, :] < np.asarray(num_tokens)[:, None])[..., None, None, None]
+  per_head = m[..., 2].sum((0, 1)) / np.maximum(m[..., 1].sum((0, 1)), 1e-9)  # [L, H]
+  data = [per_head[sel] for _, sel in groups]
+  ax2.boxplot(data)
+  for i, d in enumerate(data):
+    ax2.plot(np.full(d.shape, i + 1.0), d, "o", color="black", mfc="none", ms=3)
+  ax2.set_xticks([1, 2], [g[0] for g in groups])
   ax2.set_yscale("log")
-  ax2.set_ylabel("MAI (per head and step)")
-  ax2.set_title("(b) distribution", fontsize=9)
+  ax2.set_ylabel("MAI per head (pooled over steps)")
+  ax2.set_title("(b) one point per head", fontsize=9)
   if title:
     fig.suptitle(title, fontsize=10)
   return fig

@@ -47,14 +47,40 @@ def head_mask(heads: Iterable[Sequence[int]], num_layers: int, num_heads: int) -
   return mask
 
 
-def mai_summary(mai_values: np.ndarray, sensitive: np.ndarray) -> dict[str, float]:
-  """Mean and median MAI over all valid (caption, step) of the sensitive heads [L, H] mask vs the others."""
+def pooled_mai(segment_mass: np.ndarray, num_tokens: np.ndarray | None = None,
+               heads: np.ndarray | None = None) -> np.ndarray:
+  """MAI of pooled masses: sum over captions of text mass / sum of image mass, per step [N] and head [L, H]
+  (or per step [N] over the heads of the [L, H] mask `heads`); NaN at steps no caption reaches. Robust where
+  single rows put almost nothing on the image."""
+  m = np.asarray(segment_mass, np.float64)
+  steps = np.ones(m.shape[:2], bool)
+  if num_tokens is not None:
+    steps = np.arange(m.shape[1])[None, :] < np.asarray(num_tokens)[:, None]
+  m = m * steps[:, :, None, None, None]
+  text, image = m[..., TEXT].sum(0), m[..., IMAGE].sum(0)  # [N, L, H]
+  if heads is not None:
+    text, image = text[:, heads].sum(-1), image[:, heads].sum(-1)
+    alive = steps.any(0)
+  else:
+    alive = steps.any(0)[:, None, None]
+  return np.where(alive, text / np.maximum(image, EPS), np.nan)
+
+
+def mai_summary(mai_values: np.ndarray, sensitive: np.ndarray, segment_mass: np.ndarray | None = None,
+                num_tokens: np.ndarray | None = None) -> dict[str, float]:
+  """Median of the per-(caption, step, head) MAI of the sensitive heads [L, H] vs the others; with the masses
+  also the ratio of the summed text and image masses ("pooled", the robust average)."""
   out = {}
   for name, sel in (("sensitive", sensitive), ("other", ~sensitive)):
     v = mai_values[..., sel]
     v = v[np.isfinite(v)]
-    out[f"{name}_mean"] = float(v.mean()) if v.size else float("nan")
     out[f"{name}_median"] = float(np.median(v)) if v.size else float("nan")
+    if segment_mass is not None:
+      m = np.asarray(segment_mass, np.float64)
+      if num_tokens is not None:
+        m = m * (np.arange(m.shape[1])[None, :] < np.asarray(num_tokens)[:, None])[:, :, None, None, None]
+      m = m[..., sel, :]
+      out[f"{name}_pooled"] = float(m[..., TEXT].sum() / max(m[..., IMAGE].sum(), EPS))
   return out
 
 
@@ -98,14 +124,16 @@ def tai(attn: np.ndarray, rows: np.ndarray, value_norms: np.ndarray | None = Non
 
 
 def high_tai_tokens(tai_values: np.ndarray, attention_share: np.ndarray, uniform_share: np.ndarray,
-                    candidates: np.ndarray, threshold: float = 2.0) -> np.ndarray:
-  """Positions among `candidates` with TAI >= threshold that draw at least their uniform attention share,
-  sorted by TAI (highest first)."""
+                    candidates: np.ndarray, threshold: float | None = None, top_k: int | None = None) -> np.ndarray:
+  """Positions among `candidates` that draw at least their uniform attention share and have TAI >= threshold
+  (when given), sorted by TAI (highest first), at most top_k of them (when given)."""
   cand = np.asarray(candidates)
   t = tai_values[cand]
-  keep = np.isfinite(t) & (t >= threshold) & (attention_share[cand] >= uniform_share[cand])
+  keep = np.isfinite(t) & (attention_share[cand] >= uniform_share[cand])
+  if threshold is not None:
+    keep &= t >= threshold
   order = np.argsort(-t[keep], kind="stable")
-  return cand[keep][order]
+  return cand[keep][order][:top_k]
 
 
 def distance_to_next(positions: Iterable[int], targets: Iterable[int]) -> list[int | None]:
@@ -125,4 +153,5 @@ def within_fraction(distances: Sequence[int | None], window: int = 15) -> float:
   return float(np.mean([d is not None and d <= window for d in distances]))
 
 
-__all__ = ["distance_to_next", "head_mask", "high_tai_tokens", "mai", "mai_summary", "tai", "within_fraction"]
+__all__ = ["distance_to_next", "head_mask", "high_tai_tokens", "mai", "mai_summary", "pooled_mai", "tai",
+           "within_fraction"]
