@@ -330,7 +330,11 @@ def propagation_section(model, sigma_sum, sigma_n, hal, non, args, out_dir, fig)
       curves[name] = ident["rho"][sel].mean(0)
   for name, (l, h) in picks:
     curves[f"eq. 7 ({l},{h})"] = ident["rho"][l, h]
-  f = fig.rho_figure(ident["theta"], curves, mc=mc_points,
+  fin_curves = {}
+  for name, (l, h) in picks:
+    sp = pr.spectrum(w[l, h], d)
+    fin_curves[f"finite-T eq. 2 ({l},{h}), T={t}"] = pr.rho_finite(t, sp.tr_w, sp.tr_w2, d)
+  f = fig.rho_figure(ident["theta"], curves, mc=mc_points, extra=(theta, fin_curves),
                      title="token propagation probability (corrected eq. 7, Sigma = I)")
   fig.save(f, out_dir / "propagation.png")
   return res
@@ -510,7 +514,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f = fig.attention_grid(attn, layers, heads, boundaries=bounds,
                                title=f"attention of caption 1 (\"{sentence['caption'][:60]}...\"), sqrt scale; "
                                      "dotted: image / text / caption start")
-        fig.save(f, out_dir / "attention_grid.png")
+        fig.save(f, out_dir / "attention_grid.png", dpi=70)
         grid_done = True
 
   if sims and "similarity" not in skip:

@@ -8,7 +8,6 @@ number of valid keys, so rows of different lengths are comparable as the seed de
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 
 def row_variance(attn: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -32,6 +31,8 @@ def row_entropy(attn: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray
 
 def variance_entropy_correlation(variance: np.ndarray, entropy: np.ndarray) -> dict[str, float]:
   """Pearson and Spearman correlation of paired variance/entropy values (the seed predicts negative)."""
+  from scipy import stats  # deferred: scipy.stats is slow to import
+
   v, h = np.ravel(variance), np.ravel(entropy)
   ok = np.isfinite(v) & np.isfinite(h)
   v, h = v[ok], h[ok]

@@ -109,7 +109,7 @@ def mai_figure(segment_mass: np.ndarray, num_tokens: np.ndarray, sensitive: np.n
   m = np.asarray(segment_mass, np.float64) * (steps[None, :] < np.asarray(num_tokens)[:, None])[..., None, None, None]
   per_head = m[..., 2].sum((0, 1)) / np.maximum(m[..., 1].sum((0, 1)), 1e-9)  # [L, H]
   data = [per_head[sel] for _, sel in groups]
-  ax2.boxplot(data)
+  ax2.boxplot(data, medianprops={"color": "black"})
   for i, d in enumerate(data):
     ax2.plot(np.full(d.shape, i + 1.0), d, "o", color="black", mfc="none", ms=3)
   ax2.set_xticks([1, 2], [g[0] for g in groups])
@@ -122,12 +122,16 @@ def mai_figure(segment_mass: np.ndarray, num_tokens: np.ndarray, sensitive: np.n
 
 
 def rho_figure(theta: np.ndarray, curves: Mapping[str, np.ndarray], *, mc: Mapping[str, tuple] | None = None,
-               title: str = ""):
-  """One axes: rho(theta) curves (one per label, line styles), optional Monte Carlo points (theta, rho)."""
+               extra: tuple | None = None, title: str = ""):
+  """One axes: rho(theta) curves (one per label, line styles), optional Monte Carlo points (theta, rho) and
+  extra curves (theta2, {label: rho}) drawn in grey (e.g. the finite-T form at the Monte Carlo's T)."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for i, (name, rho) in enumerate(curves.items()):
     ax.plot(theta, rho, LINESTYLES[i % 4], color="black", lw=1.2, label=name)
+  if extra is not None:
+    for i, (name, rho) in enumerate(extra[1].items()):
+      ax.plot(extra[0], rho, LINESTYLES[i % 4], color="grey", lw=2.0, alpha=0.8, label=name)
   for i, (name, (th, r)) in enumerate((mc or {}).items()):
     ax.plot(th, r, MARKERS[i % 6], color="black", mfc="none", ms=4, label=name)
   ax.set_xlabel("relative key position theta = i / T")

@@ -17,7 +17,7 @@ uses the exact coefficient, `variant="paper"` reproduces (7) as printed. The Mon
 agrees with the corrected form (tests: mean |error| < 0.06, measured 0.011-0.047, over eight random W at T = 128;
 the printed form: 0.07-0.25). Both closed forms drop the 1/T offset and are asymptotic in T; `rho_finite` is eq. (2)
 with the exact finite-T mean and variance (the 1/T offset included), which is what matters for short sequences
-or small tr(W^2) / d. `rho_finite` is eq. (2) with the exact finite-T mean and variance (the 1/T offset included).
+or small tr(W^2) / d.
 
 d is the dimension in the logit scale 1/sqrt(d): for a model's head, its head dim D (the tokens live in E >= D
 dimensions). The peak of rho is where mu = 1/2: theta* = 1/2 + sqrt(d) / (2 tr(W)) (localized when in (0, 1)).
