@@ -523,7 +523,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             "per_head": np.nanmean(sim, 0).tolist(), "num_captions": len(sims)}
     f = fig.head_heatmap(np.nanmean(sim, 0), title=f"A.2 cosine(LVLM, base LLM) on output tokens, {len(sims)} "
                          f"captions (S: sensitive, N: insensitive)", label="cosine similarity",
-                         hal_heads=hal, non_hal_heads=non)
+                         hal_heads=hal, non_hal_heads=non, vmin=0.0, vmax=1.0)
     fig.save(f, out_dir / "similarity.png")
   if var_rows and "variance" not in skip:
     v_head = np.stack([v.mean(-1) for v in var_rows]).mean(0)

@@ -65,20 +65,25 @@ def attention_grid(attn: np.ndarray, layers: Sequence[int], heads: Sequence[int]
 
 
 def head_heatmap(values: np.ndarray, *, title: str, label: str, hal_heads: Sequence = (),
-                 non_hal_heads: Sequence = ()):
-  """Layers x heads heatmap (grey, diverging values shown with their sign in each cell): one axes + colour bar.
+                 non_hal_heads: Sequence = (), vmin: float | None = None, vmax: float | None = None):
+  """Layers x heads heatmap in grey with each cell's value printed: one axes + colour bar.
 
-  Sensitive heads are marked "S", insensitive ones "N".
+  Sensitive heads get an "S" after their value, insensitive ones an "N". Default range: symmetric around 0.
   """
   plt = _plt()
   v = np.asarray(values, np.float64)
   nl, nh = v.shape
-  fig, ax = plt.subplots(figsize=(0.55 * nh + 2.0, 0.45 * nl + 1.4))
+  fig, ax = plt.subplots(figsize=(0.7 * nh + 2.0, 0.5 * nl + 1.4))
   lim = np.nanmax(np.abs(v)) if np.isfinite(v).any() else 1.0
-  im = ax.imshow(v, cmap="Greys", vmin=-lim, vmax=lim, aspect="auto")
-  for (l, h), tag in [((l, h), "S") for l, h in hal_heads] + [((l, h), "N") for l, h in non_hal_heads]:
-    ax.text(h, l, tag, ha="center", va="center", fontsize=8, fontweight="bold",
-            color="white" if v[l, h] > lim / 3 else "black")
+  lo, hi = (-lim if vmin is None else vmin), (lim if vmax is None else vmax)
+  im = ax.imshow(v, cmap="Greys", vmin=lo, vmax=hi, aspect="auto")
+  tags = {(int(l), int(h)): " S" for l, h in hal_heads}
+  tags.update({(int(l), int(h)): " N" for l, h in non_hal_heads})
+  for l in range(nl):
+    for h in range(nh):
+      dark = np.isfinite(v[l, h]) and (v[l, h] - lo) / max(hi - lo, 1e-12) > 0.55
+      ax.text(h, l, f"{v[l, h]:.2f}{tags.get((l, h), '')}", ha="center", va="center", fontsize=7,
+              fontweight="bold" if (l, h) in tags else "normal", color="white" if dark else "black")
   ax.set_xlabel("head")
   ax.set_ylabel("layer")
   ax.set_xticks(range(nh))
