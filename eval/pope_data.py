@@ -256,6 +256,8 @@ def write_questions(path: str | Path, questions: Iterable[Mapping[str, Any]]) ->
 _NEGATIONS = {"no", "not", "none", "nothing", "nobody", "nowhere", "neither", "nor", "never", "cannot"}
 _YES_FIRST = {"yes", "yeah", "yep", "yup", "correct", "true"}
 _NO_FIRST = {"no", "nope", "incorrect", "false"}
+_HEDGE = re.compile(r"\b(not sure|unsure|don't know|do not know|can't tell|cannot tell|can't determine|cannot "
+                    r"determine|cannot be determined|unclear|uncertain|impossible to (tell|say|determine))\b")
 _AFFIRM = re.compile(r"^(there\s+(is|are)|i\s+(can\s+)?see|the\s+image\s+(shows|contains|has|features))\b")
 
 
@@ -270,7 +272,8 @@ def parse_reference(text: str) -> str:
 def parse_strict(text: str) -> str | None:
   """A stricter parser: "yes", "no", or None when the answer does not say.
 
-  Order: the first word (yes/yeah/... or no/nope/...); a negation in the first sentence (no, not, none, n't,
+  Order: the first word (yes/yeah/... or no/nope/...); a hedge in the first sentence ("not sure", "cannot
+  tell", ...) -> None; a negation in the first sentence (no, not, none, n't,
   ...) -> "no"; an affirmative existence form ("there is", "I see", "the image shows") -> "yes"; else None.
   """
   lowered = text.strip().lower()
@@ -282,6 +285,8 @@ def parse_strict(text: str) -> str | None:
   if words[0] in _NO_FIRST:
     return "no"
   first = re.split(r"[.!?\n]", lowered, maxsplit=1)[0].strip()
+  if _HEDGE.search(first):
+    return None
   first_words = re.findall(r"[a-z]+(?:'[a-z]+)?", first)
   if any(w in _NEGATIONS or w.endswith("n't") for w in first_words):
     return "no"
