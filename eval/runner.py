@@ -168,6 +168,11 @@ def answer_samples(samples: Sequence[Mapping[str, Any]], answerer: Answerer, ans
         raise RunError(f"{answers_path} was written with {key}={record[key]!r} but this run has "
                        f"{key}={meta[key]!r}; use another --out or remove the file")
   done = {json.dumps(r["id"]): r for r in existing}
+  for s in samples:
+    old = done.get(json.dumps(s["id"]))
+    if old is not None and "prompt" in old and old["prompt"] != s["prompt"]:
+      raise RunError(f"{answers_path} answered sample {s['id']!r} for the prompt {old['prompt']!r}, this run asks "
+                     f"{s['prompt']!r}; use another --out or remove the file")
   todo = [s for s in samples if json.dumps(s["id"]) not in done]
   if done and todo:
     log.info("%s: resuming, %d of %d samples already answered", answers_path, len(samples) - len(todo), len(samples))
