@@ -150,6 +150,11 @@ def frequencies(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
   return freq
 
 
+def popular_order(freq: Mapping[str, int]) -> list[str]:
+  """Objects by decreasing frequency; ties keep the table's (first-seen) order (a stable sort, as the reference)."""
+  return [o for o, _ in sorted(freq.items(), key=lambda kv: kv[1], reverse=True)]
+
+
 def co_occurrence(records: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
   """Object -> the other objects, most often in the same image first (ties: first seen first)."""
   counts: dict[str, dict[str, int]] = {}
@@ -196,7 +201,7 @@ def build_split(records: Sequence[Mapping[str, Any]], strategy: str, rng: random
     raise ValueError(f"unknown POPE strategy {strategy!r}; expected one of {SPLITS}")
   freq = frequencies(records)
   pool = list(freq) if pool is None else list(pool)
-  popular = [o for o, _ in sorted(freq.items(), key=lambda kv: kv[1], reverse=True)] if popular is None else popular
+  popular = popular_order(freq) if popular is None else popular
   co_occur = co_occurrence(records) if co_occur is None else co_occur
   questions: list[dict[str, Any]] = []
 

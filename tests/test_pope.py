@@ -94,7 +94,7 @@ def test_builder_three_rules(coco_records):
   assert len(drawn) == 30 and all(len(by_image[i]) >= 3 for i in drawn)
   drawn_records = [{"image": i, "objects": by_image[i]} for i in drawn]
   freq = pope_data.frequencies(drawn_records)
-  popular = [o for o, _ in sorted(freq.items(), key=lambda kv: kv[1], reverse=True)]
+  popular = pope_data.popular_order(freq)
   cooc = pope_data.co_occurrence(drawn_records)
   for split, qs in splits.items():
     assert [q["question_id"] for q in qs] == list(range(1, len(qs) + 1))
@@ -222,3 +222,45 @@ def test_organism_model_end_to_end(tmp_path, organism_root):
 def test_main_reports_bad_input(tmp_path, capsys):
   assert pope.main(["--pope-dir", str(tmp_path), "--image-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
   assert "coco_pope_random.json" in capsys.readouterr().err
+
+
+def test_official_splits_follow_the_builder_rules(official):
+  """The released popular/adversarial files agree with our rules under the released frequency and co-occurrence
+  tables (``coco_ground_truth_objects.json``, ``coco_co_occur.json`` of the POPE release, over the same 500
+  images). Images' full object lists are not released, so what is checked is what the files determine: every
+  object asked about is in the frequency table; every image's popular negatives come in the table's
+  stable frequency order (ties: first seen first; reversed ties would break 4 images); an adversarial negative is
+  never one of the image's objects known from the popular split, and is almost always the first co-occurring
+  object left."""
+  import re
+
+  freq = json.loads((POPE_DIR / "coco_ground_truth_objects.json").read_text())
+  cooc = json.loads((POPE_DIR / "coco_co_occur.json").read_text())
+  obj = lambda q: re.match(r"^Is there an? (.+) in the image\?$", q["text"]).group(1)  # noqa: E731
+  per_image = {s: {} for s in pope_data.SPLITS}
+  for s, qs in official.items():
+    for q in qs:
+      per_image[s].setdefault(q["image"], []).append((obj(q), q["label"]))
+  for s in pope_data.SPLITS:  # every object asked about is one of the drawn images' objects
+    assert {o for v in per_image[s].values() for o, _ in v} <= set(freq)
+  popular = pope_data.popular_order(freq)
+  rank = {o: i for i, o in enumerate(popular)}
+  known = {}
+  for image, items in per_image["popular"].items():
+    pos = [o for o, lab in items if lab == "yes"]
+    neg = [o for o, lab in items if lab == "no"]
+    assert [rank[n] for n in neg] == sorted(rank[n] for n in neg), image
+    known[image] = set(pos) | {o for o in popular[:max(rank[n] for n in neg)] if o not in neg}
+  exact = total = 0
+  for image, items in per_image["adversarial"].items():
+    pos = [o for o, lab in items if lab == "yes"]
+    neg = [o for o, lab in items if lab == "no"]
+    asked = set()
+    for p, n in zip(pos, neg):
+      asked.add(p)
+      assert n not in known[image], (image, n)
+      left = [o for o in cooc.get(p, []) if o not in known[image] and o not in asked]
+      exact += bool(left) and left[0] == n
+      total += 1
+      asked.add(n)
+  assert exact / total > 0.9  # the rest: co-occurring objects of the image the files do not reveal
