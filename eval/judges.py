@@ -200,7 +200,9 @@ class CachedJudge:
     return self.judge.identity
 
   def key(self, prompt: str, temperature: float, max_tokens: int | None, run: int) -> str:
-    src = json.dumps({"v": CACHE_VERSION, "judge": self.identity, "prompt": prompt, "temperature": temperature,
+    # where a local checkpoint lives is not part of what answers: its content hash is
+    ident = {k: v for k, v in self.identity.items() if k != "model_dir"}
+    src = json.dumps({"v": CACHE_VERSION, "judge": ident, "prompt": prompt, "temperature": temperature,
                       "max_tokens": max_tokens, "run": run}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(src.encode("utf-8")).hexdigest()
 

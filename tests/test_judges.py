@@ -122,6 +122,11 @@ def test_local_judge_equals_transformers_greedy(tiny_llama_dir, tmp_path):
   assert judge.ask(prompt, max_tokens=12).cached
   ident = judge.identity
   assert ident["kind"] == "local_hf" and len(ident["model_sha256"]) == 64
+  import shutil
+
+  moved = tmp_path / "moved_judge"
+  shutil.copytree(tiny_llama_dir, moved)  # the same checkpoint elsewhere shares the cache
+  assert judges.CachedJudge(judges.LocalLMJudge(moved), tmp_path / "cache").ask(prompt, max_tokens=12).cached
 
 
 def test_local_judge_rejects_a_non_llama_checkpoint(tmp_path):
