@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from eval import chair_splits
 from eval.captions_io import CaptionRecord, CaptionsFormatError, CaptionsWriter, load_captions, \
   read_jsonl_records
 from eval.chair_metric import STYLES, Vocabulary, compute_chair
@@ -315,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "' cheesecake' never match (bit-exact with the published CHAIR code)")
   p.add_argument("--cache-dir", help="ground-truth cache directory (default <out>/cache)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--splits", type=int, default=1, help="score K samples of --num-images images and report mean and "
+                                                       "std (see eval.chair_splits)")
+  p.add_argument("--split-mode", choices=("disjoint", "seeded"), default="disjoint",
+                 help="disjoint samples (default; the first is the usual one) or seeds seed..seed+K-1")
   return p
 
 
@@ -382,6 +387,10 @@ def run(argv: Sequence[str] | None = None,
     images = CocoImages(args.coco_root, args.split)
     gt = GroundTruth(args.coco_root, args.split, vocab, cache_dir=args.cache_dir or out_dir / "cache")
     sample = None if args.captions else images.sample(args.num_images, args.seed)
+    split_ids = None
+    if sample is not None and args.splits != 1:
+      split_ids = chair_splits.make_splits(images.ids, args.num_images, args.splits, args.seed, args.split_mode)
+      sample = chair_splits.union(split_ids)
     if sample is not None and captioner_factory is None:
       def captioner_factory(method: str) -> Captioner:
         return make_captioner(args.model, method, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
@@ -404,6 +413,12 @@ def run(argv: Sequence[str] | None = None,
       records = load_captions(captions_path)
     result = score_records(records, images, gt, vocab, source=str(captions_path), sample=sample)
     result["skipped"] = gen_skipped + result["skipped"]
+    if split_ids is not None:
+      def score_split(ids, records=records, captions_path=captions_path):
+        wanted = set(ids)
+        return score_records([r for r in records if r.image_id in wanted], images, gt, vocab,
+                             source=str(captions_path), sample=ids)
+      result["splits"] = chair_splits.score_splits(score_split, split_ids, args.split_mode)
     result["config"] = {
       "label": label, "captions_file": str(captions_path), "out": str(out_dir), "coco_root": str(args.coco_root),
       "split": args.split, "num_images": None if sample is None else args.num_images,
@@ -417,6 +432,8 @@ def run(argv: Sequence[str] | None = None,
       "ground_truth_key": gt.key, "seconds": round(time.time() - started, 3),
     }
     atomic_write_json(out_dir / f"{label}_chair.json", result, indent=1)
+    if sample is not None:
+      chair_splits.write_manifest(out_dir, label, args, sample, images.file_names, split_ids, air_overrides.get(label))
     results[label] = result
   return results
 
@@ -428,6 +445,8 @@ def main(argv: Sequence[str] | None = None, captioner_factory: Callable[[str], C
   def body() -> int:
     results = run(argv, captioner_factory)
     print(format_table(results))
+    if any("splits" in r for r in results.values()):
+      print(chair_splits.format_summary(results))
     print(where_results_are(*sorted({r["config"]["out"] for r in results.values()})))
     return 0
 
