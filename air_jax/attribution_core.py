@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from air_jax import decoding
+from air_jax import attribution_reuse, decoding
 from models import llama
 from models.config import LlavaConfig
 from models.llava import embed_inputs, positions_from_mask, prompt_context
@@ -130,7 +130,7 @@ def _round_up(n: int, m: int) -> int:
 
 def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, positions, *,
                   semantics: str = "current_token", chunk: int = 256, bucket: int = 32,
-                  pad_id: int = 0, lower: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  pad_id: int = 0, lower: bool = False, reuse: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Clean and ablated log-probabilities of the tokens at `positions`, for every head.
 
   Args:
@@ -144,6 +144,8 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     bucket: the sequence is cut after the last needed slot and padded to a multiple of this (fewer compiles).
     pad_id: id used for right padding (never attended to by a scored row).
     lower: return the `jax.stages.Lowered` computation instead of running it (to time compilation).
+    reuse: reuse the clean run below the ablated layer (`attribution_reuse`, default); False reruns the whole
+      model per ablation (the plain vmapped reference).
 
   Returns:
     (clean [P] float64, ablated [P, L, H] float64) log-probabilities.
@@ -178,7 +180,18 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
   num_gates = 1 + nl * nh
   chunk = min(chunk, num_gates * cap)
   args = (params, config, jnp.asarray(seq)[None], pixels, jnp.asarray(pos_pad), jnp.asarray(tgt_pad))
-  if semantics == "current_token":
+  if reuse and semantics == "current_token":
+    # Positions per group: about `chunk` rows at the last layer; a power of two, so it divides cap.
+    group = 1 << (max(1, min(cap, chunk // (nl * nh))).bit_length() - 1)
+    call = (*args, jnp.int32(n))
+    if lower:
+      return attribution_reuse.current_token_logprobs.lower(*call, group=group)
+    out = np.asarray(attribution_reuse.current_token_logprobs(*call, group=group), np.float64)[:n].T
+  elif reuse:
+    if lower:
+      return attribution_reuse.full_sequence_logprobs.lower(*args, chunk=chunk)
+    out = np.asarray(attribution_reuse.full_sequence_logprobs(*args, chunk=chunk), np.float64)[:n].T
+  elif semantics == "current_token":
     # Items gate-major: (gate -1, every position), (head 0, every position), ...; only the first n_items run.
     n_items = num_gates * n
     # Even chunks: e.g. 129 items at chunk 64 run as 3 x 43, not 64 + 64 + a 64-wide call for one item.
