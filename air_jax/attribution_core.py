@@ -130,7 +130,8 @@ def _round_up(n: int, m: int) -> int:
 
 def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, positions, *,
                   semantics: str = "current_token", chunk: int = 256, bucket: int = 32,
-                  pad_id: int = 0, lower: bool = False, reuse: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  pad_id: int = 0, lower: bool = False, reuse: bool = True,
+                  heads=None) -> tuple[np.ndarray, np.ndarray]:
   """Clean and ablated log-probabilities of the tokens at `positions`, for every head.
 
   Args:
@@ -146,6 +147,8 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     lower: return the `jax.stages.Lowered` computation instead of running it (to time compilation).
     reuse: reuse the clean run below the ablated layer (`attribution_reuse`, default); False reruns the whole
       model per ablation (the plain vmapped reference).
+    heads: optional flat head ids (layer * H + head) to ablate, the others are left NaN (a screened subset;
+      runs the plain vmapped path, whose cost is proportional to the number of heads).
 
   Returns:
     (clean [P] float64, ablated [P, L, H] float64) log-probabilities.
@@ -177,7 +180,14 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
   pos_pad = np.concatenate([pos, np.full(cap - n, pos[-1], np.int32)])
   tgt_pad = np.concatenate([targets, np.full(cap - n, targets[-1], np.int32)])
   nl, nh = config.text.num_hidden_layers, config.text.num_attention_heads
-  num_gates = 1 + nl * nh
+  gate_ids = np.arange(-1, nl * nh, dtype=np.int32)
+  if heads is not None:
+    chosen = np.unique(np.asarray(heads, np.int64).reshape(-1))
+    if chosen.size and (chosen.min() < 0 or chosen.max() >= nl * nh):
+      raise ValueError(f"heads must be flat ids in [0, {nl * nh - 1}] (layer * {nh} + head), got {chosen.tolist()}")
+    gate_ids = np.concatenate([[-1], chosen]).astype(np.int32)
+    reuse = False
+  num_gates = gate_ids.size
   chunk = min(chunk, num_gates * cap)
   args = (params, config, jnp.asarray(seq)[None], pixels, jnp.asarray(pos_pad), jnp.asarray(tgt_pad))
   if reuse and semantics == "current_token":
@@ -199,7 +209,7 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     size = _round_up(num_gates * cap, chunk)
     item_gate = np.full(size, -1, np.int32)
     item_pos = np.zeros(size, np.int32)
-    item_gate[:n_items] = np.repeat(np.arange(-1, nl * nh, dtype=np.int32), n)
+    item_gate[:n_items] = np.repeat(gate_ids, n)
     item_pos[:n_items] = np.tile(np.arange(n, dtype=np.int32), num_gates)
     call = (*args, jnp.asarray(item_gate), jnp.asarray(item_pos), jnp.int32(n_items))
     if lower:
@@ -207,11 +217,15 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     out = current_token_logprobs(*call, chunk=chunk)
     out = np.asarray(out, np.float64)[:n_items].reshape(num_gates, n)
   else:
-    gates = jnp.arange(-1, nl * nh, dtype=jnp.int32)
+    gates = jnp.asarray(gate_ids)
     if lower:
       return full_sequence_logprobs.lower(*args, gates, chunk=min(chunk, num_gates))
     out = np.asarray(full_sequence_logprobs(*args, gates, chunk=min(chunk, num_gates)), np.float64)[:, :n]
   clean = out[0]
+  if heads is not None:
+    full = np.full((nl * nh, n), np.nan)
+    full[gate_ids[1:]] = out[1:]
+    out = np.concatenate([out[:1], full])
   ablated = out[1:].T.reshape(n, nl, nh)
   return clean, ablated
 

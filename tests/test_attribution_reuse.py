@@ -92,3 +92,29 @@ def test_screen_equals_finite_difference(model3, case3, semantics):
   assert np.abs(fd).max() > 5e-3
   np.testing.assert_allclose(grad, fd, atol=2e-5, rtol=0)
   np.testing.assert_allclose(screen_deltas(clean, grad, "logprob"), grad / np.exp(clean)[:, None, None])
+
+
+def test_cli_screen_then_exact_top_k(tmp_path, tiny_dir):
+  """--screen K: estimates for every head, exact ablation of the K heads with the largest |S estimate| only."""
+  import json
+
+  from eval import attribute
+  from eval.chair import run as chair_run
+  from tests.test_attribute_cli import CAPTIONS, FIXTURE, _args
+
+  caps = tmp_path / "hand_captions.jsonl"
+  caps.write_text("".join(json.dumps(c) + "\n" for c in CAPTIONS))
+  chair_run(["--coco-root", str(FIXTURE), "--captions", str(caps), "--method", "hand", "--out", str(tmp_path),
+             "--no-progress"])
+  out = tmp_path / "screened"
+  summary = attribute.run(_args(tmp_path / "hand_chair.json", tiny_dir, out, "--screen", "3", "--limit", "2"))
+  screen = summary["screen"]
+  assert screen["k"] == 3 and screen["num_samples"] == 2
+  z = np.load(out / "attribution.npz")
+  est = z["screen_S"].ravel()
+  chosen = [l * 4 + h for l, h, _, _ in screen["heads"]]
+  assert chosen == list(np.argsort(-np.abs(est), kind="stable")[:3])
+  exact = z["S"].ravel()
+  assert np.isfinite(exact[chosen]).all() and np.isnan(np.delete(exact, chosen)).all()
+  sel = [l * 4 + h for l, h in json.loads((out / "heads_S.json").read_text())["hal_heads"]]
+  assert set(sel) <= set(chosen)
