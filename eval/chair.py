@@ -89,7 +89,8 @@ def read_air_config(path: str | None) -> dict[str, dict[str, Any]]:
 
 
 def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: int, backend: str | None,
-                   heads: str | None = None, overrides: dict[str, Any] | None = None) -> Captioner:
+                   heads: str | None = None, overrides: dict[str, Any] | None = None,
+                   batch_size: int | None = None) -> Captioner:
   """The generation backend: ``captioner(images, file_names) -> texts`` over air_jax's public API.
 
   Args:
@@ -100,6 +101,8 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
     backend: "cpu", "gpu", "tpu" or None (JAX's default).
     heads: Optional heads JSON for the preset.
     overrides: AIRConfig field overrides for the preset (see --air-config).
+    batch_size: the run's batch size: a smaller (last) batch is padded to it with copies of its first image and
+      the padding captions dropped, so every batch reuses one compiled graph.
   """
   import air_jax  # lazily: the CLI also scores captions files without the library's model code
 
@@ -108,9 +111,11 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
 
   def captioner(images: list, file_names: list[str]) -> list[str]:
     del file_names  # the model only sees pixels
-    out = air_jax.generate(model, air_cfg, images, [prompt] * len(images), max_new_tokens=max_new_tokens,
+    n = len(images)
+    padded = list(images) + [images[0]] * max(0, (batch_size or n) - n)
+    out = air_jax.generate(model, air_cfg, padded, [prompt] * len(padded), max_new_tokens=max_new_tokens,
                            backend=backend)
-    return list(out.texts)
+    return list(out.texts)[:n]
 
   return captioner
 
@@ -302,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "' cheesecake' never match (bit-exact with the published CHAIR code)")
   p.add_argument("--cache-dir", help="ground-truth cache directory (default <out>/cache)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--compile-cache", metavar="DIR",
+                 help="JAX persistent compilation cache: repeated runs load compiled graphs from DIR")
   return p
 
 
@@ -336,6 +343,13 @@ def run(argv: Sequence[str] | None = None,
   apply_defaults(args)
   if args.backend is not None:
     check_backend(args.backend)  # before any work: a wrong platform should fail at once
+  if args.compile_cache:
+    from air_jax.compile_cache import enable_compile_cache
+
+    try:
+      enable_compile_cache(args.compile_cache)
+    except ValueError as e:
+      raise EvalError(str(e)) from e
   methods = _methods(args.method)
   out_dir = Path(args.out)
   if args.captions:
@@ -371,7 +385,8 @@ def run(argv: Sequence[str] | None = None,
     if sample is not None and captioner_factory is None:
       def captioner_factory(method: str) -> Captioner:
         return make_captioner(args.model, method, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                              backend=args.backend, heads=args.heads, overrides=air_overrides.get(method))
+                              backend=args.backend, heads=args.heads, overrides=air_overrides.get(method),
+                              batch_size=args.batch_size)
     # every method's captioner before any generation, so a bad preset fails before hours of work
     captioners = {label: captioner_factory(label) for label, _ in jobs} if sample is not None else {}
   except ValueError as e:
