@@ -100,7 +100,8 @@ def read_air_config(path: str | None) -> dict[str, dict[str, Any]]:
 
 
 def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: int, backend: str | None,
-                   heads: str | None = None, overrides: dict[str, Any] | None = None) -> Captioner:
+                   heads: str | None = None, overrides: dict[str, Any] | None = None,
+                   batch_size: int | None = None) -> Captioner:
   """The generation backend: ``captioner(images, file_names) -> texts`` over air_jax's public API.
 
   Args:
@@ -111,6 +112,8 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
     backend: "cpu", "gpu", "tpu" or None (JAX's default).
     heads: Optional heads JSON for the methods that take sensitive heads (the AIR family).
     overrides: config field overrides for the method's preset (see --air-config).
+    batch_size: the run's batch size: a smaller (last) batch is padded to it with copies of its first image and
+      the padding captions dropped, so every batch reuses one compiled graph.
 
   The captioner's ``hyperparameters`` attribute holds the method's resolved settings (written into results).
   """
@@ -121,9 +124,11 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
 
   def captioner(images: list, file_names: list[str]) -> list[str]:
     del file_names  # the model only sees pixels
-    out = air_jax.generate(model, method_cfg, images, [prompt] * len(images), max_new_tokens=max_new_tokens,
+    n = len(images)
+    padded = list(images) + [images[0]] * max(0, (batch_size or n) - n)
+    out = air_jax.generate(model, method_cfg, padded, [prompt] * len(padded), max_new_tokens=max_new_tokens,
                            backend=backend)
-    return list(out.texts)
+    return list(out.texts)[:n]
 
   captioner.hyperparameters = air_jax.methods.hyperparameters(method_cfg)
   return captioner
@@ -320,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "std (see eval.chair_splits)")
   p.add_argument("--split-mode", choices=("disjoint", "seeded"), default="disjoint",
                  help="disjoint samples (default; the first is the usual one) or seeds seed..seed+K-1")
+  p.add_argument("--compile-cache", metavar="DIR",
+                 help="JAX persistent compilation cache: repeated runs load compiled graphs from DIR")
   return p
 
 
@@ -354,6 +361,13 @@ def run(argv: Sequence[str] | None = None,
   apply_defaults(args)
   if args.backend is not None:
     check_backend(args.backend)  # before any work: a wrong platform should fail at once
+  if args.compile_cache:
+    from air_jax.compile_cache import enable_compile_cache
+
+    try:
+      enable_compile_cache(args.compile_cache)
+    except ValueError as e:
+      raise EvalError(str(e)) from e
   methods = _methods(args.method)
   out_dir = Path(args.out)
   check_output_dir(out_dir)  # before any work: a bad --out must not cost a captioning run
@@ -394,7 +408,8 @@ def run(argv: Sequence[str] | None = None,
     if sample is not None and captioner_factory is None:
       def captioner_factory(method: str) -> Captioner:
         return make_captioner(args.model, method, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                              backend=args.backend, heads=args.heads, overrides=air_overrides.get(method))
+                              backend=args.backend, heads=args.heads, overrides=air_overrides.get(method),
+                              batch_size=args.batch_size)
     # every method's captioner before any generation, so a bad preset fails before hours of work
     captioners = {label: captioner_factory(label) for label, _ in jobs} if sample is not None else {}
   except ValueError as e:

@@ -193,6 +193,12 @@ class Family:
   def per_layer_params(self, params):
     return params
 
+  def supports_layer_reuse(self, config) -> bool:
+    """True when the decoder is a plain pre-norm Llama stack (models.llama_parts: 1-D RoPE, no sliding window,
+    params under `language_model`), so head attribution may reuse the clean run layer by layer
+    (air_jax.attribution_reuse). Other families get the plain (whole-model) ablation path."""
+    return False
+
   def partition_rules(self, config) -> tuple:
     return ()
 
