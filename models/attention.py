@@ -51,7 +51,11 @@ def attend(
     at_slot = jnp.arange(scores.shape[-1]) == slot  # [S]
     scores = jnp.where(at_slot, own_score.reshape(b, h, t, 1).astype(jnp.float32), scores)
   scores = rectify.edit_scores(scores, spec_l, ctx)
-  scores = jnp.where(ctx.mask[:, None], scores, NEG)
+  # Unwritten cache slots get -inf, masked written keys NEG: a row with no visible key (left padding) is then
+  # uniform over the written keys, as in transformers' eager attention, whatever the cache size. Real rows are
+  # unaffected (exp(NEG - max) is already 0).
+  unwritten = jnp.arange(scores.shape[-1]) > ctx.query_slot[-1]
+  scores = jnp.where(ctx.mask[:, None], scores, jnp.where(unwritten, -jnp.inf, NEG))
   pattern = jax.nn.softmax(scores, axis=-1)
   pattern = rectify.edit_pattern(pattern, spec_l, ctx)
   p5 = pattern.astype(v.dtype).reshape(b, kv, g, t, -1)
