@@ -124,7 +124,7 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | jax.Array = 0,
              output_scores: bool = False, output_attention_stats: bool = False, backend: str | None = None,
              bucket: int = 64, debug: bool = False, devices: Sequence | None = None, num_beams: int = 1,
-             length_penalty: float = 1.0) -> Generation:
+             length_penalty: float = 1.0, protocol=None) -> Generation:
   """Generates a caption/answer for each (image, prompt) pair.
 
   Args:
@@ -143,6 +143,9 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
     devices: explicit devices to shard the batch over (overrides `backend`).
     num_beams, length_penalty: beam search when num_beams > 1 (air_jax.beam_search, as transformers'
       `num_beams` generate), with any method that only edits attention (AIR, AIR*, AD-HH, head ablations).
+    protocol: None, a name ("default", "official-air") or an `air_jax.protocol.Protocol`: the prompt template,
+      image padding and bucket of that protocol (its bucket replaces `bucket`); with `group_by_length` prompts of
+      different lengths run as separate equal-length groups (no padding), results in input order.
 
   Returns:
     A Generation with the decoded texts (special tokens removed), token ids and optional outputs.
@@ -153,7 +156,17 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
     raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
   config = params.config
   devices = list(devices) if devices is not None else select_devices(backend)
-  ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
+  if protocol is not None:
+    from air_jax.protocol import get_protocol
+
+    protocol = get_protocol(protocol)
+    bucket = protocol.bucket
+  ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices, protocol)
+  if protocol is not None and protocol.group_by_length and len(set(mask[:b].sum(1).tolist())) > 1:
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+              top_p=top_p, seed=seed, output_scores=output_scores, output_attention_stats=output_attention_stats,
+              debug=debug, devices=devices, num_beams=num_beams, length_penalty=length_penalty, protocol=protocol)
+    return _generate_groups(params, method_cfg, image, prompt, mask[:b].sum(1), kw)
   method = _method_for(method_cfg, config)
   check_lengths(config, ids.shape[0] * method.plan.num_views, ids.shape[1], max_new_tokens, params.dtype.itemsize,
                 devices, real_prompt_len=int(mask.sum(-1).max()))
@@ -166,6 +179,27 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
              top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, output_scores=output_scores,
              output_stats=output_attention_stats)
   return _to_generation(params, out, ids, mask, b)
+
+
+def _generate_groups(params: LoadedModel, method_cfg, image, prompt, lengths, kw) -> Generation:
+  """`generate` over groups of equal prompt length (no padding), merged back into input order."""
+  from air_jax.protocol import length_groups
+
+  images = list(image) if isinstance(image, (list, tuple)) else [image]
+  prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(images)
+  groups = length_groups(lengths)
+  outs = [generate(params, method_cfg, [images[i] for i in g], [prompts[i] for i in g], **kw) for g in groups]
+  order = np.argsort(np.concatenate(groups), kind="stable")
+  t = max(o.prompt_ids.shape[1] for o in outs)
+  pad = pad_token_id(params.processor.tokenizer)
+  left = lambda x, v: np.pad(x, ((0, 0), (t - x.shape[1], 0)), constant_values=v)
+  cat = lambda xs: None if xs[0] is None else np.concatenate(xs)[order]
+  texts = [t_ for o in outs for t_ in o.texts]
+  return Generation(texts=[texts[k] for k in order], token_ids=cat([o.token_ids for o in outs]),
+                    num_tokens=cat([o.num_tokens for o in outs]),
+                    prompt_ids=cat([left(o.prompt_ids, pad) for o in outs]),
+                    prompt_mask=cat([left(o.prompt_mask, 0) for o in outs]),
+                    scores=cat([o.scores for o in outs]), segment_mass=cat([o.segment_mass for o in outs]))
 
 
 def _run(params: LoadedModel, run, method, ids, mask, pixels, devices, *, do_sample, temperature, top_k, top_p, seed,
@@ -226,7 +260,7 @@ def _to_generation(params: LoadedModel, out: dict, ids, mask, b: int) -> Generat
                     scores=scores, segment_mass=stats)
 
 
-def _prepare(params, image, prompt, bucket, devices):
+def _prepare(params, image, prompt, bucket, devices, protocol=None):
   """Images/prompts -> padded numpy inputs (batch padded to a multiple of the device count) and the real size."""
   images = list(image) if isinstance(image, (list, tuple)) else [image]
   prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(images)
@@ -235,7 +269,14 @@ def _prepare(params, image, prompt, bucket, devices):
   if not images:
     raise ValueError("no images given")
   loaded = [_load_image(im, f"image {k}") for k, im in enumerate(images)]
-  ids, mask, pixels = prepare_inputs(params.processor, loaded, prompts, bucket, config=params.config)
+  if protocol is None:
+    ids, mask, pixels = prepare_inputs(params.processor, loaded, prompts, bucket, config=params.config)
+  else:
+    from air_jax import protocol as protocols
+
+    ids, mask, pixels = protocols.prepare_inputs(params.processor, loaded, prompts, protocol,
+                                                 params.config.image_token_id,
+                                                 pad_token_id(params.processor.tokenizer), bucket)
   b = ids.shape[0]
   extra = (-b) % len(devices)  # copies of row 0, dropped afterwards
   if extra:
@@ -292,7 +333,15 @@ def generate_sweep(params: LoadedModel, air_cfgs: Sequence, image, prompt, *, ma
   return [_to_generation(params, jax.tree.map(lambda x, i=i: x[i], out), ids, mask, b) for i in range(len(air_cfgs))]
 
 
-def generate_inputs(params: LoadedModel, image, prompt, bucket: int = 64):
-  """The (input_ids, attention_mask, pixel_values) numpy arrays `generate` feeds the model (one device)."""
-  ids, mask, pixels, _ = _prepare(params, image, prompt, bucket, devices=[None])
+def generate_inputs(params: LoadedModel, image, prompt, bucket: int = 64, protocol=None):
+  """The (input_ids, attention_mask, pixel_values) numpy arrays `generate` feeds the model (one device).
+
+  With a protocol, its bucket replaces `bucket` (groups of equal length are not split here).
+  """
+  if protocol is not None:
+    from air_jax.protocol import get_protocol
+
+    protocol = get_protocol(protocol)
+    bucket = protocol.bucket
+  ids, mask, pixels, _ = _prepare(params, image, prompt, bucket, devices=[None], protocol=protocol)
   return ids, mask, pixels

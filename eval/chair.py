@@ -14,6 +14,7 @@ Sampling and ground truth: see ``eval.coco``; the metric: see ``eval.chair_metri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import sys
@@ -34,7 +35,7 @@ log = logging.getLogger("eval.chair")
 METHODS = ("greedy", "air", "air_star", "adhh", "vcd", "dola", "pai", "farsight")
 DEFAULT_PROMPT = "Please describe this image in detail."
 # Settings a resumed captions file must share with the run that appends to it.
-RESUME_KEYS = ("method", "prompt", "max_new_tokens")
+RESUME_KEYS = ("method", "prompt", "max_new_tokens", "protocol")
 
 Captioner = Callable[[list, list[str]], list[str]]
 
@@ -58,10 +59,10 @@ def check_backend(backend: str) -> list:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_model(model_dir: str):
+def _load_model(model_dir: str, dtype: str = "float32"):
   import air_jax
 
-  return air_jax.load_pretrained(model_dir, dtype="float32")
+  return air_jax.load_pretrained(model_dir, dtype=dtype)
 
 
 def known_methods() -> tuple[str, ...]:
@@ -101,7 +102,7 @@ def read_air_config(path: str | None) -> dict[str, dict[str, Any]]:
 
 def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: int, backend: str | None,
                    heads: str | None = None, overrides: dict[str, Any] | None = None,
-                   batch_size: int | None = None) -> Captioner:
+                   batch_size: int | None = None, protocol=None) -> Captioner:
   """The generation backend: ``captioner(images, file_names) -> texts`` over air_jax's public API.
 
   Args:
@@ -113,21 +114,31 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
     heads: Optional heads JSON for the methods that take sensitive heads (the AIR family).
     overrides: config field overrides for the method's preset (see --air-config).
     batch_size: the run's batch size: a smaller (last) batch is padded to it with copies of its first image and
-      the padding captions dropped, so every batch reuses one compiled graph.
+      the padding captions dropped, so every batch reuses one compiled graph (not under a protocol that groups
+      prompts by length, whose batches must stay as the official run has them).
+    protocol: an ``air_jax.protocol.Protocol`` (None: the default protocol): prompt template, padding, model
+      dtype and layer-range reading.
 
   The captioner's ``hyperparameters`` attribute holds the method's resolved settings (written into results).
   """
   import air_jax  # lazily: the CLI also scores captions files without the library's model code
+  from air_jax.protocol import get_protocol
 
-  model = _load_model(model_dir)
-  method_cfg = air_jax.methods.make(method, run_options={"heads": heads}, **(overrides or {}))
+  protocol = get_protocol(protocol)
+  model = _load_model(model_dir, protocol.dtype)
+  base = air_jax.methods.make(method, run_options={"heads": heads}, **(overrides or {}))
+  # The protocol fixes fields of the methods that have them (the AIR family: layer reading, official_compat).
+  fields = {f.name for f in dataclasses.fields(base)} if dataclasses.is_dataclass(base) else set()
+  fixed = {k: v for k, v in protocol.air_overrides().items() if k in fields and k not in (overrides or {})}
+  method_cfg = base.replace(**fixed) if fixed else base
+  pad_batches = batch_size is not None and not protocol.group_by_length
 
   def captioner(images: list, file_names: list[str]) -> list[str]:
     del file_names  # the model only sees pixels
     n = len(images)
-    padded = list(images) + [images[0]] * max(0, (batch_size or n) - n)
+    padded = list(images) + [images[0]] * max(0, batch_size - n) if pad_batches else list(images)
     out = air_jax.generate(model, method_cfg, padded, [prompt] * len(padded), max_new_tokens=max_new_tokens,
-                           backend=backend)
+                           backend=backend, protocol=protocol)
     return list(out.texts)[:n]
 
   captioner.hyperparameters = air_jax.methods.hyperparameters(method_cfg)
@@ -301,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"{'|'.join(METHODS)}; repeat or comma-separate to compare (default greedy). With "
                       "--captions: the label of each file")
   p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--batch-size", type=int, default=None, help="default: the protocol's (8; 4 for official-air)")
+  p.add_argument("--protocol", default="default",
+                 help="default | official-air: official-air reproduces the published AIR* run (LLaVA's vicuna_v1 "
+                      "template, no prompt padding, batches of 4 in sample order, absolute layer ranges, "
+                      "float16; see air_jax.protocol). Recorded in every output")
   p.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None)
   p.add_argument("--model", help="converted model directory (needed to generate)")
   p.add_argument("--heads", help="heads JSON for the AIR/AD-HH presets")
@@ -349,6 +364,21 @@ def _methods(values: list[str] | None) -> list[str]:
   return methods
 
 
+def _protocol(args: argparse.Namespace) -> dict[str, Any]:
+  """Resolves --protocol (and the batch size it implies); returns the protocol as a dict (what is recorded)."""
+  from air_jax.protocol import PROTOCOLS
+
+  if args.protocol not in PROTOCOLS:
+    raise EvalError(f"unknown --protocol {args.protocol!r}; expected one of {', '.join(sorted(PROTOCOLS))}")
+  protocol = PROTOCOLS[args.protocol]
+  if args.batch_size is None:
+    args.batch_size = protocol.batch_size
+  elif protocol.name == "official-air" and args.batch_size != protocol.batch_size:
+    raise EvalError(f"--protocol official-air runs batches of {protocol.batch_size} (its AD-HH trigger sums over "
+                    f"the batch); drop --batch-size {args.batch_size}")
+  return protocol.to_dict()
+
+
 def _label_for(path: Path) -> str:
   stem = path.stem
   return stem[:-len("_captions")] if stem.endswith("_captions") else stem
@@ -371,6 +401,7 @@ def run(argv: Sequence[str] | None = None,
   methods = _methods(args.method)
   out_dir = Path(args.out)
   check_output_dir(out_dir)  # before any work: a bad --out must not cost a captioning run
+  protocol = None if args.captions else _protocol(args)  # score-only runs import no library code
   if args.captions:
     if methods and len(methods) != len(args.captions):
       raise EvalError(f"{len(args.captions)} --captions file(s) but {len(methods)} --method label(s)")
@@ -409,7 +440,7 @@ def run(argv: Sequence[str] | None = None,
       def captioner_factory(method: str) -> Captioner:
         return make_captioner(args.model, method, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                               backend=args.backend, heads=args.heads, overrides=air_overrides.get(method),
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, protocol=protocol["name"])
     # every method's captioner before any generation, so a bad preset fails before hours of work
     captioners = {label: captioner_factory(label) for label, _ in jobs} if sample is not None else {}
   except ValueError as e:
@@ -420,7 +451,8 @@ def run(argv: Sequence[str] | None = None,
     gen_skipped: list[dict] = []
     started = time.time()
     if sample is not None:
-      meta = {"method": label, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens}
+      meta = {"method": label, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+              "protocol": protocol["name"]}
       gen_skipped = generate_captions(sample, images, captioners[label], captions_path, meta=meta,
                                       batch_size=args.batch_size, progress=not args.no_progress)
       records = read_jsonl_records(captions_path)
@@ -445,6 +477,7 @@ def run(argv: Sequence[str] | None = None,
       "vocab_rules": args.vocab_rules, "reference_split": args.reference_split, "style": vocab.style,
       "vocab_sha256": vocab.digest(),
       "ground_truth_key": gt.key, "seconds": round(time.time() - started, 3),
+      "protocol": protocol, "batch_size": args.batch_size if sample is not None else None,
     }
     atomic_write_json(out_dir / f"{label}_chair.json", result, indent=1)
     if sample is not None:

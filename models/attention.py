@@ -66,7 +66,11 @@ def attend(
     scores = jnp.where(at_slot, own_score.reshape(b, h, t, 1).astype(jnp.float32), scores)
   scores = rectify.edit_scores(scores, spec_l, ctx)
   scores = _extra_ops(spec_l, "edit_scores", scores, ctx)
-  scores = jnp.where(ctx.mask[:, None], scores, NEG)
+  # Unwritten cache slots get -inf, masked written keys NEG: a row with no visible key (left padding) is then
+  # uniform over the written keys, as in transformers' eager attention, whatever the cache size. Real rows are
+  # unaffected (exp(NEG - max) is already 0).
+  unwritten = jnp.arange(scores.shape[-1]) > ctx.query_slot[-1]
+  scores = jnp.where(ctx.mask[:, None], scores, jnp.where(unwritten, -jnp.inf, NEG))
   scores = _extra_ops(spec_l, "edit_masked", scores, ctx)
   pattern = jax.nn.softmax(scores, axis=-1)
   pattern = rectify.edit_pattern(pattern, spec_l, ctx)
