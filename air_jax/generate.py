@@ -71,14 +71,6 @@ def prepare_inputs(processor, images: Sequence, prompts: Sequence[str], bucket: 
   return batch["input_ids"], batch["attention_mask"], batch["vision"]
 
 
-def _spec_for(air_cfg, config) -> RectificationSpec | None:
-  if air_cfg is None or isinstance(air_cfg, RectificationSpec):
-    return air_cfg
-  if hasattr(air_cfg, "compile"):
-    return air_cfg.compile(config)
-  raise TypeError(f"air_cfg must be None, an AIRConfig or a RectificationSpec, not {type(air_cfg).__name__}")
-
-
 def _method_for(method_cfg, config):
   """Any decoding method (None, a registered name, a method config, an AIRConfig, a spec) -> CompiledMethod."""
   from air_jax import methods
