@@ -1,0 +1,203 @@
+"""Qwen2.5-VL (transformers `Qwen2_5_VLForConditionalGeneration`): window ViT -> merger -> Qwen2 decoder, M-RoPE.
+
+Params: {"visual": models.qwen_vision params, "language_model": decoder params (models.llama names),
+         "lm_head"?: {"weight"}}.
+Positions are multimodal ([3, B, T]: temporal, height, width) and follow transformers' `get_rope_index` for
+images: text tokens count up on all three rows; an image run of (t, h, w) merged units takes
+(start + t_idx, start + h_idx, start + w_idx) and the text after it resumes at start + max(h, w) (t = 1). While
+decoding, a new token's position is (number of real tokens before it) + `rope_delta` of its row.
+Video inputs are not supported yet (the video token raises).
+Legend: B batch, T tokens, N patches, M merged image features, E text width, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import llama, qwen_vision
+from models.config import TextConfig, _check
+from models.llava import merge_image_features, prompt_context
+from models.qwen_text import decoder_param_shapes, qwen_text_config_from_dict
+from models.qwen_vision import QwenVisionConfig
+from models.spec import RectificationSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+  vision: QwenVisionConfig = QwenVisionConfig()
+  text: TextConfig = TextConfig()
+  image_token_id: int = 151655
+  video_token_id: int = 151656
+  vision_start_token_id: int = 151652
+  vision_end_token_id: int = 151653
+
+  @property
+  def merge_unit(self) -> int:
+    return self.vision.spatial_merge_size**2
+
+
+def config_from_dict(d: dict) -> Qwen25VLConfig:
+  """Parses a Qwen2.5-VL `config.json` dict: flat (4.x, text fields at the top) or nested `text_config` (5.x)."""
+  model_type = d.get("model_type", "qwen2_5_vl")
+  _check(model_type == "qwen2_5_vl", "model_type", model_type, "'qwen2_5_vl'")
+  if "vision_config" not in d:
+    raise ValueError("config is missing the field 'vision_config'")
+  text = dict(d.get("text_config") or {})
+  for k, v in d.items():  # 4.x keeps the text fields at the top level
+    if k not in ("text_config", "vision_config", "model_type"):
+      text.setdefault(k, v)
+  text["model_type"] = "qwen2_5_vl_text"
+  tie = bool(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+  tc = qwen_text_config_from_dict(dict(text, tie_word_embeddings=tie))
+  _check(tc.mrope_section is not None, "text_config.rope_parameters.mrope_section", None,
+         "the multimodal RoPE sections (e.g. [16, 24, 24])")
+  vc = qwen_vision.vision_config_from_dict(d["vision_config"])
+  _check(vc.out_hidden_size == tc.hidden_size, "vision_config.out_hidden_size", vc.out_hidden_size,
+         f"the text hidden_size {tc.hidden_size}")
+  get = lambda k, default: int(d.get(k, text.get(k, default)))
+  return Qwen25VLConfig(vision=vc, text=tc, image_token_id=get("image_token_id", 151655),
+                        video_token_id=get("video_token_id", 151656),
+                        vision_start_token_id=get("vision_start_token_id", 151652),
+                        vision_end_token_id=get("vision_end_token_id", 151653))
+
+
+def load_config(path: str) -> Qwen25VLConfig:
+  file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+  with open(file) as f:
+    return config_from_dict(json.load(f))
+
+
+def param_shapes(config: Qwen25VLConfig) -> dict:
+  tree = {"visual": qwen_vision.param_shapes(config.vision), "language_model": decoder_param_shapes(config.text)}
+  if not config.text.tie_word_embeddings:
+    tree["lm_head"] = {"weight": (config.text.vocab_size, config.text.hidden_size)}
+  return tree
+
+
+def num_image_tokens(config: Qwen25VLConfig, image_grid_thw) -> np.ndarray:
+  """Image tokens (merged features) of each image: t * h * w / merge^2."""
+  grid = qwen_vision.check_grid(config.vision, image_grid_thw)
+  return grid.prod(-1) // config.merge_unit
+
+
+def check_image_tokens(config: Qwen25VLConfig, input_ids, image_grid_thw) -> None:
+  """Raises unless every image-token run matches its image's feature count (concrete ids only)."""
+  if isinstance(input_ids, jax.core.Tracer):
+    return
+  ids = np.asarray(input_ids)
+  if np.any(ids == config.video_token_id):
+    raise ValueError(f"input_ids hold video tokens (id {config.video_token_id}); video inputs are not supported yet "
+                     "(images only)")
+  per_image = num_image_tokens(config, image_grid_thw)
+  n_tok, n_feat = int(np.sum(ids == config.image_token_id)), int(per_image.sum())
+  if n_tok != n_feat:
+    raise ValueError(
+        f"input_ids hold {n_tok} image tokens (id {config.image_token_id}) but image_grid_thw {per_image.tolist()} "
+        f"gives {n_feat} features; the prompt and the images do not match (build them with the same processor)")
+
+
+def rope_index(config: Qwen25VLConfig, input_ids, attention_mask, image_grid_thw) -> tuple[np.ndarray, np.ndarray]:
+  """transformers' `get_rope_index` for images: positions [3, B, T] int32 (0 at padding) and rope_deltas [B]."""
+  ids = np.asarray(input_ids)
+  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+  grids = iter(qwen_vision.check_grid(config.vision, image_grid_thw) if image_grid_thw is not None else ())
+  m = config.vision.spatial_merge_size
+  b, t = ids.shape
+  positions = np.zeros((3, b, t), np.int32)
+  deltas = np.zeros((b,), np.int32)
+  for row in range(b):
+    valid = mask[row].astype(bool)
+    is_img = ids[row][valid] == config.image_token_id
+    pieces, cur, i = [], 0, 0
+    while i < len(is_img):
+      j = i
+      while j < len(is_img) and is_img[j] == is_img[i]:
+        j += 1
+      if not is_img[i]:
+        pieces.append(np.broadcast_to(np.arange(j - i) + cur, (3, j - i)))
+        cur += j - i
+        i = j
+        continue
+      # A run of image tokens may hold several adjacent images: take grids until the run is consumed.
+      while i < j:
+        gt, gh, gw = (int(x) for x in next(grids))
+        gh, gw = gh // m, gw // m
+        tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+        pieces.append(np.stack([tt + cur, hh + cur, ww + cur]).reshape(3, -1))
+        cur += max(gh, gw)
+        i += gt * gh * gw
+      if i != j:
+        raise ValueError("an image-token run does not end at an image boundary; the prompt and image_grid_thw do not "
+                         "match")
+    if pieces:
+      pos = np.concatenate(pieces, 1)
+      positions[:, row, valid] = pos
+      deltas[row] = pos.max() + 1 - len(is_img)
+  return positions, deltas
+
+
+def embed_inputs(params, config: Qwen25VLConfig, input_ids, pixel_values, plan):
+  embeds = llama.embed_tokens(params["language_model"], input_ids)
+  if pixel_values is not None:
+    feats = qwen_vision.forward(params["visual"], config.vision, pixel_values, plan)
+    embeds = merge_image_features(embeds, input_ids, feats[None], config.image_token_id)
+  return embeds
+
+
+def forward(
+    params,
+    config: Qwen25VLConfig,
+    input_ids,
+    pixel_values,
+    image_grid_thw=None,
+    *,
+    attention_mask=None,
+    spec: RectificationSpec | None = None,
+    output_attentions: bool = False,
+    position_ids=None,
+) -> dict:
+  """Full (uncached) forward pass.
+
+  Args:
+    input_ids: [B, T] with `<|image_pad|>` runs already expanded (one token per merged feature).
+    pixel_values: flat patches [N, C * Tp * p * p] of every image in order, or None (text only).
+    image_grid_thw: [I, 3] (t, h, w in patches) per image, as the processor returns it.
+    attention_mask: [B, T] (left padding allowed). position_ids: [3, B, T] (default: `rope_index`).
+
+  Returns:
+    {"logits": [B, T, V] float32} plus "attentions" [L, B, H, T, T] when asked.
+  """
+  params = getattr(params, "params", params)
+  ids_np = np.asarray(input_ids)
+  mask_np = np.ones_like(ids_np) if attention_mask is None else np.asarray(attention_mask)
+  plan = None
+  if pixel_values is not None:
+    if image_grid_thw is None:
+      raise ValueError("pixel_values given without image_grid_thw; pass the processor's image_grid_thw")
+    check_image_tokens(config, ids_np, image_grid_thw)
+    plan = qwen_vision.vision_plan(config.vision, image_grid_thw)
+  elif np.any(ids_np == config.image_token_id):
+    raise ValueError("input_ids hold image tokens but no pixel_values were given")
+  if position_ids is None:
+    position_ids, _ = rope_index(config, ids_np, mask_np, image_grid_thw)
+  return _forward_jit(params, config, jnp.asarray(ids_np), None if pixel_values is None else jnp.asarray(pixel_values),
+                      plan, jnp.asarray(mask_np), jnp.asarray(position_ids), spec, output_attentions)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "output_attentions"))
+def _forward_jit(params, config, input_ids, pixel_values, plan, attention_mask, position_ids, spec,
+                 output_attentions):
+  embeds = embed_inputs(params, config, input_ids, pixel_values, plan)
+  ctx = prompt_context(input_ids, attention_mask, config.image_token_id)
+  hidden, _, extras = llama.decoder(params["language_model"], config.text, embeds, position_ids, ctx, spec=spec,
+                                    output_attentions=output_attentions)
+  out = {"logits": llama.lm_head(params["language_model"], params.get("lm_head"), hidden)}
+  out.update(extras)
+  return out
