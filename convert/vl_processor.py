@@ -58,7 +58,8 @@ class ImageTextProcessor:
   """
 
   image_token: str = "<image>"
-  force_left_padding = False
+  # Side the processor pads on when the tokenizer's saved config does not name one (None: the tokenizer's own).
+  default_padding_side: str | None = None
 
   def __init__(self, tokenizer, image_processor, chat_template: str | None = None):
     self.tokenizer = tokenizer
@@ -108,8 +109,8 @@ class ImageTextProcessor:
       text = [re.sub(re.escape(self.image_token), lambda _: next(it), t) for t in text]
     tok = self.tokenizer
     old = tok.padding_side
-    if self.force_left_padding:
-      tok.padding_side = "left"
+    if self.default_padding_side and "padding_side" not in getattr(tok, "init_kwargs", {}):
+      tok.padding_side = self.default_padding_side
     try:
       enc = tok(text, padding=padding, return_tensors="np", **kwargs)
     finally:

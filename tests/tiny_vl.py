@@ -32,8 +32,10 @@ INTERNVL_TEMPLATE = (
 )
 
 
-def train_tokenizer(specials, eos: str, pad: str = "<pad>", extra=None, vocab_size: int = 96):
-  """A byte-level BPE fast tokenizer without BOS (as Qwen's), with the given special tokens."""
+def train_tokenizer(specials, eos: str, pad: str = "<pad>", extra=None, vocab_size: int = 96, padding_side=None):
+  """A byte-level BPE fast tokenizer without BOS (as Qwen's), with the given special tokens.
+
+  padding_side None leaves it out of the tokenizer's init kwargs (transformers' default "right" applies)."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
 
@@ -44,8 +46,9 @@ def train_tokenizer(specials, eos: str, pad: str = "<pad>", extra=None, vocab_si
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", pad], initial_alphabet=alphabet,
                                 show_progress=False)
   tok.train_from_iterator(CORPUS * 4, trainer)
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token=pad, padding_side="right",
-                                 extra_special_tokens=extra or {})
+  side = {} if padding_side is None else {"padding_side": padding_side}
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token=pad, extra_special_tokens=extra or {},
+                                 **side)
   fast.add_special_tokens({"additional_special_tokens": list(specials)})
   fast.eos_token = eos
   return fast
@@ -97,7 +100,7 @@ def make_tiny_qwen2_5_vl(path: str, *, text_layers: int = 2, hidden: int = 64, h
   from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
   from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-  tok = train_tokenizer(QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
+  tok = train_tokenizer(QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>", padding_side="right")
   ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
   head_dim = hidden // heads
   q = head_dim // 2
@@ -141,3 +144,47 @@ def random_image(w: int, h: int, seed: int = 0):
 
   rng = np.random.default_rng(seed)
   return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def make_tiny_internvl(path: str, *, text_type: str = "qwen3", text_layers: int = 2, hidden: int = 64, heads: int = 4,
+                       kv_heads: int = 2, vision_layers: int = 3, image_size: int = 32, patch_size: int = 4,
+                       norm_type: str = "layer_norm", use_qk_norm: bool = False, use_mean_pooling: bool = True,
+                       vision_feature_layer: int = -1, max_patches: int = 4, tie_word_embeddings: bool = False,
+                       seed: int = 0, save: bool = True):
+  """Builds (and saves) a tiny random InternVL; returns (torch model, transformers processor)."""
+  import json
+
+  from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+  from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+  extra = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+           "video_token": "<video>"}
+  tok = train_tokenizer(INTERNVL_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>", extra=extra)
+  ctx_id = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+  text = dict(model_type=text_type, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=len(tok) + 2, head_dim=hidden // heads,
+              max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+              eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+              bos_token_id=None, tie_word_embeddings=tie_word_embeddings)
+  vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
+                image_size=image_size, patch_size=patch_size, norm_type=norm_type, use_qk_norm=use_qk_norm,
+                use_mean_pooling=use_mean_pooling, attention_bias=True, hidden_act="gelu")
+  seq = (image_size // patch_size // 2) ** 2
+  cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=ctx_id, image_seq_length=seq,
+                       vision_feature_layer=vision_feature_layer, tie_word_embeddings=tie_word_embeddings)
+  torch_model = _init(InternVLForConditionalGeneration(cfg), seed)
+  improc = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
+                                    min_patches=1, max_patches=max_patches)
+  with _no_video_class_check():
+    processor = InternVLProcessor(image_processor=improc, tokenizer=tok, video_processor=None,
+                                  image_seq_length=seq, chat_template=INTERNVL_TEMPLATE)
+  if save:
+    os.makedirs(path, exist_ok=True)
+    torch_model.save_pretrained(path)
+    tok.save_pretrained(path)
+    improc.save_pretrained(path)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+      f.write(INTERNVL_TEMPLATE)
+    with open(os.path.join(path, "processor_config.json"), "w") as f:
+      json.dump({"image_seq_length": seq, "processor_class": "InternVLProcessor"}, f)
+  return torch_model, processor
