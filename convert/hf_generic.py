@@ -97,3 +97,26 @@ def load_with_table(path: str, shapes: dict, prefixes, *, tied: bool, dtype=np.f
       lines.append(f"  shape mismatches ({len(mismatched)}): {mismatched}")
     raise ValueError("\n".join(lines))
   return out
+
+
+def stored_head_differs(path: str, prefixes, embed: str = "language_model.embed_tokens.weight") -> bool:
+  """True when the checkpoint stores an `lm_head.weight` that is not the embedding matrix.
+
+  transformers then leaves the head untied even if the config asks for tying (it warns); loaders use this to
+  pick the same structure.
+  """
+  found = {}
+  for file in checkpoint_files(path):
+    with SafetensorsFile(file) as st:
+      for key in st.keys():
+        name = canonical(key, prefixes)
+        if name in ("lm_head.weight", embed):
+          found[name] = (file, key)
+  if "lm_head.weight" not in found or embed not in found:
+    return False
+  arrays = []
+  for name in ("lm_head.weight", embed):
+    file, key = found[name]
+    with SafetensorsFile(file) as st:
+      arrays.append(np.array(st.get(key)))
+  return arrays[0].shape != arrays[1].shape or not np.array_equal(arrays[0], arrays[1])

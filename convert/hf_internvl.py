@@ -10,11 +10,13 @@ OpenGVLab's script first.)
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from convert.hf_generic import load_with_table
+from convert.hf_generic import load_with_table, stored_head_differs
 from convert.vl_processor import ImageTextProcessor, load_tokenizer, read_chat_template, read_json
-from models.internvl import InternVLConfig, param_shapes
+from models.internvl import InternVLConfig, load_config, param_shapes
 
 PREFIXES = (
     ("model.vision_tower.", "vision_tower."),
@@ -30,6 +32,20 @@ PREFIXES = (
 
 def load_params(path: str, config: InternVLConfig, dtype=np.float32) -> dict:
   return load_with_table(path, param_shapes(config), PREFIXES, tied=config.text.tie_word_embeddings, dtype=dtype)
+
+
+def resolve_tying(path: str, config: InternVLConfig) -> InternVLConfig:
+  """The config with an untied head when it asks for tying but the checkpoint stores a different lm_head
+  (InternVL-HF conversions leave `tie_word_embeddings` unset, whose transformers default is True)."""
+  if config.text.tie_word_embeddings and stored_head_differs(path, PREFIXES):
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, tie_word_embeddings=False))
+  return config
+
+
+def load(path: str, dtype=np.float32) -> tuple[InternVLConfig, dict]:
+  """(config, params) of a checkpoint directory, the head tied or not as transformers would load it."""
+  config = resolve_tying(path, load_config(path))
+  return config, load_params(path, config, dtype)
 
 
 class InternVLProcessor(ImageTextProcessor):

@@ -60,7 +60,9 @@ def config_from_dict(d: dict) -> InternVLConfig:
          "'default' (the CLS token is dropped so that the patches form a square grid)")
   vision = intern_vit.vision_config_from_dict(d["vision_config"])
   text_d = d["text_config"]
-  tie = bool(d.get("tie_word_embeddings", text_d.get("tie_word_embeddings", False)))
+  # transformers' InternVLConfig defaults to a tied head; a checkpoint that stores a different lm_head is loaded
+  # untied (see convert.hf_internvl.load), as transformers does.
+  tie = bool(d.get("tie_word_embeddings", True))
   text = qwen_text_config_from_dict(dict(text_d, tie_word_embeddings=tie))
   ratio = float(d.get("downsample_ratio", 0.5))
   s = int(round(1 / ratio))

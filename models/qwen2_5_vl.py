@@ -54,7 +54,8 @@ def config_from_dict(d: dict) -> Qwen25VLConfig:
     if k not in ("text_config", "vision_config", "model_type"):
       text.setdefault(k, v)
   text["model_type"] = "qwen2_5_vl_text"
-  tie = bool(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+  # transformers: tied when the top level or (pre-5.x saves) the text config says so.
+  tie = bool(d.get("tie_word_embeddings", False)) or bool((d.get("text_config") or {}).get("tie_word_embeddings", False))
   tc = qwen_text_config_from_dict(dict(text, tie_word_embeddings=tie))
   _check(tc.mrope_section is not None, "text_config.rope_parameters.mrope_section", None,
          "the multimodal RoPE sections (e.g. [16, 24, 24])")
