@@ -22,7 +22,8 @@ from models import intern_vit, llama
 from models.config import TextConfig, _check
 from models.intern_vit import InternVisionConfig
 from models.layers import activation, layer_norm, linear
-from models.llava import merge_image_features, positions_from_mask, prompt_context
+from models.llava import positions_from_mask, prompt_context
+from models.merge import merge_rows
 from models.qwen_text import decoder_param_shapes, qwen_text_config_from_dict
 from models.spec import RectificationSpec
 
@@ -137,12 +138,40 @@ def check_image_tokens(config: InternVLConfig, input_ids, num_tiles: int) -> Non
         "the same processor)")
 
 
-def embed_inputs(params, config: InternVLConfig, input_ids, pixel_values):
+def tiles_per_row(config: InternVLConfig, input_ids) -> list[int]:
+  """Tiles of each row, from its image-token count."""
+  counts = (np.asarray(input_ids) == config.image_token_id).sum(1)
+  if np.any(counts % config.tokens_per_tile):
+    raise ValueError(f"a row holds {counts.tolist()} image tokens, not a multiple of {config.tokens_per_tile} per "
+                     "tile; the prompt and the images do not match (build them with the same processor)")
+  return (counts // config.tokens_per_tile).tolist()
+
+
+def vision_inputs(config: InternVLConfig, pixel_values, tiles_per_example) -> dict:
+  """The processor's tiles (the whole batch concatenated) regrouped per example: {"pixels": [B, I, C, H, W]},
+  zero tiles after each row's real ones (their features are never read)."""
+  pixel_values = np.asarray(pixel_values, np.float32)
+  if sum(tiles_per_example) != pixel_values.shape[0]:
+    raise ValueError(f"the prompts' image tokens ask for {sum(tiles_per_example)} tiles ({config.tokens_per_tile} "
+                     f"tokens each) but pixel_values holds {pixel_values.shape[0]}; the prompt and pixel_values do "
+                     "not match (build both with the same processor)")
+  out = np.zeros((len(tiles_per_example), max(max(tiles_per_example), 1)) + pixel_values.shape[1:], np.float32)
+  start = 0
+  for b, n in enumerate(tiles_per_example):
+    out[b, :n] = pixel_values[start:start + n]
+    start += n
+  return {"pixels": out}
+
+
+def embed(params, config: InternVLConfig, input_ids, vision):
   embeds = llama.embed_tokens(params["language_model"], input_ids)
-  if pixel_values is not None:
-    embeds = merge_image_features(embeds, input_ids, image_features(params, config, pixel_values),
-                                  config.image_token_id)
-  return embeds
+  if vision is None:
+    return embeds
+  px = vision["pixels"]
+  b, i = px.shape[:2]
+  feats = image_features(params, config, px.reshape((b * i,) + px.shape[2:]))
+  feats = feats.reshape(b, i * config.tokens_per_tile, -1)
+  return merge_rows(embeds, input_ids, feats, config.image_token_id)
 
 
 def forward(
@@ -156,7 +185,7 @@ def forward(
     output_attentions: bool = False,
     position_ids=None,
 ) -> dict:
-  """Full (uncached) forward pass.
+  """Full (uncached) forward pass on the processor's outputs.
 
   Args:
     input_ids: [B, T] with the image runs already expanded by the processor.
@@ -167,21 +196,23 @@ def forward(
     {"logits": [B, T, V] float32} plus "attentions" [L, B, H, T, T] when asked.
   """
   params = getattr(params, "params", params)
-  input_ids = jnp.asarray(input_ids)
+  ids = np.asarray(input_ids)
+  vision = None
   if pixel_values is not None:
-    check_image_tokens(config, input_ids, pixel_values.shape[0])
-  elif not isinstance(input_ids, jax.core.Tracer) and np.any(np.asarray(input_ids) == config.image_token_id):
+    check_image_tokens(config, ids, pixel_values.shape[0])
+    vision = vision_inputs(config, pixel_values, tiles_per_row(config, ids))
+  elif np.any(ids == config.image_token_id):
     raise ValueError("input_ids hold image tokens but no pixel_values were given")
-  mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
+  mask = jnp.ones_like(jnp.asarray(ids)) if attention_mask is None else jnp.asarray(attention_mask)
   if position_ids is None:
     position_ids = positions_from_mask(mask)
-  pv = None if pixel_values is None else jnp.asarray(pixel_values)
-  return _forward_jit(params, config, input_ids, pv, mask, jnp.asarray(position_ids), spec, output_attentions)
+  return _forward_jit(params, config, jnp.asarray(ids), vision, mask, jnp.asarray(position_ids), spec,
+                      output_attentions)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "output_attentions"))
-def _forward_jit(params, config, input_ids, pixel_values, attention_mask, position_ids, spec, output_attentions):
-  embeds = embed_inputs(params, config, input_ids, pixel_values)
+def _forward_jit(params, config, input_ids, vision, attention_mask, position_ids, spec, output_attentions):
+  embeds = embed(params, config, input_ids, vision)
   ctx = prompt_context(input_ids, attention_mask, config.image_token_id)
   hidden, _, extras = llama.decoder(params["language_model"], config.text, embeds, position_ids, ctx, spec=spec,
                                     output_attentions=output_attentions)

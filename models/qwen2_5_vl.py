@@ -23,7 +23,8 @@ import numpy as np
 
 from models import llama, qwen_vision
 from models.config import TextConfig, _check
-from models.llava import merge_image_features, prompt_context
+from models.llava import prompt_context
+from models.merge import merge_rows
 from models.qwen_text import decoder_param_shapes, qwen_text_config_from_dict
 from models.qwen_vision import QwenVisionConfig
 from models.spec import RectificationSpec
@@ -144,12 +145,89 @@ def rope_index(config: Qwen25VLConfig, input_ids, attention_mask, image_grid_thw
   return positions, deltas
 
 
-def embed_inputs(params, config: Qwen25VLConfig, input_ids, pixel_values, plan):
+def images_per_row(config: Qwen25VLConfig, input_ids) -> list[int]:
+  """Images of each row: runs of image tokens (the chat template wraps every image in vision start/end)."""
+  is_img = np.asarray(input_ids) == config.image_token_id
+  starts = is_img & ~np.concatenate([np.zeros_like(is_img[:, :1]), is_img[:, :-1]], 1)
+  return starts.sum(1).tolist()
+
+
+def vision_inputs(config: Qwen25VLConfig, pixel_values, image_grid_thw, images_per_example) -> dict:
+  """The processor's flat patches and grids, regrouped per example with a leading batch axis (numpy).
+
+  pixels [B, N, C*Tp*p*p] (zero padded), the vision plan arrays (models.qwen_vision.batch_plans) and, per merged
+  unit in image order, unit_thw [B, M, 3] (its t, h, w index inside its image) and unit_adv [B, M] (the position
+  advance of its image, max(h, w) merged units, on the image's last unit; 0 elsewhere).
+  """
+  vc = config.vision
+  grid = qwen_vision.check_grid(vc, image_grid_thw)
+  pixel_values = np.asarray(pixel_values, np.float32)
+  if sum(images_per_example) != len(grid):
+    raise ValueError(f"the prompts hold {sum(images_per_example)} images but image_grid_thw describes {len(grid)}")
+  if pixel_values.shape[0] != int(grid.prod(-1).sum()):
+    raise ValueError(f"pixel_values holds {pixel_values.shape[0]} patches but image_grid_thw describes "
+                     f"{int(grid.prod(-1).sum())}; pass the image_grid_thw the processor returned with these pixels")
+  m = vc.spatial_merge_size
+  bounds = np.cumsum([0] + list(images_per_example))
+  groups = [grid[bounds[i]:bounds[i + 1]] for i in range(len(images_per_example))]
+  groups = [g if len(g) else np.array([[1, m, m]]) for g in groups]  # text-only rows: one dummy image, unused
+  out = qwen_vision.batch_plans(vc, groups)
+  n, mx = out["perm"].shape[1], out["unperm"].shape[1]
+  pixels = np.zeros((len(groups), n, pixel_values.shape[1]), np.float32)
+  thw = np.zeros((len(groups), mx, 3), np.int32)
+  adv = np.zeros((len(groups), mx), np.int32)
+  offsets = np.cumsum([0] + grid.prod(-1).tolist())
+  for b, g in enumerate(groups):
+    if images_per_example[b]:
+      lo, hi = offsets[bounds[b]], offsets[bounds[b + 1]]
+      pixels[b, : hi - lo] = pixel_values[lo:hi]
+    u = 0
+    for gt, gh, gw in g.tolist():
+      gh, gw = gh // m, gw // m
+      tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+      k = gt * gh * gw
+      thw[b, u:u + k] = np.stack([tt, hh, ww], -1).reshape(-1, 3)
+      adv[b, u + k - 1] = max(gh, gw)
+      u += k
+  out.update(pixels=pixels, unit_thw=thw, unit_adv=adv)
+  return out
+
+
+def image_features(params, config: Qwen25VLConfig, vision: dict) -> jax.Array:
+  """Per-example merged features [B, M, E] (padding units at the end of each row)."""
+  plan_keys = ("rot_pos", "perm", "unperm", "window_idx", "window_valid", "window_inv", "full_idx", "full_valid",
+               "full_inv")
+  one = lambda px, plan: qwen_vision.forward(params["visual"], config.vision, px, plan)
+  return jax.vmap(one)(vision["pixels"], {k: vision[k] for k in plan_keys})
+
+
+def embed(params, config: Qwen25VLConfig, input_ids, vision):
   embeds = llama.embed_tokens(params["language_model"], input_ids)
-  if pixel_values is not None:
-    feats = qwen_vision.forward(params["visual"], config.vision, pixel_values, plan)
-    embeds = merge_image_features(embeds, input_ids, feats[None], config.image_token_id)
-  return embeds
+  if vision is None:
+    return embeds
+  return merge_rows(embeds, input_ids, image_features(params, config, vision), config.image_token_id)
+
+
+def positions(config: Qwen25VLConfig, input_ids, attention_mask, vision) -> jax.Array:
+  """transformers' get_rope_index for images, traced: [3, B, T] int32 (0 at padding).
+
+  Every real token advances the running position by 1, except image tokens: an image's run advances it by
+  max(h, w) merged units at its last token. A text token sits at the running position on all three axes; an image
+  token at (running position at its image's start) + (t, h, w) of its unit.
+  """
+  valid = attention_mask.astype(bool)
+  if vision is None:
+    pos = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    return jnp.broadcast_to(pos[None], (3,) + pos.shape)
+  is_img = (input_ids == config.image_token_id) & valid
+  unit = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, vision["unit_adv"].shape[1] - 1)  # [B, T]
+  adv_img = jnp.take_along_axis(vision["unit_adv"], unit, axis=1)
+  adv = jnp.where(is_img, adv_img, valid.astype(jnp.int32))
+  base = jnp.cumsum(adv, axis=1) - adv  # exclusive: the running position before the token
+  # Within an image only its last unit advances, so `base` is the image's start on all of its tokens.
+  thw = jnp.take_along_axis(vision["unit_thw"], unit[..., None], axis=1)  # [B, T, 3]
+  pos = base[None] + jnp.where(is_img[None], jnp.moveaxis(thw, -1, 0), 0)
+  return jnp.where(valid[None], pos, 0).astype(jnp.int32)
 
 
 def forward(
@@ -164,13 +242,13 @@ def forward(
     output_attentions: bool = False,
     position_ids=None,
 ) -> dict:
-  """Full (uncached) forward pass.
+  """Full (uncached) forward pass on the processor's outputs.
 
   Args:
     input_ids: [B, T] with `<|image_pad|>` runs already expanded (one token per merged feature).
     pixel_values: flat patches [N, C * Tp * p * p] of every image in order, or None (text only).
     image_grid_thw: [I, 3] (t, h, w in patches) per image, as the processor returns it.
-    attention_mask: [B, T] (left padding allowed). position_ids: [3, B, T] (default: `rope_index`).
+    attention_mask: [B, T] (left padding allowed). position_ids: [3, B, T] (default: `positions`).
 
   Returns:
     {"logits": [B, T, V] float32} plus "attentions" [L, B, H, T, T] when asked.
@@ -178,24 +256,24 @@ def forward(
   params = getattr(params, "params", params)
   ids_np = np.asarray(input_ids)
   mask_np = np.ones_like(ids_np) if attention_mask is None else np.asarray(attention_mask)
-  plan = None
+  vision = None
   if pixel_values is not None:
     if image_grid_thw is None:
       raise ValueError("pixel_values given without image_grid_thw; pass the processor's image_grid_thw")
     check_image_tokens(config, ids_np, image_grid_thw)
-    plan = qwen_vision.vision_plan(config.vision, image_grid_thw)
+    vision = vision_inputs(config, pixel_values, image_grid_thw, images_per_row(config, ids_np))
   elif np.any(ids_np == config.image_token_id):
     raise ValueError("input_ids hold image tokens but no pixel_values were given")
-  if position_ids is None:
-    position_ids, _ = rope_index(config, ids_np, mask_np, image_grid_thw)
-  return _forward_jit(params, config, jnp.asarray(ids_np), None if pixel_values is None else jnp.asarray(pixel_values),
-                      plan, jnp.asarray(mask_np), jnp.asarray(position_ids), spec, output_attentions)
+  pos = None if position_ids is None else jnp.asarray(position_ids)
+  return _forward_jit(params, config, jnp.asarray(ids_np), vision, jnp.asarray(mask_np), pos, spec,
+                      output_attentions)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "output_attentions"))
-def _forward_jit(params, config, input_ids, pixel_values, plan, attention_mask, position_ids, spec,
-                 output_attentions):
-  embeds = embed_inputs(params, config, input_ids, pixel_values, plan)
+def _forward_jit(params, config, input_ids, vision, attention_mask, position_ids, spec, output_attentions):
+  embeds = embed(params, config, input_ids, vision)
+  if position_ids is None:
+    position_ids = positions(config, input_ids, attention_mask, vision)
   ctx = prompt_context(input_ids, attention_mask, config.image_token_id)
   hidden, _, extras = llama.decoder(params["language_model"], config.text, embeds, position_ids, ctx, spec=spec,
                                     output_attentions=output_attentions)

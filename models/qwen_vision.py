@@ -118,31 +118,30 @@ def check_grid(cfg: QwenVisionConfig, grid_thw) -> np.ndarray:
   return grid
 
 
-def _segments(lengths: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Gather plan for consecutive segments of the given lengths (zero lengths dropped).
+def _segments(lengths: list[int], n: int, num_segments: int | None = None, seg_len: int | None = None):
+  """Gather plan for consecutive segments of the given lengths (zero lengths dropped) over n rows.
 
-  Returns idx [S, L] (row of each slot, 0 for padding), valid [S, L], inv [N] (flat slot of each row).
+  Rows past sum(lengths) (batch padding) form extra segments of at most seg_len rows among themselves; segment
+  rows past the last real one are all invalid (never read back). Returns idx [S, L] (row of each slot, 0 for
+  padding), valid [S, L], inv [n] (flat slot of each row).
   """
-  lengths = [n for n in lengths if n > 0]
-  s, mx, total = len(lengths), max(lengths), sum(lengths)
-  idx, valid, inv = np.zeros((s, mx), np.int32), np.zeros((s, mx), bool), np.zeros(total, np.int32)
+  lengths = [x for x in lengths if x > 0]
+  mx = max(lengths) if seg_len is None else seg_len
+  pad = n - sum(lengths)
+  lengths = lengths + [min(mx, pad - i) for i in range(0, pad, mx)]
+  s = len(lengths) if num_segments is None else num_segments
+  idx, valid, inv = np.zeros((s, mx), np.int32), np.zeros((s, mx), bool), np.zeros(n, np.int32)
   start = 0
-  for j, n in enumerate(lengths):
-    idx[j, :n] = np.arange(start, start + n)
-    valid[j, :n] = True
-    inv[start:start + n] = j * mx + np.arange(n)
-    start += n
+  for j, k in enumerate(lengths):
+    idx[j, :k] = np.arange(start, start + k)
+    valid[j, :k] = True
+    inv[start:start + k] = j * mx + np.arange(k)
+    start += k
   return idx, valid, inv
 
 
-def vision_plan(cfg: QwenVisionConfig, grid_thw) -> dict:
-  """Index arrays for one batch of images (transformers' position ids, window index and sequence lengths).
-
-  rot_pos [N, 2] (h, w of each patch, in window order); perm [N] (patch order -> window order); unperm [M]
-  (window order of merged units -> image order); window_{idx, valid, inv} and full_{idx, valid, inv}: segment
-  gather plans (see `_segments`) over the window-ordered sequence.
-  """
-  grid = check_grid(cfg, grid_thw)
+def _layout(cfg: QwenVisionConfig, grid: np.ndarray):
+  """rot_pos [N, 2] (processor order), window_index [M], window segment lengths, full segment lengths."""
   m = cfg.spatial_merge_size
   unit = m * m
   win = cfg.window_size // m // cfg.patch_size
@@ -158,20 +157,58 @@ def vision_plan(cfg: QwenVisionConfig, grid_thw) -> dict:
     nh, nw = (gh + ph) // win, (gw + pw) // win
     padded = np.pad(index, ((0, 0), (0, ph), (0, pw)), constant_values=-1)
     padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, win * win)
-    window_lens += ((padded >= 0).sum(-1).reshape(-1) * unit).tolist()
+    window_lens += [x for x in ((padded >= 0).sum(-1).reshape(-1) * unit).tolist() if x]
     flat = padded.reshape(-1)
     window_index.append(flat[flat >= 0] + offset)
     full_lens += [h * w] * t
     offset += t * gh * gw
-  window_index = np.concatenate(window_index)
+  return np.concatenate(rot), np.concatenate(window_index), window_lens, full_lens
+
+
+def vision_plan(cfg: QwenVisionConfig, grid_thw, pad: dict | None = None) -> dict:
+  """Index arrays for a set of images (transformers' position ids, window index and sequence lengths).
+
+  rot_pos [N, 2] (h, w of each patch, in window order); perm [N] (patch order -> window order); unperm [M]
+  (window order of merged units -> image order); window_{idx, valid, inv} and full_{idx, valid, inv}: segment
+  gather plans (see `_segments`) over the window-ordered sequence. `pad` = {"n", "window": (S, L), "full": (S, L)}
+  pads the plan to N = n patches and those segment shapes (batch padding, see `batch_plans`).
+  """
+  grid = check_grid(cfg, grid_thw)
+  unit = cfg.spatial_merge_size**2
+  rot, window_index, window_lens, full_lens = _layout(cfg, grid)
+  n_real = rot.shape[0]
+  n = n_real if pad is None else pad["n"]
+  window_index = np.concatenate([window_index, np.arange(n_real // unit, n // unit)])  # padding stays in place
   perm = (window_index[:, None] * unit + np.arange(unit)).reshape(-1)
-  rot_pos = np.concatenate(rot)[perm]
-  plan = {"rot_pos": rot_pos.astype(np.int32), "perm": perm.astype(np.int32),
+  rot = np.concatenate([rot, np.zeros((n - n_real, 2), rot.dtype)])
+  plan = {"rot_pos": rot[perm].astype(np.int32), "perm": perm.astype(np.int32),
           "unperm": np.argsort(window_index).astype(np.int32)}
   for name, lens in (("window", window_lens), ("full", full_lens)):
-    idx, valid, inv = _segments(lens)
+    shape = (None, None) if pad is None else pad[name]
+    idx, valid, inv = _segments(lens, n, *shape)
     plan.update({f"{name}_idx": idx, f"{name}_valid": valid, f"{name}_inv": inv})
   return plan
+
+
+def batch_plans(cfg: QwenVisionConfig, grids: list) -> dict:
+  """Plans of several examples (each a list of image grids), padded to one shape and stacked on a batch axis.
+
+  Also returns "valid_units" [B, Mmax] (merged units that are real features).
+  """
+  grids = [check_grid(cfg, g) for g in grids]
+  unit = cfg.spatial_merge_size**2
+  n = max(int(g.prod(-1).sum()) for g in grids)
+  shapes = {}
+  for name in ("window", "full"):
+    lens = [_layout(cfg, g)[2 if name == "window" else 3] for g in grids]
+    seg_len = max(max(x) for x in lens)
+    count = max(len(x) + -(-(n - sum(x)) // seg_len) for x in lens)
+    shapes[name] = (count, seg_len)
+  plans = [vision_plan(cfg, g, dict(n=n, **shapes)) for g in grids]
+  out = {k: np.stack([p[k] for p in plans]) for k in plans[0]}
+  real = np.array([int(g.prod(-1).sum()) // unit for g in grids])
+  out["valid_units"] = np.arange(n // unit)[None, :] < real[:, None]
+  return out
 
 
 def _rotary(cfg: QwenVisionConfig, rot_pos: jax.Array) -> tuple[jax.Array, jax.Array]:

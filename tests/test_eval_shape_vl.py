@@ -39,8 +39,8 @@ def test_qwen2_5_vl_7b_param_count_and_shapes():
   assert count_params(params) == 8_292_166_656  # the published safetensors total of Qwen2.5-VL-7B-Instruct
   grid = np.array([[1, 28, 36]])  # a 392 x 504 image: 252 merged tokens
   ids = np.concatenate([np.full((1, 5), 1), np.full((1, 252), config.image_token_id), np.full((1, 7), 1)], 1)
-  pixels = jax.ShapeDtypeStruct((28 * 36, 1176), jnp.float32)
-  out = jax.eval_shape(lambda p, x: qwen2_5_vl.forward(p, config, ids, x, grid), params, pixels)
+  pixels = np.zeros((28 * 36, 1176), np.float32)
+  out = jax.eval_shape(lambda p: qwen2_5_vl.forward(p, config, ids, pixels, grid), params)
   assert out["logits"].shape == (1, 264, 152064)
 
 
@@ -60,6 +60,6 @@ def test_internvl3_5_8b_param_count_and_shapes():
   untied = dataclasses.replace(config, text=dataclasses.replace(config.text, tie_word_embeddings=False))
   assert count_params(_abstract(internvl.param_shapes(untied))) == 8_528_318_464
   ids = np.concatenate([np.full((1, 5), 1), np.full((1, 2 * 256), config.image_token_id), np.full((1, 7), 1)], 1)
-  pixels = jax.ShapeDtypeStruct((2, 3, 448, 448), jnp.float32)
-  out = jax.eval_shape(lambda p, x: internvl.forward(p, config, ids, x), params, pixels)
+  pixels = np.zeros((2, 3, 448, 448), np.float32)
+  out = jax.eval_shape(lambda p: internvl.forward(p, config, ids, pixels), params)
   assert out["logits"].shape == (1, 524, 151936)

@@ -71,10 +71,14 @@ def test_rope_index_matches_transformers(tiny):
   ref_pos, ref_delta = tiny["model"].model.get_rope_index(
       inp["input_ids"], mm_token_type_ids=inp["mm_token_type_ids"], image_grid_thw=inp["image_grid_thw"],
       attention_mask=inp["attention_mask"])
-  pos, delta = qwen2_5_vl.rope_index(tiny["config"], inp["input_ids"].numpy(), inp["attention_mask"].numpy(),
-                                     inp["image_grid_thw"].numpy())
+  cfg, n = tiny["config"], _np(inp)
+  pos, delta = qwen2_5_vl.rope_index(cfg, n["input_ids"], n["attention_mask"], n["image_grid_thw"])
   np.testing.assert_array_equal(pos, ref_pos.numpy())
   np.testing.assert_array_equal(delta, ref_delta.numpy().reshape(-1))
+  vision = qwen2_5_vl.vision_inputs(cfg, n["pixel_values"], n["image_grid_thw"],
+                                    qwen2_5_vl.images_per_row(cfg, n["input_ids"]))
+  traced = qwen2_5_vl.positions(cfg, n["input_ids"], n["attention_mask"], vision)
+  np.testing.assert_array_equal(np.asarray(traced), ref_pos.numpy())
 
 
 def test_logits_and_attentions_match_transformers(tiny):
@@ -113,7 +117,7 @@ def test_bad_inputs_are_clear_errors(tiny):
   with pytest.raises(ValueError, match="image tokens .* but image_grid_thw"):
     qwen2_5_vl.forward(tiny["params"], cfg, ids, n["pixel_values"], n["image_grid_thw"],
                        attention_mask=n["attention_mask"])
-  with pytest.raises(ValueError, match="patches but image_grid_thw"):
+  with pytest.raises(ValueError, match="patches but image_grid_thw describes"):
     qwen2_5_vl.forward(tiny["params"], cfg, n["input_ids"], n["pixel_values"][:-4], n["image_grid_thw"],
                        attention_mask=n["attention_mask"])
   bad_grid = n["image_grid_thw"].copy()
