@@ -1,51 +1,19 @@
-"""Loads a local Hugging Face InternVL (`-HF`) checkpoint directory into air-jax params, and its processor.
-
-Key layouts accepted (one canonical tree, see models/internvl.py):
-  transformers >= 4.52 and 5.x: model.vision_tower.*, model.multi_modal_projector.*, model.language_model.*, lm_head.*
-  transformers 4.5x (pre-refactor): vision_tower.*, multi_modal_projector.*, language_model.model.*,
-                                    language_model.lm_head.*
-(The original OpenGVLab remote-code checkpoints, without `-HF`, use another layout and fused qkv; convert them with
-OpenGVLab's script first.)
+"""Loads a local Hugging Face InternVL (`-HF`) checkpoint directory: params (through the family's key table, see
+models/internvl.py) and an images-only processor (tokenizer + image processor + chat template, no video processor).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-from convert.hf_generic import load_with_table, stored_head_differs
 from convert.vl_processor import ImageTextProcessor, load_tokenizer, read_chat_template, read_json
-from models.internvl import InternVLConfig, load_config, param_shapes
-
-PREFIXES = (
-    ("model.vision_tower.", "vision_tower."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-    ("model.language_model.", "language_model."),
-    ("language_model.model.", "language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.", "vision_tower."),
-    ("multi_modal_projector.", "multi_modal_projector."),
-    ("lm_head.", "lm_head."),
-)
-
+from models.internvl import FAMILY, InternVLConfig
 
 def load_params(path: str, config: InternVLConfig, dtype=np.float32) -> dict:
-  return load_with_table(path, param_shapes(config), PREFIXES, tied=config.text.tie_word_embeddings, dtype=dtype)
+  """Validated numpy params (every key used, every param filled) in the canonical tree."""
+  from convert.checkpoint import load_params as load
 
-
-def resolve_tying(path: str, config: InternVLConfig) -> InternVLConfig:
-  """The config with an untied head when it asks for tying but the checkpoint stores a different lm_head
-  (InternVL-HF conversions leave `tie_word_embeddings` unset, whose transformers default is True)."""
-  if config.text.tie_word_embeddings and stored_head_differs(path, PREFIXES):
-    return dataclasses.replace(config, text=dataclasses.replace(config.text, tie_word_embeddings=False))
-  return config
-
-
-def load(path: str, dtype=np.float32) -> tuple[InternVLConfig, dict]:
-  """(config, params) of a checkpoint directory, the head tied or not as transformers would load it."""
-  config = resolve_tying(path, load_config(path))
-  return config, load_params(path, config, dtype)
+  return load(path, config, dtype, family=FAMILY)
 
 
 class InternVLProcessor(ImageTextProcessor):

@@ -1,29 +1,20 @@
-"""Loads a local Hugging Face Qwen2.5-VL checkpoint directory into air-jax params.
-
-Key layouts accepted (one canonical tree, see models/qwen2_5_vl.py):
-  original Qwen release / transformers < 4.52: visual.*, model.* (the decoder), lm_head.*
-  transformers >= 4.52 and 5.x:              model.visual.*, model.language_model.*, lm_head.*
-"""
+"""Loads a local Hugging Face Qwen2.5-VL checkpoint directory: params (through the family's key table, see
+models/qwen2_5_vl.py) and an images-only processor (tokenizer + image processor + chat template, no video
+processor)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from convert.hf_generic import load_with_table
 from convert.vl_processor import ImageTextProcessor, load_tokenizer, read_chat_template, read_json
-from models.qwen2_5_vl import Qwen25VLConfig, param_shapes
-
-PREFIXES = (
-    ("model.visual.", "visual."),
-    ("model.language_model.", "language_model."),
-    ("visual.", "visual."),
-    ("model.", "language_model."),
-    ("lm_head.", "lm_head."),
-)
+from models.qwen2_5_vl import FAMILY, Qwen25VLConfig
 
 
 def load_params(path: str, config: Qwen25VLConfig, dtype=np.float32) -> dict:
-  return load_with_table(path, param_shapes(config), PREFIXES, tied=config.text.tie_word_embeddings, dtype=dtype)
+  """Validated numpy params (every key used, every param filled) in the canonical tree."""
+  from convert.checkpoint import load_params as load
+
+  return load(path, config, dtype, family=FAMILY)
 
 
 class Qwen25VLProcessor(ImageTextProcessor):
@@ -36,14 +27,13 @@ class Qwen25VLProcessor(ImageTextProcessor):
     ip = self.image_processor
     for img in images:
       w, h = img.size
-      factor = ip.patch_size * ip.merge_size
       if min(h, w) < 1 or max(h, w) / min(h, w) > 200:
         raise ValueError(f"image of size {w}x{h} cannot be processed: Qwen2.5-VL needs an aspect ratio below 200")
     out = ip(images, return_tensors="np")
     grid = np.asarray(out["image_grid_thw"])
     if (grid[:, 1:] < ip.merge_size).any():
-      raise ValueError(f"an image was resized to fewer than {factor} pixels per side (grid {grid.tolist()}); raise "
-                       "min_pixels in preprocessor_config.json")
+      raise ValueError(f"an image was resized to fewer than {ip.patch_size * ip.merge_size} pixels per side (grid "
+                       f"{grid.tolist()}); raise min_pixels in preprocessor_config.json")
     unit = ip.merge_size**2
     return ({"pixel_values": np.asarray(out["pixel_values"], np.float32), "image_grid_thw": grid},
             [self.image_token * int(g.prod() // unit) for g in grid])

@@ -1,9 +1,10 @@
 """InternViT (transformers `InternVLVisionModel`): pre-norm ViT with layer scale, LayerNorm or RMSNorm, optional qk norm.
 
-Params (transformers names, encoder layers stacked on a leading axis):
+Params (transformers names, except that the stacked encoder layers are called `layers`: the checkpoint's
+`encoder.layer.{i}.X` is `encoder.layers.X[i]`, see models.internvl.InternVLFamily.canonical_key):
   embeddings.{cls_token [1, 1, E], patch_embeddings.projection.{weight [E, C, p, p], bias [E]},
               position_embeddings [1, N+1, E] (if absolute), mask_token [1, 1, E] (if use_mask_token; unused here)}
-  encoder.layer.{layernorm_before, attention.{q,k,v}_proj (+bias if attention_bias), attention.{q,k}_norm (if qk
+  encoder.layers.{layernorm_before, attention.{q,k,v}_proj (+bias if attention_bias), attention.{q,k}_norm (if qk
                  norm), attention.projection_layer, layernorm_after, mlp.{fc1, fc2}, lambda_1 [E], lambda_2 [E]}
   layernorm (only when use_mean_pooling is false)
 Legend: B tiles, N patches (+1 with CLS), E width, C channels, p patch size.
@@ -109,7 +110,7 @@ def param_shapes(cfg: InternVisionConfig) -> dict:
   if cfg.use_mask_token:
     emb["mask_token"] = (1, 1, e)
   tree = {"embeddings": emb,
-          "encoder": {"layer": {"layernorm_before": norm(), "layernorm_after": norm(), "attention": attn,
+          "encoder": {"layers": {"layernorm_before": norm(), "layernorm_after": norm(), "attention": attn,
                                 "mlp": {"fc1": lin(i, e), "fc2": lin(e, i)}, "lambda_1": (n, e), "lambda_2": (n, e)}}}
   if not cfg.use_mean_pooling:
     tree["layernorm"] = {"weight": (e,), "bias": (e,)}
@@ -166,7 +167,7 @@ def forward(params: dict, cfg: InternVisionConfig, pixel_values: jax.Array, num_
   """
   n = cfg.num_hidden_layers if num_layers is None else num_layers
   x = embed(params, cfg, pixel_values)
-  layers = jax.tree.map(lambda w: w[:n], params["encoder"]["layer"])
+  layers = jax.tree.map(lambda w: w[:n], params["encoder"]["layers"])
 
   def step(h, p):
     h = _layer(cfg, p, h)

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import intern_vit, llama
+from models import chat, intern_vit, llama
+from models import family as family_lib
 from models.config import TextConfig, _check
 from models.intern_vit import InternVisionConfig
 from models.layers import activation, layer_norm, linear
 from models.llava import positions_from_mask, prompt_context
-from models.merge import merge_rows
+from models.vl_inputs import chat_turn, image_groups, merge_rows
 from models.qwen_text import decoder_param_shapes, qwen_text_config_from_dict
 from models.spec import RectificationSpec
 
@@ -49,6 +50,11 @@ class InternVLConfig:
   def tokens_per_tile(self) -> int:
     return (self.vision.grid // self.shuffle) ** 2
 
+  @property
+  def dims(self):
+    """The language decoder's dims (models.family.DecoderDims)."""
+    return self.text.dims
+
 
 def config_from_dict(d: dict) -> InternVLConfig:
   model_type = d.get("model_type", "internvl")
@@ -61,9 +67,10 @@ def config_from_dict(d: dict) -> InternVLConfig:
          "'default' (the CLS token is dropped so that the patches form a square grid)")
   vision = intern_vit.vision_config_from_dict(d["vision_config"])
   text_d = d["text_config"]
-  # transformers' InternVLConfig defaults to a tied head; a checkpoint that stores a different lm_head is loaded
-  # untied (see convert.hf_internvl.load), as transformers does.
-  tie = bool(d.get("tie_word_embeddings", True))
+  # transformers' InternVLConfig defaults to a tied head when the top-level flag is unset, but then keeps a stored
+  # lm_head that differs from the embeddings (it warns). InternVL-HF conversions leave the top-level flag unset
+  # and carry the language model's own flag in text_config (8B: false, head stored; 1B: true), so that flag decides.
+  tie = bool(d.get("tie_word_embeddings", text_d.get("tie_word_embeddings", True)))
   text = qwen_text_config_from_dict(dict(text_d, tie_word_embeddings=tie))
   ratio = float(d.get("downsample_ratio", 0.5))
   s = int(round(1 / ratio))
@@ -219,3 +226,85 @@ def _forward_jit(params, config, input_ids, vision, attention_mask, position_ids
   out = {"logits": llama.lm_head(params["language_model"], params.get("lm_head"), hidden)}
   out.update(extras)
   return out
+
+
+# Checkpoint key layouts (longest prefixes first: the first match wins).
+#   transformers >= 4.52 and 5.x: model.vision_tower.*, model.multi_modal_projector.*, model.language_model.*,
+#                                 lm_head.*
+#   transformers 4.5x (pre-refactor): vision_tower.*, multi_modal_projector.*, language_model.model.*,
+#                                     language_model.lm_head.*
+# (OpenGVLab's original remote-code checkpoints, without `-HF`, have another layout and fused qkv; convert them
+# with OpenGVLab's script first.)
+KEY_PREFIXES = (
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "vision_tower."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "lm_head."),
+)
+
+
+class InternVLFamily(family_lib.Family):
+  """InternVL (-HF): InternViT -> pixel shuffle -> MLP -> Qwen2/Qwen3 decoder; dynamic tiles with a thumbnail."""
+
+  name = "internvl"
+  model_types = ("internvl",)
+  architectures = ("InternVLForConditionalGeneration",)
+  config_types = (InternVLConfig,)
+  key_prefixes = KEY_PREFIXES
+
+  def canonical_key(self, key):
+    name = super().canonical_key(key)
+    stack = "vision_tower.encoder.layer."
+    if name is not None and name.startswith(stack):  # stacked like decoder layers
+      name = "vision_tower.encoder.layers." + name[len(stack):]
+    return name
+
+  def parse_config(self, raw):
+    return config_from_dict(raw)
+
+  def param_shapes(self, config):
+    return param_shapes(config)
+
+  def load_processor(self, path):
+    from convert.hf_internvl import load_processor
+
+    return load_processor(path)
+
+  def prepare_inputs(self, processor, config, images, prompts, bucket):
+    groups = image_groups(images)
+    enc = chat.encode_left(processor, [im for g in groups for im in g],
+                           [chat_turn(processor, p, len(g)) for p, g in zip(prompts, groups)])
+    ids, mask = chat.bucket_left(enc["input_ids"], enc["attention_mask"], bucket,
+                                 chat.pad_token_id(processor.tokenizer))
+    check_image_tokens(config, ids, enc["pixel_values"].shape[0])
+    tiles = np.asarray(enc["num_patches"]).tolist()
+    bounds = np.cumsum([0] + [len(g) for g in groups])
+    per_example = [sum(tiles[bounds[i]:bounds[i + 1]]) for i in range(len(groups))]
+    return {"input_ids": ids, "attention_mask": mask,
+            "vision": vision_inputs(config, enc["pixel_values"], per_example)}
+
+  def embed(self, params, config, input_ids, attention_mask, vision):
+    return embed(params, config, input_ids, vision)
+
+  def embed_tokens(self, params, config, ids):
+    return llama.embed_tokens(params["language_model"], ids)
+
+  def decoder(self, params, config, embeds, positions, ctx, **kw):
+    return llama.decoder(params["language_model"], config.text, embeds, positions, ctx, **kw)
+
+  def init_cache(self, params, config, batch, size, dtype):
+    per_layer = isinstance(params["language_model"]["layers"], (list, tuple))
+    return llama.init_cache(config.text, batch, size, dtype, per_layer=per_layer)
+
+  def logits(self, params, config, hidden):
+    return llama.lm_head(params["language_model"], params.get("lm_head"), hidden)
+
+  def per_layer_params(self, params):
+    return dict(params, language_model=llama.unstack_layers(params["language_model"]))
+
+
+FAMILY = family_lib.register(InternVLFamily())

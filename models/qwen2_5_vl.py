@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import llama, qwen_vision
+from models import chat, llama, qwen_vision
+from models import family as family_lib
 from models.config import TextConfig, _check
 from models.llava import prompt_context
-from models.merge import merge_rows
+from models.vl_inputs import chat_turn, image_groups, merge_rows
 from models.qwen_text import decoder_param_shapes, qwen_text_config_from_dict
 from models.qwen_vision import QwenVisionConfig
 from models.spec import RectificationSpec
@@ -42,6 +43,11 @@ class Qwen25VLConfig:
   @property
   def merge_unit(self) -> int:
     return self.vision.spatial_merge_size**2
+
+  @property
+  def dims(self):
+    """The language decoder's dims (models.family.DecoderDims)."""
+    return self.text.dims
 
 
 def config_from_dict(d: dict) -> Qwen25VLConfig:
@@ -280,3 +286,81 @@ def _forward_jit(params, config, input_ids, vision, attention_mask, position_ids
   out = {"logits": llama.lm_head(params["language_model"], params.get("lm_head"), hidden)}
   out.update(extras)
   return out
+
+
+# Checkpoint key layouts (longest prefixes first: the first match wins).
+#   original Qwen release / transformers < 4.52: visual.*, model.* (the decoder), lm_head.*
+#   transformers >= 4.52 and 5.x:              model.visual.*, model.language_model.*, lm_head.*
+KEY_PREFIXES = (
+    ("model.visual.", "visual."),
+    ("model.language_model.", "language_model."),
+    ("visual.", "visual."),
+    ("model.", "language_model."),
+    ("lm_head.", "lm_head."),
+)
+
+
+class Qwen25VLFamily(family_lib.Family):
+  """Qwen2.5-VL: window-attention ViT + merger -> Qwen2 decoder with multimodal RoPE (images; no video yet)."""
+
+  name = "qwen2_5_vl"
+  model_types = ("qwen2_5_vl",)
+  architectures = ("Qwen2_5_VLForConditionalGeneration",)
+  config_types = (Qwen25VLConfig,)
+  key_prefixes = KEY_PREFIXES
+
+  def canonical_key(self, key):
+    name = super().canonical_key(key)
+    if name is not None and name.startswith("visual.blocks."):  # stacked like decoder layers
+      name = "visual.layers." + name[len("visual.blocks."):]
+    return name
+
+  def parse_config(self, raw):
+    return config_from_dict(raw)
+
+  def param_shapes(self, config):
+    return param_shapes(config)
+
+  def load_processor(self, path):
+    from convert.hf_qwen2_5_vl import load_processor
+
+    return load_processor(path)
+
+  def prepare_inputs(self, processor, config, images, prompts, bucket):
+    groups = image_groups(images)
+    enc = chat.encode_left(processor, [im for g in groups for im in g],
+                           [chat_turn(processor, p, len(g)) for p, g in zip(prompts, groups)])
+    ids, mask = chat.bucket_left(enc["input_ids"], enc["attention_mask"], bucket,
+                                 chat.pad_token_id(processor.tokenizer))
+    check_image_tokens(config, ids, enc["image_grid_thw"])
+    vision = vision_inputs(config, enc["pixel_values"], enc["image_grid_thw"], [len(g) for g in groups])
+    return {"input_ids": ids, "attention_mask": mask, "vision": vision}
+
+  def embed(self, params, config, input_ids, attention_mask, vision):
+    return embed(params, config, input_ids, vision)
+
+  def positions(self, config, input_ids, attention_mask, vision):
+    return positions(config, input_ids, attention_mask, vision)
+
+  def decode_positions(self, config, next_position):
+    # Text tokens advance all three axes together; rope_deltas are inside next_position (max position + 1).
+    return jnp.broadcast_to(next_position[None, :, None], (3, next_position.shape[0], 1))
+
+  def embed_tokens(self, params, config, ids):
+    return llama.embed_tokens(params["language_model"], ids)
+
+  def decoder(self, params, config, embeds, positions, ctx, **kw):
+    return llama.decoder(params["language_model"], config.text, embeds, positions, ctx, **kw)
+
+  def init_cache(self, params, config, batch, size, dtype):
+    per_layer = isinstance(params["language_model"]["layers"], (list, tuple))
+    return llama.init_cache(config.text, batch, size, dtype, per_layer=per_layer)
+
+  def logits(self, params, config, hidden):
+    return llama.lm_head(params["language_model"], params.get("lm_head"), hidden)
+
+  def per_layer_params(self, params):
+    return dict(params, language_model=llama.unstack_layers(params["language_model"]))
+
+
+FAMILY = family_lib.register(Qwen25VLFamily())

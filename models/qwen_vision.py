@@ -5,9 +5,10 @@ Flat patches of every image of a batch form one sequence; blocks attend within w
 `fullatt_block_indexes`, which attend within each image (each frame). 2D rotary embeddings (height, width),
 RMSNorm + SwiGLU blocks, and a merger (RMSNorm, 2x2 concat, MLP) give one feature per 2x2 patches.
 
-Params (transformers names, blocks stacked on a leading axis):
+Params (transformers names, except that the stacked blocks are called `layers`: the checkpoint's
+`visual.blocks.{i}.X` is `visual.layers.X[i]`, see models.qwen2_5_vl.Qwen25VLFamily.canonical_key):
   patch_embed.proj.weight [E, C, Tp, p, p]
-  blocks.{norm1, norm2, attn.{qkv [3E, E] + bias, proj}, mlp.{gate_proj, up_proj, down_proj} (+ biases)}
+  layers.{norm1, norm2, attn.{qkv [3E, E] + bias, proj}, mlp.{gate_proj, up_proj, down_proj} (+ biases)}
   merger.{ln_q.weight [E], mlp.0 [4E, 4E], mlp.2 [O, 4E]}
 Legend: N patches of all images, M = N / merge^2 merged units, E width, O output (text) width, S segments
 (windows or images), L longest segment, nh heads, hd head dim.
@@ -97,7 +98,7 @@ def param_shapes(cfg: QwenVisionConfig) -> dict:
   return {
       "patch_embed": {"proj": {"weight": (e, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size,
                                           cfg.patch_size)}},
-      "blocks": {
+      "layers": {
           "norm1": {"weight": (n, e)}, "norm2": {"weight": (n, e)},
           "attn": {"qkv": lin(3 * e, e), "proj": lin(e, e)},
           "mlp": {"gate_proj": lin(i, e), "up_proj": lin(i, e), "down_proj": lin(e, i)},
@@ -275,7 +276,7 @@ def forward(params: dict, cfg: QwenVisionConfig, pixel_values: jax.Array, plan: 
     p, f = xs
     return _block(cfg, p, h, cos, sin, window, full, f), None
 
-  x, _ = jax.lax.scan(step, x, (params["blocks"], is_full))
+  x, _ = jax.lax.scan(step, x, (params["layers"], is_full))
   mp = params["merger"]
   x = rms_norm(mp["ln_q"], x, _EPS).reshape(-1, cfg.hidden_size * cfg.spatial_merge_size**2)
   x = linear(mp["mlp"]["2"], jax.nn.gelu(linear(mp["mlp"]["0"], x), approximate=False))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.hf_internvl import load, load_processor
+from convert.hf_internvl import load_params, load_processor
 from models import internvl
 from tests.tiny_vl import chat, make_tiny_internvl, random_image
 from tests.vl_reference import assert_logits_and_attentions, eager, greedy_full_forward
@@ -35,8 +35,8 @@ def _build(path, **kw):
   inputs = hf_proc(images=images, text=texts, return_tensors="pt", padding=True)
   mask = inputs["attention_mask"]
   inputs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate's convention
-  config, params = load(path)
-  params = jax.tree.map(jnp.asarray, params)
+  config = internvl.load_config(path)
+  params = jax.tree.map(jnp.asarray, load_params(path, config))
   return dict(path=path, model=model, hf_proc=hf_proc, images=images, texts=texts, inputs=inputs, config=config,
               params=params)
 
@@ -121,20 +121,3 @@ def test_bad_inputs_are_clear_errors(tiny):
   proc = load_processor(tiny["path"])
   with pytest.raises(ValueError, match="video inputs are not supported"):
     proc(text=["x"], videos=[np.zeros((2, 8, 8, 3), np.uint8)])
-
-
-def test_unset_tie_flag_with_a_stored_head_loads_untied(tmp_path):
-  """InternVL-HF conversions leave tie_word_embeddings unset (transformers' default: tied) but store lm_head;
-  transformers then keeps the stored head, and so do we."""
-  import json
-
-  model, _ = make_tiny_internvl(str(tmp_path), text_layers=1, vision_layers=1)
-  cfg_file = tmp_path / "config.json"
-  raw = json.loads(cfg_file.read_text())
-  raw.pop("tie_word_embeddings", None)
-  raw["text_config"].pop("tie_word_embeddings", None)
-  cfg_file.write_text(json.dumps(raw))
-  assert internvl.load_config(str(tmp_path)).text.tie_word_embeddings
-  config, params = load(str(tmp_path))
-  assert not config.text.tie_word_embeddings
-  np.testing.assert_array_equal(params["lm_head"]["weight"], model.lm_head.weight.detach().numpy())
