@@ -93,7 +93,7 @@ from models import segments as seg_lib
 from models.spec import AttnContext
 
 # Modules that define (and register) the built-in families; imported on the first registry lookup.
-FAMILY_MODULES = ("models.llava", "models.llava_next")
+FAMILY_MODULES = ("models.llava", "models.llava_next", "models.qwen2_5_vl", "models.internvl")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,8 +37,11 @@ def _layer(cfg: TextConfig, p, x, cos, sin, ctx, spec_l, cache_kv, write_index, 
   h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   a = p["self_attn"]
   y = rms_norm(p["input_layernorm"], x, cfg.rms_norm_eps)
-  q = rope.apply_rope(linear(a["q_proj"], y).reshape(b, t, h, d), cos, sin)
-  k = rope.apply_rope(linear(a["k_proj"], y).reshape(b, t, kv, d), cos, sin)
+  q = linear(a["q_proj"], y).reshape(b, t, h, d)
+  k = linear(a["k_proj"], y).reshape(b, t, kv, d)
+  if cfg.qk_norm:  # Qwen3: per-head RMSNorm over head_dim, before RoPE
+    q, k = rms_norm(a["q_norm"], q, cfg.rms_norm_eps), rms_norm(a["k_norm"], k, cfg.rms_norm_eps)
+  q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
   v = linear(a["v_proj"], y).reshape(b, t, kv, d)
   own = None
   if cache_kv is not None and cache_write:
@@ -72,7 +75,8 @@ def decoder(
     cache_write: bool = True,
     output_hidden_layers: tuple[int, ...] = (),
 ) -> tuple[jax.Array, dict | None, dict]:
-  """Runs all layers on embeds [B, T, E] at positions [B, T] (Llama, or Mistral with its sliding window).
+  """Runs all layers on embeds [B, T, E] at positions [B, T] (Llama, or Mistral with its sliding window; Qwen2/3
+  options, see TextConfig). With multimodal RoPE, positions are [3, B, T] (see models.rope).
 
   With `cache_write=False` (one query row), the cache is only read: the row attends to the cached slots before
   `write_index` and to its own key at `write_index`, and the cache is returned unchanged.
