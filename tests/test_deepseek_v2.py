@@ -137,38 +137,48 @@ def scores_of(gate, x):
 
 
 def test_latent_cache_decode_equals_full_forward_every_step():
+  from models.spec import AttnContext
+
   model = make_tiny(**GRID["group_limited_yarn"])
   params, cfg = ours(model)
   ids, mask = batch(t=8)
-  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
   b, t = ids.shape
   steps = 6
   size = t + steps
   spec = neutral_spec(cfg.num_hidden_layers, cfg.num_attention_heads)
-  ctx = prompt_context(ids, mask, -100, key_slots=size)
+  # The full re-forward runs on [B, size] right-padded with mask 0 (causal: the padding never reaches earlier
+  # rows), so one compiled graph serves every step.
+  full = jax.jit(lambda ids, m: forward(params, cfg, ids, m, spec=spec)[0])
+
+  @jax.jit
+  def step(cache, key_seg, tok, pos, slot):
+    visible = (key_seg != -1) & (jnp.arange(size) <= slot)[None]
+    dctx = AttnContext(key_segments=key_seg, query_segments=jnp.full((b, 1), 2, jnp.int32), mask=visible[:, None],
+                       query_slot=slot[None], prefill=False)
+    h, cache, _ = deepseek_v2.decoder(params, cfg, embed_tokens(params, tok), pos, dctx, spec=spec, cache=cache,
+                                      write_index=slot)
+    return lm_head(params, params.get("lm_head"), h[:, -1]), cache
+
+  ctx = prompt_context(jnp.asarray(ids), jnp.asarray(mask), -100, key_slots=size)
   cache = deepseek_v2.init_cache(cfg, b, size, jnp.float32)
   assert cache[0]["ckv"].shape == (b, size, cfg.kv_lora_rank) and cache[0]["kpe"].shape == (b, size, 4)
-  h, cache, _ = deepseek_v2.decoder(params, cfg, embed_tokens(params, ids), positions_from_mask(mask), ctx,
-                                    spec=spec, cache=cache, write_index=0)
+  h, cache, _ = deepseek_v2.decoder(params, cfg, embed_tokens(params, jnp.asarray(ids)),
+                                    positions_from_mask(jnp.asarray(mask)), ctx, spec=spec, cache=cache, write_index=0)
   logits = lm_head(params, params.get("lm_head"), h[:, -1])
-  seq, m = ids, mask
+  seq = np.zeros((b, size), np.int64)
+  m = np.zeros((b, size), np.int64)
+  seq[:, :t], m[:, :t] = ids, mask
   key_seg = ctx.key_segments
-  for step in range(steps):
-    full, _ = forward(params, cfg, seq, m, spec=spec)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, -1]), atol=1e-5, rtol=1e-5)
-    tok = jnp.argmax(logits, -1)[:, None]
-    slot = t + step
-    key_seg = key_seg.at[:, slot].set(2)
-    visible = (key_seg != -1) & (jnp.arange(size) <= slot)[None]
-    from models.spec import AttnContext
-    dctx = AttnContext(key_segments=key_seg, query_segments=jnp.full((b, 1), 2, jnp.int32), mask=visible[:, None],
-                       query_slot=jnp.asarray([slot]), prefill=False)
-    pos = jnp.sum(m, -1, keepdims=True).astype(jnp.int32)
-    h, cache, _ = deepseek_v2.decoder(params, cfg, embed_tokens(params, tok), pos, dctx, spec=spec, cache=cache,
-                                      write_index=jnp.asarray(slot))
-    logits = lm_head(params, params.get("lm_head"), h[:, -1])
-    seq = jnp.concatenate([seq, tok], 1)
-    m = jnp.concatenate([m, jnp.ones((b, 1), m.dtype)], 1)
+  for i in range(steps):
+    ref = full(jnp.asarray(seq), jnp.asarray(m))[:, t + i - 1]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    tok = np.asarray(jnp.argmax(logits, -1))
+    key_seg = key_seg.at[:, t + i].set(2)
+    pos = jnp.asarray(m.sum(-1, keepdims=True), jnp.int32)
+    logits, cache = step(cache, key_seg, jnp.asarray(tok[:, None]), pos, jnp.asarray(t + i, jnp.int32))
+    seq[:, t + i], m[:, t + i] = tok, 1
+  ref = full(jnp.asarray(seq), jnp.asarray(m))[:, size - 1]
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
 def test_head_gate_ablates_the_per_head_value_mix():
