@@ -17,7 +17,7 @@ from models import deepseek_v2
 from models.deepseek_v2_config import DeepseekV2TextConfig
 
 _FUSED = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn_pool\.)")
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
 def shapes(cfg: DeepseekV2TextConfig) -> dict:
@@ -27,8 +27,8 @@ def shapes(cfg: DeepseekV2TextConfig) -> dict:
   return tree
 
 
-def feed(filler: TreeFiller, cfg: DeepseekV2TextConfig, key: str, name: str, array) -> None:
-  """Writes one decoder tensor (canonical `name`, checkpoint `key`) into `filler` (whose tree is `shapes(cfg)`)."""
+def feed(filler: TreeFiller, cfg: DeepseekV2TextConfig, key: str, name: str, array, prefix: str = "") -> None:
+  """Writes one decoder tensor (decoder-relative `name`, checkpoint `key`) into `filler` at `prefix` + name."""
   if _IGNORED.search(name):
     return
   if cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -38,12 +38,12 @@ def feed(filler: TreeFiller, cfg: DeepseekV2TextConfig, key: str, name: str, arr
     arr = np.asarray(array)
     if m.group(2) == "gate_up_proj":
       i = arr.shape[1] // 2
-      filler.set(key, m.group(1) + ".gate_proj.weight", arr[:, :i])
-      filler.set(key, m.group(1) + ".up_proj.weight", arr[:, i:])
+      filler.set(key, prefix + m.group(1) + ".gate_proj.weight", arr[:, :i])
+      filler.set(key, prefix + m.group(1) + ".up_proj.weight", arr[:, i:])
     else:
-      filler.set(key, m.group(1) + ".down_proj.weight", arr)
+      filler.set(key, prefix + m.group(1) + ".down_proj.weight", arr)
     return
-  filler.set(key, name, array)
+  filler.set(key, prefix + name, array)
 
 
 def from_state_dict(state: dict, cfg: DeepseekV2TextConfig, dtype=np.float32, source: str = "state dict") -> dict:

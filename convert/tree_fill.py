@@ -1,8 +1,8 @@
 """Fills a param tree of known shapes from named checkpoint tensors, and reports what did not fit.
 
 The shape tree is nested dicts (and tuples for per-layer lists) with shape-tuple leaves. A dotted name walks it;
-an integer part either selects a tuple element (per-layer trees) or, when the node there is a dict, is an index
-into the leading (stacked) axis of every leaf below it (`layers.3.mlp.fc1.weight` -> leaf `layers.mlp.fc1.weight`,
+an integer part either selects a tuple element (per-layer trees), a dict key spelled as digits (torch Sequential
+indices) or, otherwise in a dict, is an index into the leading (stacked) axis of every leaf below it (`layers.3.mlp.fc1.weight` -> leaf `layers.mlp.fc1.weight`,
 row 3). `finish()` raises one ValueError listing unused keys, unfilled parameters (with missing rows) and shape
 mismatches, so a checkpoint that does not match its config never loads silently.
 """
@@ -36,7 +36,7 @@ class TreeFiller:
         node = node[int(part)]
         path.append(int(part))
       elif isinstance(node, dict):
-        if part.isdigit():
+        if part.isdigit() and part not in node:
           rows.append(int(part))
           continue
         if part not in node:
