@@ -316,11 +316,11 @@ class AIRConfig:
     return mask
 
   def compile(self, model_config, dtype=jnp.float32) -> RectificationSpec:
-    """The RectificationSpec of this config for a model (`LlavaConfig`, or its `TextConfig`).
+    """The RectificationSpec of this config for a model (any family's config, its `dims`, or a `TextConfig`).
 
     Disabled ops are left out (None: not compiled in); every leaf leads with the layer axis L.
     """
-    text = getattr(model_config, "text", model_config)
+    text = getattr(model_config, "dims", model_config)
     n_layers, n_heads = int(text.num_hidden_layers), int(text.num_attention_heads)
     sensitive = self.sensitive_mask(n_layers, n_heads)
 

@@ -25,7 +25,7 @@ from air_jax.attribution_core import SCORES, SEMANTICS, delta_scores, head_logpr
 from air_jax.attribution_stats import HeadStats, rank_heads, select_heads, summary_arrays
 from air_jax.attribution_words import ScoredToken, caption_tokens, scored_tokens
 from air_jax.generate import _load_image, eos_token_ids, pad_token_id, prepare_inputs
-from models.llama import unstack_layers
+from models.family import family_of
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 
@@ -119,7 +119,7 @@ class Attributor:
     if layout == "auto":
       layout = "per_layer" if self.device.platform == "cpu" else "stacked"
     if layout == "per_layer":
-      params = dict(params, language_model=unstack_layers(params["language_model"]))
+      params = family_of(model.config).per_layer_params(params)
     elif layout != "stacked":
       raise ValueError(f"layout must be 'auto', 'stacked' or 'per_layer', got {layout!r}")
     self.params = jax.device_put(params, self.device)
@@ -128,15 +128,16 @@ class Attributor:
 
   @property
   def num_layers(self) -> int:
-    return self.config.text.num_hidden_layers
+    return self.config.dims.num_hidden_layers
 
   @property
   def num_heads(self) -> int:
-    return self.config.text.num_attention_heads
+    return self.config.dims.num_attention_heads
 
   def prompt_inputs(self, image) -> tuple[np.ndarray, np.ndarray]:
     """(prompt ids [Tp], pixel_values [1, C, H, W]) exactly as `air_jax.generate` builds them (no padding)."""
-    ids, mask, pixels = prepare_inputs(self.processor, [_load_image(image)], [self.prompt], bucket=0)
+    ids, mask, pixels = prepare_inputs(self.processor, [_load_image(image)], [self.prompt], bucket=0,
+                                       config=self.config)
     return ids[0][mask[0].astype(bool)], pixels
 
   def generate_caption(self, image, max_new_tokens: int = 64) -> tuple[str, list[int]]:

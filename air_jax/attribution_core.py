@@ -32,9 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from air_jax import decoding
-from models import llama
 from models.config import LlavaConfig
-from models.llava import embed_inputs, positions_from_mask, prompt_context
+from models.family import family_of, prompt_pieces
 from models.spec import RectificationSpec
 
 SEMANTICS = ("current_token", "full_sequence")
@@ -47,12 +46,12 @@ def ablation_gate(index: jax.Array, num_layers: int, num_heads: int, dtype=jnp.f
   return flat.reshape(num_layers, num_heads)
 
 
-def _param_dtype(params) -> jnp.dtype:
-  return params["language_model"]["embed_tokens"]["weight"].dtype
+def _param_dtype(params, config) -> jnp.dtype:
+  return jax.tree.leaves(params[family_of(config).decoder_path])[0].dtype
 
 
-def _target_logprob(lm, lm_head_params, hidden, targets):
-  logits = llama.lm_head(lm, lm_head_params, hidden)  # [..., V] float32
+def _target_logprob(params, config, hidden, targets):
+  logits = family_of(config).logits(params, config, hidden)  # [..., V] float32
   logp = jax.nn.log_softmax(logits, axis=-1)
   return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
@@ -80,11 +79,11 @@ def current_token_logprobs(params, config: LlavaConfig, input_ids, pixel_values,
   Returns:
     [M] float32 log-probabilities (items >= num_items are left at 0).
   """
-  nl, nh = config.text.num_hidden_layers, config.text.num_attention_heads
+  nl, nh = config.dims.num_hidden_layers, config.dims.num_attention_heads
   t = input_ids.shape[1]
   mask = jnp.ones_like(input_ids)
   _, state, _ = decoding.prefill(params, config, input_ids, mask, pixel_values, None, cache_size=t)
-  dtype = _param_dtype(params)
+  dtype = _param_dtype(params, config)
 
   def one(g, i):
     p = positions[i]
@@ -108,18 +107,17 @@ def current_token_logprobs(params, config: LlavaConfig, input_ids, pixel_values,
 def full_sequence_logprobs(params, config: LlavaConfig, input_ids, pixel_values, positions, targets, gates,
                            chunk: int):
   """log P(targets[i] | prefix) with gate g applied at every position; same arguments as current_token."""
-  nl, nh = config.text.num_hidden_layers, config.text.num_attention_heads
+  nl, nh = config.dims.num_hidden_layers, config.dims.num_attention_heads
   mask = jnp.ones_like(input_ids)
-  embeds = embed_inputs(params, config, input_ids, pixel_values)  # vision tower once, shared by every gate
-  pos = positions_from_mask(mask)
-  ctx = prompt_context(input_ids, mask, config.image_token_id)
-  lm = params["language_model"]
-  dtype = _param_dtype(params)
+  # vision tower once, shared by every gate
+  embeds, pos, ctx = prompt_pieces(params, config, input_ids, mask, pixel_values)
+  fam = family_of(config)
+  dtype = _param_dtype(params, config)
 
   def one(g):
     spec = RectificationSpec(head_gate=ablation_gate(g, nl, nh, dtype))
-    hidden, _, _ = llama.decoder(lm, config.text, embeds, pos, ctx, spec=spec)
-    return _target_logprob(lm, params.get("lm_head"), hidden[0, positions - 1], targets)
+    hidden, _, _ = fam.decoder(params, config, embeds, pos, ctx, spec=spec)
+    return _target_logprob(params, config, hidden[0, positions - 1], targets)
 
   return jax.lax.map(one, gates, batch_size=chunk)
 
@@ -137,7 +135,7 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     params: model params dict (or a LoadedModel: its `.params`).
     config: the LlavaConfig.
     input_ids: [T] or [1, T] ids of prompt + caption (no padding).
-    pixel_values: [1, C, H, W] (or [C, H, W]).
+    pixel_values: [1, C, H, W] (or [C, H, W]), or the family's vision input of one example.
     positions: slots p (1 <= p < T) whose token input_ids[p] is scored given input_ids[:p].
     semantics: "current_token" or "full_sequence" (see the module docstring).
     chunk: ablations per vectorised call (bounds memory).
@@ -160,8 +158,8 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     raise ValueError("no positions to score")
   if pos.min() < 1 or pos.max() >= t:
     raise ValueError(f"positions must lie in [1, {t - 1}] (the sequence has {t} tokens), got {pos.tolist()}")
-  pixels = jnp.asarray(pixel_values)
-  if pixels.ndim == 3:
+  pixels = jax.tree.map(jnp.asarray, pixel_values)
+  if isinstance(pixels, jax.Array) and pixels.ndim == 3:
     pixels = pixels[None]
   n = pos.size
   targets = ids[pos]
@@ -174,7 +172,7 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
   cap = 1 << (n - 1).bit_length()
   pos_pad = np.concatenate([pos, np.full(cap - n, pos[-1], np.int32)])
   tgt_pad = np.concatenate([targets, np.full(cap - n, targets[-1], np.int32)])
-  nl, nh = config.text.num_hidden_layers, config.text.num_attention_heads
+  nl, nh = config.dims.num_hidden_layers, config.dims.num_attention_heads
   num_gates = 1 + nl * nh
   chunk = min(chunk, num_gates * cap)
   args = (params, config, jnp.asarray(seq)[None], pixels, jnp.asarray(pos_pad), jnp.asarray(tgt_pad))

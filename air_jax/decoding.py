@@ -17,9 +17,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models import llama
 from models.config import LlavaConfig
-from models.llava import embed_inputs, positions_from_mask, prompt_context
+from models.family import family_of, prompt_pieces
 from models.segments import PAD, TEXT
 from models.spec import AttnContext, RectificationSpec
 
@@ -28,8 +27,9 @@ from models.spec import AttnContext, RectificationSpec
 class DecodeState:
   """Everything a decoding step needs besides params.
 
-  cache: {"k", "v"} [L, B, S, K, D] (or per layer, see models.llama.init_cache); key_segments [B, S] int32; next_position [B] int32 (RoPE position of the
-  next token); write_index [] int32 (the slot the next token goes to).
+  cache: the family's cache pytree (Llama: {"k", "v"} [L, B, S, K, D], or per layer, see models.llama.init_cache);
+  key_segments [B, S] int32; next_position [B] int32 (position offset of the next token; the family's
+  decode_positions turns it into RoPE positions); write_index [] int32 (the slot the next token goes to).
   """
 
   cache: dict
@@ -49,21 +49,23 @@ class Sampling:
   greedy: bool = True
 
 
-def prefill(params, config: LlavaConfig, input_ids, attention_mask, pixel_values, spec, cache_size: int,
+def prefill(params, config, input_ids, attention_mask, pixel_values, spec, cache_size: int,
             output_stats: bool = False):
-  """Runs the prompt [B, T] and returns (last-row logits [B, V], DecodeState, extras)."""
+  """Runs the prompt [B, T] and returns (last-row logits [B, V], DecodeState, extras).
+
+  Any registered family (models.family): `pixel_values` is the family's vision input (an array or a dict of
+  arrays, as `Family.prepare_inputs` makes it), `config` selects the family.
+  """
+  fam = family_of(config)
   b, t = input_ids.shape
-  embeds = embed_inputs(params, config, input_ids, pixel_values)
-  positions = positions_from_mask(attention_mask)
-  ctx = prompt_context(input_ids, attention_mask, config.image_token_id, key_slots=cache_size)
-  lm = params["language_model"]
-  cache = llama.init_cache(config.text, b, cache_size, embeds.dtype,
-                           per_layer=isinstance(lm["layers"], (list, tuple)))
-  hidden, cache, extras = llama.decoder(lm, config.text, embeds, positions, ctx, spec=spec, cache=cache,
-                                        write_index=0, output_stats=output_stats)
-  logits = llama.lm_head(lm, params.get("lm_head"), hidden[:, -1])
-  next_pos = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)
-  state = DecodeState(cache=cache, key_segments=ctx.key_segments, next_position=next_pos,
+  embeds, positions, ctx = prompt_pieces(params, config, input_ids, attention_mask, pixel_values,
+                                         key_slots=cache_size)
+  cache = fam.init_cache(params, config, b, cache_size, embeds.dtype)
+  hidden, cache, extras = fam.decoder(params, config, embeds, positions, ctx, spec=spec, cache=cache, write_index=0,
+                                      output_stats=output_stats)
+  logits = fam.logits(params, config, hidden[:, -1])
+  state = DecodeState(cache=cache, key_segments=ctx.key_segments,
+                      next_position=fam.next_position(config, positions, attention_mask),
                       write_index=jnp.asarray(t, jnp.int32))
   return logits, state, extras
 
@@ -83,16 +85,17 @@ def decode_step(params, config: LlavaConfig, state: DecodeState, tokens: jax.Arr
   write_cache=False scores the row without writing the cache (the returned state keeps the old cache): under
   `jax.vmap` over specs the cache then stays shared instead of being copied per item (head attribution).
   """
-  lm = params["language_model"]
+  fam = family_of(config)
   b = tokens.shape[0]
   key_segments = jax.lax.dynamic_update_slice(state.key_segments, jnp.full((b, 1), TEXT, jnp.int32),
                                               (0, state.write_index))
   ctx = decode_context(key_segments, state.write_index)
-  embeds = llama.embed_tokens(lm, tokens[:, None])
-  hidden, cache, extras = llama.decoder(lm, config.text, embeds, state.next_position[:, None], ctx, spec=spec,
-                                        cache=state.cache, write_index=state.write_index,
-                                        output_stats=output_stats, cache_write=write_cache)
-  logits = llama.lm_head(lm, params.get("lm_head"), hidden[:, 0])
+  embeds = fam.embed_tokens(params, config, tokens[:, None])
+  positions = fam.decode_positions(config, state.next_position)
+  hidden, cache, extras = fam.decoder(params, config, embeds, positions, ctx, spec=spec, cache=state.cache,
+                                      write_index=state.write_index, output_stats=output_stats,
+                                      cache_write=write_cache)
+  logits = fam.logits(params, config, hidden[:, 0])
   new = DecodeState(cache=cache, key_segments=key_segments, next_position=state.next_position + 1,
                     write_index=state.write_index + 1)
   return logits, new, extras
@@ -155,7 +158,7 @@ def generate_tokens(params, config: LlavaConfig, input_ids, attention_mask, pixe
   sv = sampling_values
   logits, state, extras = prefill(params, config, input_ids, attention_mask, pixel_values, spec, cache_size,
                                   output_stats)
-  nl, nh = config.text.num_hidden_layers, config.text.num_attention_heads
+  nl, nh = config.dims.num_hidden_layers, config.dims.num_attention_heads
   buf = {
       "tokens": jnp.full((b, n), pad_id, jnp.int32),
       "done": jnp.zeros((b,), bool),

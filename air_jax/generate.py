@@ -14,19 +14,10 @@ import numpy as np
 from air_jax import decoding
 from air_jax.backend import batch_sharding, data_mesh, replicated, select_devices
 from air_jax.loading import LoadedModel
-from models.llama import unstack_layers
+from models import chat
+from models.chat import LLAVA_15_CHAT_TEMPLATE, LLAVA_15_TEMPLATE  # noqa: F401 (re-exported)
+from models.family import family_of
 from models.spec import RectificationSpec
-
-# LLaVA-1.5's conversation format, used when a checkpoint ships no chat template.
-LLAVA_15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
-# The same format as a transformers chat template (jinja), for processors we build; the assistant turn ends with EOS.
-LLAVA_15_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    " {% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 
 @dataclasses.dataclass
@@ -70,43 +61,27 @@ def _load_image(img):
   raise TypeError(f"image must be a PIL image, a numpy array or a path, not {type(img).__name__}")
 
 
-def format_prompt(processor, prompt: str) -> str:
-  """The checkpoint's chat template applied to one user turn (image first, then the text)."""
-  if getattr(processor, "chat_template", None):
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(msgs, add_generation_prompt=True)
-  return LLAVA_15_TEMPLATE.format(prompt=prompt)
-
-
-def pad_token_id(tokenizer) -> int:
-  """The id used for padding (0 when the tokenizer has none)."""
-  return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+format_prompt = chat.format_prompt
+pad_token_id = chat.pad_token_id
 
 
 def eos_token_ids(config, tokenizer) -> tuple[int, ...]:
   """Ids that end a generation: the model config's EOS ids plus the tokenizer's."""
   extra = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-  return tuple(sorted(set(config.text.eos_token_id) | extra))
+  return tuple(sorted(set(config.dims.eos_token_id) | extra))
 
 
-def prepare_inputs(processor, images: Sequence, prompts: Sequence[str], bucket: int = 64):
-  """Tokenises a batch (left padded) and pads the length up to a multiple of `bucket` (fewer compilations)."""
-  tok = processor.tokenizer
-  old_side = tok.padding_side
-  tok.padding_side = "left"
-  try:
-    enc = processor(images=list(images), text=[format_prompt(processor, p) for p in prompts], return_tensors="np",
-                    padding=True)
-  finally:
-    tok.padding_side = old_side
-  ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
-  t = ids.shape[1]
-  target = -(-t // bucket) * bucket if bucket > 0 else t
-  pad_id = pad_token_id(tok)
-  if target > t:
-    ids = np.concatenate([np.full((ids.shape[0], target - t), pad_id, np.int32), ids], axis=1)
-    mask = np.concatenate([np.zeros((mask.shape[0], target - t), np.int32), mask], axis=1)
-  return ids, mask, enc["pixel_values"].astype(np.float32)
+def prepare_inputs(processor, images: Sequence, prompts: Sequence[str], bucket: int = 64, config=None):
+  """(input_ids [B, T], attention_mask [B, T], vision) of a batch, left padded, T a multiple of `bucket`.
+
+  `vision` is the family's image input (LLaVA-1.5: pixel_values [B, C, H, W]; others: a dict of arrays with a
+  leading batch axis). `config` selects the family (default LLaVA-1.5).
+  """
+  from models.llava import FAMILY
+
+  fam = FAMILY if config is None else family_of(config)
+  batch = fam.prepare_inputs(processor, config, list(images), list(prompts), bucket)
+  return batch["input_ids"], batch["attention_mask"], batch["vision"]
 
 
 def _spec_for(air_cfg, config) -> RectificationSpec | None:
@@ -120,10 +95,16 @@ def _spec_for(air_cfg, config) -> RectificationSpec | None:
 _PLACED: dict = {}
 
 
-def _place_params(params, mesh):
+def _on_devices(params, mesh) -> bool:
+  """True when every param already lives on exactly the mesh's devices (e.g. loaded sharded): keep its layout."""
+  devs = set(mesh.devices.flat)
+  return all(isinstance(x, jax.Array) and x.sharding.device_set == devs for x in jax.tree.leaves(params))
+
+
+def _place_params(params, mesh, config=None):
   """Replicates params over the mesh once per (params object, mesh).
 
-  On CPU the decoder layers are also split into one buffer per layer (`models.llama.unstack_layers`): XLA:CPU
+  On CPU the decoder layers are also split into one buffer per layer (the family's `per_layer_params`): XLA:CPU
   decodes several times faster that way. This holds a second copy of the decoder weights while the stacked
   params are alive.
   """
@@ -133,8 +114,11 @@ def _place_params(params, mesh):
     return hit[1]
   placed = params
   if mesh.devices.flat[0].platform == "cpu":
-    placed = dict(params, language_model=unstack_layers(params["language_model"]))
-  placed = jax.device_put(placed, replicated(mesh))
+    from models.llava import FAMILY
+
+    placed = (FAMILY if config is None else family_of(config)).per_layer_params(params)
+  if not _on_devices(params, mesh):
+    placed = jax.device_put(placed, replicated(mesh))
   _PLACED.clear()
   _PLACED[key] = (params, placed)
   return placed
@@ -186,8 +170,8 @@ def _run(params: LoadedModel, run, spec, ids, mask, pixels, devices, *, do_sampl
   kw = dict(max_new_tokens=max_new_tokens, sampling=decoding.Sampling(greedy=not do_sample), eos_ids=eos,
             pad_id=pad_id, output_scores=output_scores, output_stats=output_stats)
   mesh = data_mesh(devices)
-  p = _place_params(params.params, mesh)
-  shard = lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim))
+  p = _place_params(params.params, mesh, config)
+  shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
   out = run(p, config, shard(ids), shard(mask), shard(pixels), spec, sv, **kw)
   return jax.tree.map(np.asarray, out)
 
@@ -213,13 +197,12 @@ def _prepare(params, image, prompt, bucket, devices):
     raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
   if not images:
     raise ValueError("no images given")
-  ids, mask, pixels = prepare_inputs(params.processor, [_load_image(i) for i in images], prompts, bucket)
+  ids, mask, pixels = prepare_inputs(params.processor, [_load_image(i) for i in images], prompts, bucket,
+                                     config=params.config)
   b = ids.shape[0]
   extra = (-b) % len(devices)  # copies of row 0, dropped afterwards
   if extra:
-    ids = np.concatenate([ids, np.repeat(ids[:1], extra, 0)])
-    mask = np.concatenate([mask, np.repeat(mask[:1], extra, 0)])
-    pixels = np.concatenate([pixels, np.repeat(pixels[:1], extra, 0)])
+    ids, mask, pixels = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], extra, 0)]), (ids, mask, pixels))
   return ids, mask, pixels, b
 
 

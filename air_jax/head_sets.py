@@ -17,8 +17,7 @@ import numpy as np
 
 from air_jax.attribution import Attributor
 from air_jax.attribution_words import scored_tokens
-from models import llama
-from models.llava import embed_inputs, positions_from_mask, prompt_context
+from models.family import family_of, prompt_pieces
 from models.spec import RectificationSpec
 
 
@@ -34,14 +33,12 @@ def gate_for(heads: Iterable[Sequence[int]], num_layers: int, num_heads: int) ->
 def _target_probs(params, config, ids, pixels, positions, gates):
   """P(ids[p] | ids[:p]) at positions [P] for each gate [G, L, H] -> [G, P]."""
   mask = jnp.ones_like(ids)
-  embeds = embed_inputs(params, config, ids, pixels)
-  pos = positions_from_mask(mask)
-  ctx = prompt_context(ids, mask, config.image_token_id)
-  lm = params["language_model"]
+  embeds, pos, ctx = prompt_pieces(params, config, ids, mask, pixels)
+  fam = family_of(config)
 
   def one(gate):
-    hidden, _, _ = llama.decoder(lm, config.text, embeds, pos, ctx, spec=RectificationSpec(head_gate=gate))
-    logits = llama.lm_head(lm, params.get("lm_head"), hidden[0, positions - 1])
+    hidden, _, _ = fam.decoder(params, config, embeds, pos, ctx, spec=RectificationSpec(head_gate=gate))
+    logits = fam.logits(params, config, hidden[0, positions - 1])
     return jnp.take_along_axis(jax.nn.softmax(logits, -1), ids[0, positions][:, None], axis=-1)[:, 0]
 
   return jax.lax.map(one, gates)
@@ -74,7 +71,7 @@ def ablation_effects(model, samples: Iterable[tuple[Any, Mapping[str, Any]]], he
     prompt_ids, pixels = att.prompt_inputs(image)
     seq = np.concatenate([prompt_ids, np.asarray(ids, np.int32)])[None]
     positions = np.asarray([len(prompt_ids) + t.token_index for t in scored], np.int32)
-    probs = np.asarray(_target_probs(att.params, att.config, jnp.asarray(seq), jnp.asarray(pixels),
+    probs = np.asarray(_target_probs(att.params, att.config, jnp.asarray(seq), jax.tree.map(jnp.asarray, pixels),
                                      jnp.asarray(positions), gates), np.float64)
     delta = probs[0][None] - probs[1:]  # [sets, P]
     for t_i, tok in enumerate(scored):

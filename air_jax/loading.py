@@ -1,8 +1,10 @@
-"""`load_pretrained`: a local Hugging Face LLaVA directory -> one object with params, config and processor."""
+"""`load_pretrained`: a local Hugging Face checkpoint directory of any registered family -> one object with params,
+config and processor. The family comes from config.json (`models.family.family_for_config_dict`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -10,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.hf_llava import load_params
-from models.config import LlavaConfig, load_llava_config
+from convert.checkpoint import load_params
+from models.family import family_for_config_dict, family_of
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -33,7 +35,7 @@ class LoadedModel:
   """
 
   params: dict
-  config: LlavaConfig
+  config: Any
   processor: Any = None
   path: str | None = None
 
@@ -46,24 +48,50 @@ class LoadedModel:
 
   @property
   def dtype(self):
-    return self.params["language_model"]["embed_tokens"]["weight"].dtype
+    return jax.tree.leaves(self.params[family_of(self.config).decoder_path])[0].dtype
+
+  @property
+  def family(self):
+    return family_of(self.config)
 
   def num_params(self) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 
 
-def load_processor(path: str):
-  """The checkpoint's processor (tokenizer, image processor, chat template), loaded with transformers."""
-  from transformers import AutoProcessor  # deferred: transformers import is slow
+def load_processor(path: str, config=None):
+  """The checkpoint's processor (tokenizer, image processor, chat template), loaded by its family."""
+  if config is None:
+    config, _ = load_config(path)
+  return family_of(config).load_processor(path)
 
+
+def read_config_json(path: str) -> tuple[dict, str]:
+  """(the config.json dict, its file name) of a checkpoint directory (or the file itself)."""
+  file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"no config.json at {file}")
+  with open(file) as f:
+    try:
+      raw = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{file} is not valid JSON: {e}") from e
+  if not isinstance(raw, dict):
+    raise ValueError(f"{file} must hold a JSON object")
+  return raw, file
+
+
+def load_config(path: str):
+  """(config, family) of a checkpoint directory: the family is chosen from config.json's model_type/architectures."""
+  raw, file = read_config_json(path)
+  fam = family_for_config_dict(raw, file)
   try:
-    return AutoProcessor.from_pretrained(path)
-  except Exception as e:  # transformers raises many types here; name the directory
-    raise ValueError(f"could not load the processor (tokenizer/image processor) from {path}: {e}") from e
+    return fam.parse_config(raw), fam
+  except ValueError as e:
+    raise ValueError(f"{file}: {e}") from e
 
 
 def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True) -> LoadedModel:
-  """Loads a local Hugging Face LLaVA checkpoint directory.
+  """Loads a local Hugging Face checkpoint directory of any registered family (LLaVA-1.5, LLaVA-NeXT, ...).
 
   Args:
     path: directory with config.json, *.safetensors (sharded or not) and processor files.
@@ -71,12 +99,13 @@ def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True) 
     with_processor: also load the transformers processor (needed by `generate`).
 
   Returns:
-    A LoadedModel whose `params` are jax arrays.
+    A LoadedModel whose `params` are jax arrays (streamed from the files one parameter at a time onto the
+    default device; see `air_jax.sharding.load_sharded` for a device mesh).
   """
   path = os.fspath(path)
-  config = load_llava_config(path)
+  config, fam = load_config(path)
   np_dtype = np.dtype(resolve_dtype(dtype))
-  params = load_params(path, config, np_dtype)
-  params = jax.tree.map(jnp.asarray, params)
-  processor = load_processor(path) if with_processor else None
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params = load_params(path, config, np_dtype, family=fam, sharding=lambda parts, shape: device)
+  processor = fam.load_processor(path) if with_processor else None
   return LoadedModel(params=params, config=config, processor=processor, path=path)

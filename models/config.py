@@ -71,6 +71,16 @@ class TextConfig:
   bos_token_id: int | None = 1
   eos_token_id: tuple[int, ...] = (2,)
   pad_token_id: int | None = None
+  sliding_window: int | None = None  # Mistral: a query sees keys at most sliding_window - 1 slots back
+  model_type: str = "llama"
+
+  @property
+  def dims(self):
+    from models.family import DecoderDims
+
+    return DecoderDims(num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                       num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                       hidden_size=self.hidden_size, vocab_size=self.vocab_size, eos_token_id=self.eos_token_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +104,11 @@ class LlavaConfig:
   def feature_layers(self) -> tuple[int, ...]:
     v = self.vision_feature_layer
     return (v,) if isinstance(v, int) else tuple(v)
+
+  @property
+  def dims(self):
+    """The language decoder's dims (models.family.DecoderDims)."""
+    return self.text.dims
 
 
 def _check(cond: bool, field: str, value: Any, expected: str) -> None:
@@ -149,7 +164,7 @@ def vision_config_from_dict(d: dict) -> VisionConfig:
 
 def text_config_from_dict(d: dict, tie_default: bool = False) -> TextConfig:
   model_type = d.get("model_type", "llama")
-  _check(model_type == "llama", "text_config.model_type", model_type, "'llama'")
+  _check(model_type in ("llama", "mistral"), "text_config.model_type", model_type, "'llama' or 'mistral'")
   act = d.get("hidden_act", "silu")
   _check(act in _ACTIVATIONS, "text_config.hidden_act", act, f"one of {_ACTIVATIONS}")
   hidden = int(d.get("hidden_size", 4096))
@@ -179,7 +194,18 @@ def text_config_from_dict(d: dict, tie_default: bool = False) -> TextConfig:
       bos_token_id=d.get("bos_token_id", 1),
       eos_token_id=eos,
       pad_token_id=d.get("pad_token_id"),
+      sliding_window=_sliding_window(d, model_type),
+      model_type=model_type,
   )
+
+
+def _sliding_window(d: dict, model_type: str) -> int | None:
+  # transformers' Llama has no sliding window; Mistral applies `sliding_window` when it is set (null: none).
+  w = d.get("sliding_window") if model_type == "mistral" else None
+  if w is None:
+    return None
+  _check(isinstance(w, int) and w > 0, "text_config.sliding_window", w, "a positive int or null")
+  return int(w)
 
 
 def llava_config_from_dict(d: dict) -> LlavaConfig:

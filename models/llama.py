@@ -71,7 +71,7 @@ def decoder(
     output_stats: bool = False,
     cache_write: bool = True,
 ) -> tuple[jax.Array, dict | None, dict]:
-  """Runs all layers on embeds [B, T, E] at positions [B, T].
+  """Runs all layers on embeds [B, T, E] at positions [B, T] (Llama, or Mistral with its sliding window).
 
   With `cache_write=False` (one query row), the cache is only read: the row attends to the cached slots before
   `write_index` and to its own key at `write_index`, and the cache is returned unchanged.
@@ -80,6 +80,10 @@ def decoder(
   `attentions` [L, B, H, T, S] and/or `segment_mass` [L, B, H, 3].
   """
   cos, sin = rope.cos_sin(cfg, positions, embeds.dtype)
+  if cfg.sliding_window is not None:
+    # Mistral: key slot k is visible to the query in slot q only if k > q - sliding_window (transformers' overlay).
+    near = jnp.arange(ctx.mask.shape[-1])[None, :] > ctx.query_slot[:, None] - cfg.sliding_window
+    ctx = ctx.replace(mask=ctx.mask & near[None])
   layers = params["layers"]
   if isinstance(layers, (list, tuple)):
     # Per-layer buffers (see `unstack_layers`): a Python loop. XLA:CPU reads separate buffers much faster than

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import clip, llama
-from models.config import LlavaConfig
+from models import chat, clip, llama
+from models import family as family_lib
+from models.config import LlavaConfig, llava_config_from_dict
 from models.layers import activation, linear
 from models.segments import TEXT, segment_ids
 from models.spec import AttnContext, RectificationSpec
@@ -91,13 +92,14 @@ def forward(
     output_attentions: bool = False,
     position_ids: jax.Array | None = None,
 ) -> dict:
-  """Full (uncached) forward pass.
+  """Full (uncached) forward pass of any registered family (`models.family.forward`), named for LLaVA.
 
   Args:
     params: model params (a dict, or the object `air_jax.load_pretrained` returns).
-    config: the static LlavaConfig.
-    input_ids: [B, T] int, image placeholders already expanded to P tokens per image.
-    pixel_values: [I, C, H, W] float or None (text only).
+    config: the static config (LlavaConfig, LlavaNextConfig, ... : it selects the family).
+    input_ids: [B, T] int, image placeholders already expanded to the image's feature count.
+    pixel_values: the family's vision input: LLaVA-1.5 [I, C, H, W] float, LLaVA-NeXT its dict (see
+      models.llava_next); None for text only.
     attention_mask: [B, T], 1 for real tokens (left padding allowed). Default: all ones.
     spec: optional RectificationSpec (leaves [L, ...]); None compiles no intervention.
     output_attentions: also return `attentions` [L, B, H, T, T] (float32, after interventions).
@@ -106,22 +108,75 @@ def forward(
   Returns:
     {"logits": [B, T, V] float32} plus "attentions" when asked.
   """
-  params = getattr(params, "params", params)
-  input_ids = jnp.asarray(input_ids)
-  if pixel_values is not None:
-    check_image_tokens(config, input_ids, pixel_values.shape[0])
-  if attention_mask is None:
-    attention_mask = jnp.ones_like(input_ids)
-  attention_mask = jnp.asarray(attention_mask)
-  if position_ids is None:
-    position_ids = positions_from_mask(attention_mask)
-  embeds = embed_inputs(params, config, input_ids, pixel_values)
-  ctx = prompt_context(input_ids, attention_mask, config.image_token_id)
-  hidden, _, extras = llama.decoder(params["language_model"], config.text, embeds, position_ids, ctx, spec=spec,
-                                    output_attentions=output_attentions)
-  out = {"logits": llama.lm_head(params["language_model"], params.get("lm_head"), hidden)}
-  out.update(extras)
-  return out
+  return family_lib.forward(params, config, input_ids, pixel_values, attention_mask=attention_mask, spec=spec,
+                            output_attentions=output_attentions, position_ids=position_ids)
+
+
+# Checkpoint key layouts of LLaVA-1.5 (longest prefixes first: the first match wins).
+#   legacy llava-hf : language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*, multi_modal_projector.*
+#   transformers 4.5x: model.language_model.*, model.vision_tower.vision_model.*, model.multi_modal_projector.*, lm_head.*
+#   transformers 5.x : language_model.model.*, language_model.lm_head.*, vision_tower.*, multi_modal_projector.*
+KEY_PREFIXES = (
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.language_model.model.", "language_model."),
+    ("model.language_model.", "language_model."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("vision_tower.", "vision_tower."),
+    ("lm_head.", "lm_head."),
+)
+
+
+class LlavaFamily(family_lib.Family):
+  """LLaVA-1.5: CLIP tower -> 2-layer MLP projector -> Llama/Mistral decoder; one fixed-size image run."""
+
+  name = "llava"
+  model_types = ("llava",)
+  architectures = ("LlavaForConditionalGeneration",)
+  config_types = (LlavaConfig,)
+  key_prefixes = KEY_PREFIXES
+
+  def parse_config(self, raw):
+    return llava_config_from_dict(raw)
+
+  def param_shapes(self, config):
+    from models.params import param_shapes
+
+    return param_shapes(config)
+
+  def prepare_inputs(self, processor, config, images, prompts, bucket):
+    enc = chat.encode_left(processor, images, [chat.format_prompt(processor, p) for p in prompts])
+    ids, mask = chat.bucket_left(enc["input_ids"], enc["attention_mask"], bucket,
+                                 chat.pad_token_id(processor.tokenizer))
+    return {"input_ids": ids, "attention_mask": mask, "vision": np.asarray(enc["pixel_values"], np.float32)}
+
+  def embed(self, params, config, input_ids, attention_mask, vision):
+    if vision is not None:
+      check_image_tokens(config, input_ids, vision.shape[0])
+    return embed_inputs(params, config, input_ids, vision)
+
+  def embed_tokens(self, params, config, ids):
+    return llama.embed_tokens(params["language_model"], ids)
+
+  def decoder(self, params, config, embeds, positions, ctx, **kw):
+    return llama.decoder(params["language_model"], config.text, embeds, positions, ctx, **kw)
+
+  def init_cache(self, params, config, batch, size, dtype):
+    per_layer = isinstance(params["language_model"]["layers"], (list, tuple))
+    return llama.init_cache(config.text, batch, size, dtype, per_layer=per_layer)
+
+  def logits(self, params, config, hidden):
+    return llama.lm_head(params["language_model"], params.get("lm_head"), hidden)
+
+  def per_layer_params(self, params):
+    return dict(params, language_model=llama.unstack_layers(params["language_model"]))
+
+
+FAMILY = family_lib.register(LlavaFamily())
 
 
 __all__ = ["forward", "image_features", "merge_image_features", "prompt_context", "positions_from_mask", "TEXT"]
