@@ -106,6 +106,6 @@ def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True) 
   config, fam = load_config(path)
   np_dtype = np.dtype(resolve_dtype(dtype))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  params = load_params(path, config, np_dtype, family=fam, sharding=lambda parts, shape: device)
+  params = fam.load_params(path, config, np_dtype, sharding=lambda parts, shape: device)
   processor = fam.load_processor(path) if with_processor else None
   return LoadedModel(params=params, config=config, processor=processor, path=path)

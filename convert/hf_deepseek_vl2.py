@@ -52,7 +52,8 @@ def load_config(path: str) -> DeepseekVL2Config:
     raise FileNotFoundError(f"no config.json at {file}")
   with open(file) as f:
     d = json.load(f)
-  return config_from_dict(d, d.get("image_token_id", tokenizer_image_token_id(path)))
+  tok = d.get("image_token_id", tokenizer_image_token_id(path))
+  return config_from_dict(d, tok)
 
 
 def feed(filler: TreeFiller, cfg: DeepseekVL2Config, key: str, arr) -> None:

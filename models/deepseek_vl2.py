@@ -35,6 +35,8 @@ from models.siglip import SiglipVisionConfig
 from models.spec import RectificationSpec
 
 _PROJECTORS = ("downsample_mlp_gelu", "mlp_gelu", "linear")
+# The official tokenizer's '<image>' id; config.json does not carry it (the loader checks it against tokenizer.json).
+OFFICIAL_IMAGE_TOKEN_ID = 128815
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +111,7 @@ def config_from_dict(d: dict, image_token_id: int | None = None) -> DeepseekVL2C
   _check(proj.n_embed == text.hidden_size, "projector_config.n_embed", proj.n_embed,
          f"the language width {text.hidden_size}")
   cands = tuple(tuple(int(x) for x in c) for c in d.get("candidate_resolutions", [[vision.image_size] * 2]))
-  tok = image_token_id if image_token_id is not None else d.get("image_token_id")
-  if tok is None:
-    raise ValueError("DeepSeek-VL2 config.json carries no image_token_id; pass the tokenizer's '<image>' id")
+  tok = image_token_id if image_token_id is not None else d.get("image_token_id", OFFICIAL_IMAGE_TOKEN_ID)
   return DeepseekVL2Config(vision=vision, projector=proj, text=text, tile_tag=tile_tag, global_view_pos=gpos,
                            candidate_resolutions=cands, image_token_id=int(tok))
 
@@ -219,3 +219,168 @@ def param_shapes(cfg: DeepseekVL2Config) -> dict:
   if not cfg.text.tie_word_embeddings:
     tree["lm_head"] = {"weight": (cfg.text.vocab_size, e)}
   return tree
+
+
+def layout_rows(cfg: DeepseekVL2Config, ordinal: jax.Array, crops: jax.Array, n_tiles: int) -> jax.Array:
+  """Traced version of `image_layout` for one image per example.
+
+  ordinal [B, T] (index of each position among its row's image tokens), crops [B, 2] (tw, th) -> row index [B, T]
+  into the per-example table [n_tiles * P tile features; newline; separator].
+  """
+  h = w = cfg.tile_grid
+  p = h * w
+  newline, sep = n_tiles * p, n_tiles * p + 1
+  tw, th = crops[:, 0:1], crops[:, 1:2]
+  n_glob = h * (w + 1)
+  n_loc = th * h * (tw * w + 1)
+
+  def glob(j):
+    r, c = j // (w + 1), j % (w + 1)
+    return jnp.where(c == w, newline, r * w + c)
+
+  def loc(k):
+    row_len = tw * w + 1
+    r, c = k // row_len, k % row_len
+    tile = 1 + (r // h) * tw + c // w
+    return jnp.where(c == tw * w, newline, tile * p + (r % h) * w + c % w)
+
+  j = ordinal
+  if cfg.global_view_pos == "head":
+    return jnp.where(j < n_glob, glob(j), jnp.where(j == n_glob, sep, loc(jnp.maximum(j - n_glob - 1, 0))))
+  return jnp.where(j < n_loc, loc(j), jnp.where(j == n_loc, sep, glob(jnp.maximum(j - n_loc - 1, 0))))
+
+
+def embed_batched(params, cfg: DeepseekVL2Config, input_ids: jax.Array, tiles: jax.Array, crops: jax.Array):
+  """One image per example: tiles [B, X, C, S, S] (global view first, unused tiles anything), crops [B, 2] (tw, th)
+  -> embeddings [B, T, E] with the image features at the `<image>` positions (jit-friendly: crops may be traced)."""
+  lm = params["language_model"]
+  embeds = embed_tokens(lm, input_ids)
+  b, x = tiles.shape[:2]
+  feats = project(params, cfg, siglip.forward(params["vision"], cfg.vision, tiles.reshape((b * x,) + tiles.shape[2:])))
+  e = feats.shape[-1]
+  table = jnp.concatenate([feats.reshape(b, -1, e),
+                           jnp.broadcast_to(params["image_newline"].astype(feats.dtype), (b, 1, e)),
+                           jnp.broadcast_to(params["view_seperator"].astype(feats.dtype), (b, 1, e))], axis=1)
+  is_img = input_ids == cfg.image_token_id
+  ordinal = jnp.cumsum(is_img, axis=-1) - 1
+  rows = layout_rows(cfg, ordinal, crops.astype(jnp.int32), x)
+  gathered = jnp.take_along_axis(table, jnp.clip(rows, 0, table.shape[1] - 1)[..., None], axis=1)
+  return jnp.where(is_img[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Family interface (models.family).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dims(self):
+  from models.family import DecoderDims
+
+  t = self.text
+  return DecoderDims(num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                     num_key_value_heads=t.num_attention_heads, head_dim=t.qk_head_dim, hidden_size=t.hidden_size,
+                     vocab_size=t.vocab_size, eos_token_id=t.eos_token_id)
+
+
+DeepseekVL2Config.dims = property(_dims, doc="The decoder's dims (MLA: one key/value head per query head after "
+                                             "the latent up-projection, head_dim = qk_nope + qk_rope).")
+
+
+@dataclasses.dataclass
+class DeepseekVL2Processor:
+  """What air-jax needs of the official processor: the tokenizer (tiling and tokens: models.deepseek_vl2_processing)."""
+
+  tokenizer: object
+
+
+def place(tree, sharding):
+  """numpy tree -> itself (sharding None) or jax arrays placed by `sharding(parts, shape)` (convert.checkpoint)."""
+  if sharding is None:
+    return tree
+
+  def put(kp, x):
+    parts = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in kp)
+    return jax.device_put(x, sharding(parts, x.shape))
+
+  return jax.tree_util.tree_map_with_path(put, tree)
+
+
+def _family():
+  from models import chat
+  from models import family as family_lib
+  from models.deepseek_vl2_processing import USER_TEMPLATE, encode
+
+  class DeepseekVL2Family(family_lib.Family):
+    """DeepSeek-VL2: SigLIP tiles -> downsampling projector -> tile/newline layout -> DeepSeek-V2 MLA + MoE."""
+
+    name = "deepseek_vl2"
+    model_types = ("deepseek_vl_v2",)
+    architectures = ("DeepseekVLV2ForCausalLM",)
+    config_types = (DeepseekVL2Config,)
+
+    def parse_config(self, raw):
+      return config_from_dict(raw)
+
+    def param_shapes(self, config):
+      return param_shapes(config)
+
+    def load_params(self, path, config, dtype, sharding=None):
+      from convert.hf_deepseek_vl2 import load_params, tokenizer_image_token_id
+
+      tok_id = tokenizer_image_token_id(path)
+      if tok_id is not None and tok_id != config.image_token_id:
+        raise ValueError(f"{path}: the tokenizer's '<image>' id is {tok_id} but the config uses "
+                         f"{config.image_token_id}; set \"image_token_id\": {tok_id} in config.json")
+      return place(load_params(path, config, dtype), sharding)
+
+    def load_processor(self, path):
+      from transformers import AutoTokenizer
+
+      try:
+        return DeepseekVL2Processor(tokenizer=AutoTokenizer.from_pretrained(path))
+      except Exception as e:  # transformers raises many types here; name the directory
+        raise ValueError(f"could not load the tokenizer from {path}: {e}") from e
+
+    def prepare_inputs(self, processor, config, images, prompts, bucket):
+      tok = processor.tokenizer
+      rows, tiles, crops = [], [], []
+      for image, prompt in zip(images, prompts):
+        ids, t, c = encode(tok, config, USER_TEMPLATE.format(prompt=prompt), [image])
+        rows.append(ids)
+        tiles.append(t)
+        crops.append(c[0])
+      t_len = max(len(r) for r in rows)
+      pad = chat.pad_token_id(tok)
+      ids = np.full((len(rows), t_len), pad, np.int32)
+      mask = np.zeros((len(rows), t_len), np.int32)
+      for i, r in enumerate(rows):
+        ids[i, t_len - len(r):], mask[i, t_len - len(r):] = r, 1
+      ids, mask = chat.bucket_left(ids, mask, bucket, pad)
+      x = max(t.shape[0] for t in tiles)
+      padded = np.zeros((len(tiles), x) + tiles[0].shape[1:], np.float32)
+      for i, t in enumerate(tiles):
+        padded[i, : t.shape[0]] = t
+      return {"input_ids": ids, "attention_mask": mask,
+              "vision": {"tiles": padded, "crops": np.asarray(crops, np.int32)}}
+
+    def embed(self, params, config, input_ids, attention_mask, vision):
+      if vision is None:
+        return embed_tokens(params["language_model"], input_ids)
+      return embed_batched(params, config, input_ids, vision["tiles"], vision["crops"])
+
+    def embed_tokens(self, params, config, ids):
+      return embed_tokens(params["language_model"], ids)
+
+    def decoder(self, params, config, embeds, positions, ctx, **kw):
+      return deepseek_v2.decoder(params["language_model"], config.text, embeds, positions, ctx, **kw)
+
+    def init_cache(self, params, config, batch, size, dtype):
+      return deepseek_v2.init_cache(config.text, batch, size, dtype)
+
+    def logits(self, params, config, hidden):
+      return lm_head(params["language_model"], params.get("lm_head"), hidden)
+
+  return family_lib.register(DeepseekVL2Family())
+
+
+FAMILY = _family()

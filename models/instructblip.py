@@ -141,3 +141,91 @@ def param_shapes(config: InstructBlipConfig) -> dict:
   if "lm_head" in lm:
     tree["lm_head"] = lm["lm_head"]
   return tree
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Family interface (models.family).
+# ----------------------------------------------------------------------------------------------------------------
+
+InstructBlipConfig.dims = property(lambda self: self.text.dims, doc="The Vicuna decoder's dims.")
+
+
+def _family():
+  from models import chat
+  from models import family as family_lib
+  from models.deepseek_vl2 import place
+
+  class InstructBlipFamily(family_lib.Family):
+    """InstructBLIP (Vicuna): BLIP ViT -> Q-Former with the instruction -> Q query tokens -> Llama decoder.
+
+    Prompts go in as they are: the processor has no chat template and the LLaVA-1.5 fallback is not applied
+    (InstructBLIP was tuned on raw instructions). The LM ids are laid out as transformers' processor does:
+    [<image> x Q][left padding][BOS] prompt, so a padded row has a gap in its mask. The Q-Former gets the prompt
+    in its BERT vocabulary, right padded (LAVIS; BERT positions start at its first token).
+    """
+
+    name = "instructblip"
+    model_types = ("instructblip",)
+    architectures = ("InstructBlipForConditionalGeneration",)
+    config_types = (InstructBlipConfig,)
+
+    def parse_config(self, raw):
+      return config_from_dict(raw)
+
+    def param_shapes(self, config):
+      return param_shapes(config)
+
+    def load_params(self, path, config, dtype, sharding=None):
+      from convert.hf_instructblip import load_params
+
+      return place(load_params(path, config, dtype), sharding)
+
+    def prepare_inputs(self, processor, config, images, prompts, bucket):
+      tok, qtok = processor.tokenizer, processor.qformer_tokenizer
+      rows = [list(tok(p)["input_ids"]) for p in prompts]
+      q, t_len, pad = config.num_query_tokens, max(len(r) for r in rows), chat.pad_token_id(tok)
+      ids = np.full((len(rows), q + t_len), pad, np.int32)
+      mask = np.zeros_like(ids)
+      ids[:, :q], mask[:, :q] = config.image_token_id, 1
+      for i, r in enumerate(rows):
+        ids[i, q + t_len - len(r):], mask[i, q + t_len - len(r):] = r, 1
+      ids, mask = chat.bucket_left(ids, mask, bucket, pad)
+      old = qtok.padding_side
+      qtok.padding_side = "right"
+      try:
+        qenc = qtok(list(prompts), padding=True, return_tensors="np")
+      finally:
+        qtok.padding_side = old
+      pixels = processor.image_processor(list(images), return_tensors="np")["pixel_values"]
+      return {"input_ids": ids, "attention_mask": mask,
+              "vision": {"pixel_values": np.asarray(pixels, np.float32),
+                         "qformer_input_ids": np.asarray(qenc["input_ids"], np.int32),
+                         "qformer_attention_mask": np.asarray(qenc["attention_mask"], np.int32)}}
+
+    def embed(self, params, config, input_ids, attention_mask, vision):
+      if vision is None:
+        return llama.embed_tokens(params["language_model"], input_ids)
+      check_image_tokens(config, input_ids, vision["pixel_values"].shape[0])
+      return embed_inputs(params, config, input_ids, vision["pixel_values"], vision["qformer_input_ids"],
+                          vision.get("qformer_attention_mask"))
+
+    def embed_tokens(self, params, config, ids):
+      return llama.embed_tokens(params["language_model"], ids)
+
+    def decoder(self, params, config, embeds, positions, ctx, **kw):
+      return llama.decoder(params["language_model"], config.text, embeds, positions, ctx, **kw)
+
+    def init_cache(self, params, config, batch, size, dtype):
+      per_layer = isinstance(params["language_model"]["layers"], (list, tuple))
+      return llama.init_cache(config.text, batch, size, dtype, per_layer=per_layer)
+
+    def logits(self, params, config, hidden):
+      return llama.lm_head(params["language_model"], params.get("lm_head"), hidden)
+
+    def per_layer_params(self, params):
+      return dict(params, language_model=llama.unstack_layers(params["language_model"]))
+
+  return family_lib.register(InstructBlipFamily())
+
+
+FAMILY = _family()

@@ -157,7 +157,7 @@ def make_tiny_deepseek_vl2(path: str, *, seed: int = 0, global_view_pos: str = "
                               "heads": 4, "mlp_ratio": 2.0, "global_pool": "map", "ignore_head": True},
             "projector_config": {"projector_type": "downsample_mlp_gelu", "input_dim": 32, "n_embed": 64, "depth": 2,
                                  "mlp_ratio": 1, "downsample_ratio": 2},
-            "language_config": language_config}
+            "language_config": language_config, "image_token_id": image_token_id}
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config, f, indent=1)
   tokenizer.save_pretrained(path)
