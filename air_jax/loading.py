@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from air_jax.config_checks import check_config_dict, check_param_memory
-from convert.checkpoint import load_params
 from models.family import family_for_config_dict, family_of
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -111,5 +110,5 @@ def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True) 
   # The processor first: a missing tokenizer should not wait for gigabytes of weights to load.
   processor = fam.load_processor(path) if with_processor else None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  params = load_params(path, config, np_dtype, family=fam, sharding=lambda parts, shape: device)
+  params = fam.load_params(path, config, np_dtype, sharding=lambda parts, shape: device)
   return LoadedModel(params=params, config=config, processor=processor, path=path)

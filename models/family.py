@@ -93,7 +93,8 @@ from models import segments as seg_lib
 from models.spec import AttnContext
 
 # Modules that define (and register) the built-in families; imported on the first registry lookup.
-FAMILY_MODULES = ("models.llava", "models.llava_next", "models.qwen2_5_vl", "models.internvl")
+FAMILY_MODULES = ("models.llava", "models.llava_next", "models.qwen2_5_vl", "models.internvl", "models.instructblip",
+                  "models.deepseek_vl2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +133,13 @@ class Family:
   def skip_key(self, name: str, config) -> bool:
     """Canonical names to drop silently (default: a stored lm_head when embeddings are tied)."""
     return name == "lm_head.weight" and _tied(config)
+
+  def load_params(self, path: str, config, dtype, sharding=None) -> dict:
+    """The validated param tree of checkpoint `path` (default: the generic prefix-table loader,
+    convert.checkpoint). Families whose keys need more than a rename (fused tensors, per-layer trees) override."""
+    from convert.checkpoint import load_params
+
+    return load_params(path, config, dtype, family=self, sharding=sharding)
 
   def canonical_key(self, key: str) -> str | None:
     for old, new in self.key_prefixes:
