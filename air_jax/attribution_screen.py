@@ -30,7 +30,7 @@ from models import rope
 from models.attention import NEG
 from models.config import LlavaConfig
 from models.layers import rms_norm
-from models.llava import embed_inputs
+from models.family import family_of
 
 
 def _own_row_attention(q, k, v, isolate: bool):
@@ -87,7 +87,8 @@ def screen_gradients(params, config: LlavaConfig, input_ids, pixel_values, posit
   cfg = config.text
   nl, nh = cfg.num_hidden_layers, cfg.num_attention_heads
   rows = (positions - 1).astype(jnp.int32)
-  embeds = jax.lax.stop_gradient(embed_inputs(params, config, input_ids, pixel_values))
+  embeds = jax.lax.stop_gradient(
+      family_of(config).embed(params, config, input_ids, jnp.ones_like(input_ids), pixel_values))
   t = embeds.shape[1]
   dtype = embeds.dtype
   if semantics == "current_token":
@@ -113,6 +114,10 @@ def screen_logprobs(params, config: LlavaConfig, input_ids, pixel_values, positi
   from air_jax.attribution_core import _round_up
 
   params = getattr(params, "params", params)
+  fam = family_of(config)
+  if not fam.supports_layer_reuse(config):
+    raise ValueError(f"the gradient screen reads the decoder layer by layer as a plain Llama stack; the {fam.name} "
+                     "family's decoder is not one (run exact ablation: eval.attribute without --screen)")
   ids = np.asarray(input_ids, np.int32).reshape(-1)
   pos = np.asarray(positions, np.int32).reshape(-1)
   t = ids.shape[0]
@@ -120,8 +125,8 @@ def screen_logprobs(params, config: LlavaConfig, input_ids, pixel_values, positi
     raise ValueError("no positions to score")
   if pos.min() < 1 or pos.max() >= t:
     raise ValueError(f"positions must lie in [1, {t - 1}] (the sequence has {t} tokens), got {pos.tolist()}")
-  pixels = jnp.asarray(pixel_values)
-  if pixels.ndim == 3:
+  pixels = jax.tree.map(jnp.asarray, pixel_values)
+  if isinstance(pixels, jax.Array) and pixels.ndim == 3:
     pixels = pixels[None]
   n = pos.size
   need = int(pos.max())

@@ -236,21 +236,57 @@ def per_view_rows(num_views: int, batch: int, views_on) -> jax.Array:
 
 
 def concat_views(*views: ViewInputs) -> ViewInputs:
-  """View-major concatenation of several ViewInputs of the same T."""
-  pix = [v.pixel_values for v in views if v.pixel_values is not None]
+  """View-major concatenation of several ViewInputs of the same T.
+
+  Vision inputs are batch-first pytrees (one row per model row, whatever the family), concatenated leaf by leaf;
+  a view without vision (None) reuses the first view's rows (its prompts hold no image token, so they are unused).
+  """
+  first = next((v.pixel_values for v in views if v.pixel_values is not None), None)
+  pix = [v.pixel_values if v.pixel_values is not None else first for v in views]
+  vision = None if first is None else jax.tree.map(lambda *xs: jnp.concatenate(xs), *pix)
   return ViewInputs(input_ids=jnp.concatenate([v.input_ids for v in views]),
                     attention_mask=jnp.concatenate([v.attention_mask for v in views]),
-                    pixel_values=jnp.concatenate(pix) if pix else None)
+                    pixel_values=vision)
 
 
-def without_image_tokens(inputs: ViewInputs, image_token_id: int, pad_id: int = 0) -> ViewInputs:
-  """The same prompts with every image token removed, left padded again to the same length T (no pixels)."""
+def image_positions(inputs: ViewInputs, config) -> jax.Array:
+  """[R, T] bool: the image-feature positions of each row, from the family's key segments (any family)."""
+  from models.family import family_of
+  from models.segments import IMAGE
+
+  return family_of(config).segments(config, inputs.input_ids, inputs.attention_mask) == IMAGE
+
+
+def map_pixels(fn, vision):
+  """Applies fn to the pixel arrays of a family's vision input: the array itself, or the floating leaves whose key
+  path names pixels (e.g. "pixel_values"); grids, sizes and index arrays are left alone."""
+  if vision is None:
+    return None
+  if isinstance(vision, jax.Array) or hasattr(vision, "shape"):
+    return fn(vision)
+
+  def leaf(path, x):
+    name = jax.tree_util.keystr(path).lower()
+    return fn(x) if "pixel" in name and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+  return jax.tree_util.tree_map_with_path(leaf, vision)
+
+
+def without_image_tokens(inputs: ViewInputs, image_token_id: int | None = None, pad_id: int = 0, *,
+                         is_image: jax.Array | None = None) -> ViewInputs:
+  """The same prompts with every image token removed, left padded again to the same length T.
+
+  Image positions: `is_image` [R, T] (e.g. `image_positions`, from the family's segments), or the ids equal to
+  `image_token_id`. The rows keep their vision inputs (unused: no image token is left), so every view has one
+  vision row per model row.
+  """
   ids, mask = inputs.input_ids, inputs.attention_mask
   t = ids.shape[1]
-  keep = mask.astype(bool) & (ids != image_token_id)
+  is_img = (ids == image_token_id) if is_image is None else is_image
+  keep = mask.astype(bool) & ~is_img
   after = jnp.cumsum(keep[:, ::-1].astype(jnp.int32), axis=1)[:, ::-1]  # kept tokens at or after each slot
   dest = jnp.where(keep, t - after, t)  # kept tokens packed at the end; the rest go to a dropped slot t
   rows = jnp.arange(ids.shape[0])[:, None]
   new_ids = jnp.full((ids.shape[0], t + 1), pad_id, ids.dtype).at[rows, dest].set(ids)[:, :t]
   new_mask = jnp.zeros((ids.shape[0], t + 1), mask.dtype).at[rows, dest].set(jnp.ones_like(mask))[:, :t]
-  return ViewInputs(input_ids=new_ids, attention_mask=new_mask, pixel_values=None)
+  return ViewInputs(input_ids=new_ids, attention_mask=new_mask, pixel_values=inputs.pixel_values)

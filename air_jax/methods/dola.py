@@ -56,7 +56,7 @@ class DoLaPlan(Plan):
 
   def init_state(self, values, inputs: ViewInputs, config):
     b = inputs.input_ids.shape[0]
-    vocab = config.text.vocab_size
+    vocab = config.dims.vocab_size
     ids = jnp.where(inputs.attention_mask.astype(bool), inputs.input_ids, vocab)  # padding -> dropped index
     seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], ids].set(True, mode="drop")
     return seen

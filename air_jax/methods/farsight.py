@@ -75,7 +75,7 @@ class FarSightPlan(Plan):
 
   def spec(self, values: FarSightValues, batch: int, config) -> RectificationSpec:
     del batch
-    text = config.text
+    text = config.dims
     nl, nh = text.num_hidden_layers, text.num_attention_heads
     op = RegisterOp(on=values.on, log_alpha=jnp.broadcast_to(values.log_alpha, (nl,)))
     return RectificationSpec(head_gate=jnp.ones((nl, nh), jnp.float32), extra=(op,))

@@ -30,7 +30,8 @@ import numpy as np
 
 from air_jax.air_config import scale_layer_range
 from air_jax.methods.base import (CompiledMethod, ConfigMixin, Plan, ViewInputs, below_plausibility, check_bool,
-                                  check_number, concat_views, per_view_rows, without_image_tokens)
+                                  check_number, concat_views, image_positions, per_view_rows,
+                                  without_image_tokens)
 from air_jax.methods.registry import register
 from models.segments import IMAGE, PAD
 from models.spec import RectificationSpec
@@ -66,10 +67,10 @@ class PAIPlan(Plan):
   def views(self, values, inputs: ViewInputs, config) -> ViewInputs:
     if self.num_views == 1:
       return inputs
-    return concat_views(inputs, without_image_tokens(inputs, config.image_token_id))
+    return concat_views(inputs, without_image_tokens(inputs, is_image=image_positions(inputs, config)))
 
   def spec(self, values: PAIValues, batch: int, config) -> RectificationSpec:
-    text = config.text
+    text = config.dims
     nl, nh = text.num_hidden_layers, text.num_attention_heads
     rows = per_view_rows(self.num_views, batch, (0,))
     op = PAIAttentionOp(alpha=jnp.broadcast_to(values.alpha, (nl,)), on=values.layers,
