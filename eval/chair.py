@@ -131,6 +131,8 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
   fields = {f.name for f in dataclasses.fields(base)} if dataclasses.is_dataclass(base) else set()
   fixed = {k: v for k, v in protocol.air_overrides().items() if k in fields and k not in (overrides or {})}
   method_cfg = base.replace(**fixed) if fixed else base
+  # Compiled against the model now (heads in range, layer ranges inside it): errors surface before any caption.
+  air_jax.methods.as_compiled(method_cfg, model.config)
   pad_batches = batch_size is not None and not protocol.group_by_length
 
   def captioner(images: list, file_names: list[str]) -> list[str]:
@@ -432,6 +434,8 @@ def run(argv: Sequence[str] | None = None,
     images = CocoImages(args.coco_root, args.split)
     gt = GroundTruth(args.coco_root, args.split, vocab, cache_dir=args.cache_dir or out_dir / "cache")
     sample = None if args.captions else images.sample(args.num_images, args.seed)
+    if sample is not None:
+      gt.objects(sample)  # reads and checks the annotations now (cached for scoring), not after captioning
     split_ids = None
     if sample is not None and args.splits != 1:
       split_ids = chair_splits.make_splits(images.ids, args.num_images, args.splits, args.seed, args.split_mode)

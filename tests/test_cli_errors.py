@@ -59,3 +59,42 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr
   assert "Traceback" not in proc.stderr and str(out) in proc.stderr
+
+
+def test_out_of_range_heads_fail_before_any_caption(tmp_path, capsys):
+  import json
+
+  heads = tmp_path / "heads.json"
+  heads.write_text(json.dumps({"hal_heads": [[50, 0]], "non_hal_heads": []}))
+  out = tmp_path / "out"
+  assert main(args(out, "--model", str(ROOT / "organism" / "checkpoint"), "--method", "greedy,air",
+                   "--heads", str(heads), n=2)) == 2
+  err = capsys.readouterr().err
+  assert "[50, 0]" in err and "outside the model" in err
+  assert not (out / "greedy_captions.jsonl").exists()  # greedy did not caption first
+
+
+def test_missing_annotations_list_fails_before_any_caption(tmp_path, capsys):
+  import json
+  import shutil
+
+  from test_chair_cli import FIXTURE
+
+  root = tmp_path / "coco"
+  shutil.copytree(FIXTURE, root)
+  inst = root / "annotations" / "instances_val2014.json"
+  data = json.loads(inst.read_text())
+  del data["annotations"]
+  inst.write_text(json.dumps(data))
+  calls = []
+
+  def factory(method):
+    def captioner(images, names):
+      calls.append(len(images))
+      return ["a cat"] * len(images)
+    return captioner
+
+  out = tmp_path / "out"
+  rc = main(["--coco-root", str(root), "--num-images", "3", "--out", str(out), "--no-progress"], factory)
+  assert rc == 2 and calls == []
+  assert "instances_val2014.json" in capsys.readouterr().err
