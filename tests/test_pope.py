@@ -284,3 +284,16 @@ def test_score_only_from_answer_files(tmp_path, official):
   assert res["metrics"]["strict"]["splits"]["random"] == m["random"]
   assert (tmp_path / "o" / "pope_llava_manifest.json").is_file()
   assert pope.main(["--pope-dir", str(POPE_DIR), "--answers", "weird=x.jsonl", "--out", str(tmp_path)]) == 2
+
+
+def test_question_mode_with_a_tiny_llava_is_batch_invariant(tmp_path, tiny_dir):
+  """Question mode through air_jax.generate: different prompts share a left-padded batch; answers equal the
+  one-by-one answers."""
+  base = ["--instances", str(COCO / "annotations" / "instances_val2014.json"), "--image-dir", str(COCO / "val2014"),
+          "--num-images", "2", "--model", tiny_dir, "--max-new-tokens", "4", "--no-progress", "--split", "random"]
+  batched = pope.run(base + ["--out", str(tmp_path / "b"), "--batch-size", "6"])["greedy"]
+  single = pope.run(base + ["--out", str(tmp_path / "s"), "--batch-size", "1"])["greedy"]
+  answers = [q["answer"] for q in batched["questions"]]
+  assert answers == [q["answer"] for q in single["questions"]]
+  assert len(answers) == 12 and all(isinstance(a, str) for a in answers)
+  assert batched["config"]["model_sha256"] and batched["method"]["name"] == "greedy"
