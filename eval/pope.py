@@ -322,7 +322,11 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     settings["synonyms"] = str(Path(settings["synonyms"]).resolve())
   settings.update(image_dir=str(Path(args.image_dir).resolve()), max_new_tokens=args.max_new_tokens or (
     64 if settings["answer_mode"] == "caption" else 16), splits=list(questions))
+  if settings["max_new_tokens"] < 1:
+    raise RunError(f"--max-new-tokens must be at least 1, got {settings['max_new_tokens']}")
   methods = [m.strip() for v in args.method or ["greedy"] for m in v.split(",") if m.strip()]
+  if len(set(methods)) != len(methods):
+    raise RunError(f"--method lists a method twice: {methods}")
   return {"questions": questions, "settings": settings, "model_dir": args.model, "methods": methods,
           "heads": args.heads, "air_config": _read_air_config(args.air_config), "seed": seed}
 
