@@ -57,7 +57,9 @@ def resolve_method(name: str, heads: str | None = None,
   """A method name -> (decoding config for ``air_jax.generate``, its resolved hyperparameters as JSON).
 
   The single swap point for the method registry: "greedy" is plain decoding (config None), the others are
-  ``air_jax.AIRConfig.preset(name, heads=heads, **overrides)``, as in ``eval.chair``.
+  ``air_jax.AIRConfig.preset(name, heads=heads, **overrides)``, as in ``eval.chair``. With the registry
+  (``air_jax.methods``) the body becomes ``cfg = methods.make(name, run_options={"heads": heads}, **overrides)``
+  and ``methods.hyperparameters(cfg)``, and ``METHODS`` becomes ``methods.names()``.
 
   Raises:
     RunError: Unknown method, or a preset that rejects the heads/overrides.
