@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--split", default=None, help="default val2014 (test for the organism)")
   p.add_argument("--num-images", type=int, default=None, help="default 500 (all held-out scenes for the organism)")
   p.add_argument("--seed", type=int, default=42)
+  p.add_argument("--splits", type=int, default=1, help="score K samples of --num-images images and report mean and "
+                                                       "std (see eval.chair_splits)")
+  p.add_argument("--split-mode", choices=("disjoint", "seeded"), default="disjoint",
+                 help="disjoint samples (default; the first is the usual one) or seeds seed..seed+K-1")
   p.add_argument("--prompt", default=DEFAULT_PROMPT)
   p.add_argument("--method", action="append", default=None,
                  help=f"{'|'.join(METHODS)}; repeat or comma-separate to compare (default greedy). With "
@@ -338,10 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
                       "' cheesecake' never match (bit-exact with the published CHAIR code)")
   p.add_argument("--cache-dir", help="ground-truth cache directory (default <out>/cache)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  p.add_argument("--splits", type=int, default=1, help="score K samples of --num-images images and report mean and "
-                                                       "std (see eval.chair_splits)")
-  p.add_argument("--split-mode", choices=("disjoint", "seeded"), default="disjoint",
-                 help="disjoint samples (default; the first is the usual one) or seeds seed..seed+K-1")
   p.add_argument("--compile-cache", metavar="DIR",
                  help="JAX persistent compilation cache: repeated runs load compiled graphs from DIR")
   return p

@@ -3,6 +3,7 @@
   python -m eval.pope --pope-dir DIR --image-dir coco/val2014 --model DIR --method greedy,air_star --heads H
   python -m eval.pope --instances coco/annotations/instances_val2014.json --image-dir coco/val2014 --model DIR
   python -m eval.pope --manifest results/pope_greedy_manifest.json --out rerun       # rerun from a manifest
+  python -m eval.pope --pope-dir DIR --answers random=a.jsonl --answers popular=b.jsonl --method llava  # score only
   python -m eval.pope                           # the embedded organism: its own three splits, greedy and AIR
 
 Questions come from the official files (``<pope-dir>/coco_pope_{random,popular,adversarial}.json``) or are built
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--sample-num", type=int, default=3, help="positives (and negatives) per image when building")
   p.add_argument("--seed", type=int, default=0, help="builder seed")
   p.add_argument("--split", action="append", default=None, help="only these splits (repeat or comma-separate)")
+  p.add_argument("--answers", action="append", default=None, metavar="SPLIT=FILE",
+                 help="score existing answers instead of generating: JSONL with question_id and text (LLaVA) or "
+                      "answer (POPE); repeat per split; --method names them")
   p.add_argument("--model", help="converted model directory")
   p.add_argument("--method", action="append", default=None, help="greedy|air|air_star|adhh; repeat or "
                                                                  "comma-separate (default greedy)")
@@ -306,7 +310,9 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     settings.update(source="built", instances=str(args.instances))
     seed = args.seed
   if args.image_dir is None:
-    raise RunError("--image-dir DIR (the images the questions name) is required")
+    if not args.answers:
+      raise RunError("--image-dir DIR (the images the questions name) is required")
+    args.image_dir = "."
   if settings["answer_mode"] == "caption":
     _attach_objects(questions)
   only = _split_list(args.split)
@@ -316,7 +322,11 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     settings["synonyms"] = str(Path(settings["synonyms"]).resolve())
   settings.update(image_dir=str(Path(args.image_dir).resolve()), max_new_tokens=args.max_new_tokens or (
     64 if settings["answer_mode"] == "caption" else 16), splits=list(questions))
+  if settings["max_new_tokens"] < 1:
+    raise RunError(f"--max-new-tokens must be at least 1, got {settings['max_new_tokens']}")
   methods = [m.strip() for v in args.method or ["greedy"] for m in v.split(",") if m.strip()]
+  if len(set(methods)) != len(methods):
+    raise RunError(f"--method lists a method twice: {methods}")
   return {"questions": questions, "settings": settings, "model_dir": args.model, "methods": methods,
           "heads": args.heads, "air_config": _read_air_config(args.air_config), "seed": seed}
 
@@ -353,6 +363,44 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def read_answer_files(specs: Sequence[str]) -> dict[str, dict[Any, str]]:
+  """``SPLIT=FILE`` -> split -> question_id -> answer text (key "text" as LLaVA writes, or "answer" as POPE)."""
+  from eval.captions_io import iter_jsonl
+
+  out: dict[str, dict[Any, str]] = {}
+  for spec in specs:
+    split, sep, path = spec.partition("=")
+    if not sep or split not in pope_data.SPLITS:
+      raise RunError(f"--answers {spec!r}: expected SPLIT=FILE with SPLIT one of {', '.join(pope_data.SPLITS)}")
+    if not Path(path).is_file():
+      raise FileNotFoundError(f"answers file not found: {path}")
+    table = out.setdefault(split, {})
+    for n, obj in iter_jsonl(path):
+      text = obj.get("text", obj.get("answer"))
+      if "question_id" not in obj or not isinstance(text, str):
+        raise RunError(f"{path}:{n}: an answer needs 'question_id' and a string 'text' or 'answer'")
+      table[obj["question_id"]] = text
+  return out
+
+
+def score_answers(plan: Mapping[str, Any], answers: Mapping[str, Mapping[Any, str]], label: str, specs: Sequence[str],
+                  out_dir: Path) -> dict[str, Any]:
+  """Scores answer files (no model); writes the results and a manifest like a generating run."""
+  questions = {s: qs for s, qs in plan["questions"].items() if s in answers}
+  if not questions:
+    raise RunError(f"no --answers for any of the splits {list(plan['questions'])}")
+  q_split = {id(q): s for s, qs in questions.items() for q in qs}
+  metrics, rows = score_questions(questions, lambda q: answers[q_split[id(q)]].get(q["question_id"]))
+  mrec = {"name": label, "answers": [str(Path(s.partition("=")[2]).resolve()) for s in specs]}
+  result = {"benchmark": "pope", "method": mrec, "metrics": metrics, "skipped": [], "questions": rows,
+            "config": {**plan["settings"], "code_version": manifest_lib.code_version()}}
+  atomic_write_json(out_dir / f"pope_{label}.json", result, indent=1, ensure_ascii=False)
+  samples_list = [{"split": s, **q} for s, qs in questions.items() for q in qs]
+  manifest_lib.write(manifest_lib.manifest_path(out_dir, "pope", label), manifest_lib.build(
+    "pope", samples=samples_list, method=mrec, settings=plan["settings"], model_dir=None, seed=plan.get("seed")))
+  return result
+
+
 def run(argv: Sequence[str] | None = None, answerer_factory: Callable[[str], Any] | None = None
         ) -> dict[str, dict[str, Any]]:
   """Runs POPE; returns method -> results (as written). Tests inject ``answerer_factory(method)``."""
@@ -361,6 +409,9 @@ def run(argv: Sequence[str] | None = None, answerer_factory: Callable[[str], Any
   out_dir = Path(args.out)
   if args.batch_size < 1:
     raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
+  if args.answers:
+    label = plan["methods"][0] if len(plan["methods"]) == 1 else "answers"
+    return {label: score_answers(plan, read_answer_files(args.answers), label, args.answers, out_dir)}
   # every method resolved before any generation, so a bad preset fails before hours of work
   for m in plan["methods"]:
     method_record(m, plan["heads"], plan["air_config"].get(m))

@@ -25,7 +25,7 @@ from eval.captions_io import append_record, iter_jsonl, repair_tail
 
 log = logging.getLogger("eval.runner")
 
-METHODS = ("greedy", "air", "air_star", "adhh")
+
 # Settings an answers file must share with the run that appends to it.
 RESUME_KEYS = ("method", "max_new_tokens", "model_sha256", "answer_mode")
 
@@ -56,25 +56,21 @@ def resolve_method(name: str, heads: str | None = None,
                    overrides: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
   """A method name -> (decoding config for ``air_jax.generate``, its resolved hyperparameters as JSON).
 
-  The single swap point for the method registry: "greedy" is plain decoding (config None), the others are
-  ``air_jax.AIRConfig.preset(name, heads=heads, **overrides)``, as in ``eval.chair``.
+  Any method of the registry (``air_jax.methods``: greedy, air, air_star, adhh, vcd, dola, pai, farsight, ...),
+  resolved as eval.chair does: ``methods.make(name, run_options={"heads": heads}, **overrides)``.
 
   Raises:
     RunError: Unknown method, or a preset that rejects the heads/overrides.
   """
-  if name not in METHODS:
-    raise RunError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
-  if name == "greedy":
-    if overrides:
-      raise RunError(f"method greedy takes no hyperparameters, got {dict(overrides)}")
-    return None, {}
-  import air_jax
+  from air_jax import methods
 
+  if name not in methods.names():
+    raise RunError(f"unknown method {name!r}; expected one of {', '.join(methods.names())}")
   try:
-    cfg = air_jax.AIRConfig.preset(name, heads=heads, **dict(overrides or {}))
+    cfg = methods.make(name, run_options={"heads": heads}, **dict(overrides or {}))
   except (ValueError, TypeError, FileNotFoundError) as e:
     raise RunError(f"method {name}: {e}") from e
-  resolved = {f.name: _jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+  resolved = methods.hyperparameters(cfg)
   resolved["heads_file"] = heads
   return cfg, resolved
 

@@ -264,3 +264,36 @@ def test_official_splits_follow_the_builder_rules(official):
       total += 1
       asked.add(n)
   assert exact / total > 0.9  # the rest: co-occurring objects of the image the files do not reveal
+
+
+def test_score_only_from_answer_files(tmp_path, official):
+  """LLaVA-style answers files (question_id, text) scored with both parsers, without a model."""
+  files = []
+  for split in ("random", "adversarial"):
+    path = tmp_path / f"{split}.jsonl"
+    with open(path, "w") as f:
+      for q in official[split]:
+        text = "Yes, there is." if q["label"] == "yes" or q["question_id"] % 10 == 0 else "There is no such thing."
+        f.write(json.dumps({"question_id": q["question_id"], "prompt": q["text"], "text": text}) + "\n")
+    files += ["--answers", f"{split}={path}"]
+  res = pope.run(["--pope-dir", str(POPE_DIR), "--method", "llava", "--out", str(tmp_path / "o"), *files])["llava"]
+  m = res["metrics"]["reference"]["splits"]
+  assert set(m) == {"random", "adversarial"}
+  # negatives have the even ids; those divisible by 10 (10, 20, ..., 3000: 300 of them) are answered yes
+  assert (m["random"]["TP"], m["random"]["FP"], m["random"]["TN"], m["random"]["FN"]) == (1500, 300, 1200, 0)
+  assert res["metrics"]["strict"]["splits"]["random"] == m["random"]
+  assert (tmp_path / "o" / "pope_llava_manifest.json").is_file()
+  assert pope.main(["--pope-dir", str(POPE_DIR), "--answers", "weird=x.jsonl", "--out", str(tmp_path)]) == 2
+
+
+def test_question_mode_with_a_tiny_llava_is_batch_invariant(tmp_path, tiny_dir):
+  """Question mode through air_jax.generate: different prompts share a left-padded batch; answers equal the
+  one-by-one answers."""
+  base = ["--instances", str(COCO / "annotations" / "instances_val2014.json"), "--image-dir", str(COCO / "val2014"),
+          "--num-images", "2", "--model", tiny_dir, "--max-new-tokens", "4", "--no-progress", "--split", "random"]
+  batched = pope.run(base + ["--out", str(tmp_path / "b"), "--batch-size", "6"])["greedy"]
+  single = pope.run(base + ["--out", str(tmp_path / "s"), "--batch-size", "1"])["greedy"]
+  answers = [q["answer"] for q in batched["questions"]]
+  assert answers == [q["answer"] for q in single["questions"]]
+  assert len(answers) == 12 and all(isinstance(a, str) for a in answers)
+  assert batched["config"]["model_sha256"] and batched["method"]["name"] == "greedy"
