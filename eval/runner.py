@@ -6,9 +6,8 @@ record (``eval.captions_io.append_record``: flushed and synced), so a crash lose
 rerun skips the samples already answered, after checking that the file was written with the same method, prompt
 settings and model. Results JSON files are written atomically by the benchmarks.
 
-``resolve_method`` is the one place that turns a method name into a decoding configuration: today
-"greedy" / "air" / "air_star" / "adhh" as ``eval.chair`` does (``AIRConfig.preset``); the method registry can
-replace its body without touching the benchmarks.
+``resolve_method`` is the one place that turns a method name into a decoding configuration: any method of the
+registry (``air_jax.methods``), as ``eval.chair`` resolves it.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from typing import Any, Callable, Mapping, Sequence
 from eval.captions_io import append_record, iter_jsonl, repair_tail
 
 log = logging.getLogger("eval.runner")
-
 
 # Settings an answers file must share with the run that appends to it.
 RESUME_KEYS = ("method", "max_new_tokens", "model_sha256", "answer_mode")
