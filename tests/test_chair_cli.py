@@ -182,18 +182,23 @@ def test_make_captioner_uses_the_air_jax_contract(monkeypatch, tmp_path):
   def make(name, run_options=None):
     return ("cfg", name, (run_options or {}).get("heads") if name != "greedy" else None)
 
-  fake_methods = types.SimpleNamespace(make=make, hyperparameters=lambda cfg: {"cfg": list(cfg)})
+  fake_methods = types.SimpleNamespace(make=make, hyperparameters=lambda cfg: {"cfg": list(cfg)},
+                                       as_compiled=lambda cfg, config: calls.append(("compile", cfg)))
 
   def load_pretrained(path, dtype):
     calls.append(("load", path, dtype))
-    return "model"
+    return types.SimpleNamespace(config="config")
 
-  def generate(model, air_cfg, images, prompts, max_new_tokens, backend):
+  def generate(model, air_cfg, images, prompts, max_new_tokens, backend, protocol):
+    assert protocol.name == "default"
     calls.append(("generate", model, air_cfg, len(images), prompts, max_new_tokens, backend))
     return types.SimpleNamespace(texts=[f"caption {n}" for n in range(len(images))])
 
+  import air_jax.protocol as real_protocol  # protocols are data, kept real
+
   fake = types.SimpleNamespace(methods=fake_methods, load_pretrained=load_pretrained, generate=generate)
   monkeypatch.setitem(sys.modules, "air_jax", fake)
+  monkeypatch.setitem(sys.modules, "air_jax.protocol", real_protocol)
   from eval import chair as chair_mod
   chair_mod._load_model.cache_clear()
   cap = make_captioner(str(tmp_path), "air_star", prompt="Describe.", max_new_tokens=7, backend="cpu",
@@ -202,9 +207,11 @@ def test_make_captioner_uses_the_air_jax_contract(monkeypatch, tmp_path):
   greedy = make_captioner(str(tmp_path), "greedy", prompt="Describe.", max_new_tokens=7, backend=None)
   greedy([Image.new("RGB", (2, 2))], ["a.jpg"])
   chair_mod._load_model.cache_clear()
-  assert calls == [("load", str(tmp_path), "float32"),
-                   ("generate", "model", ("cfg", "air_star", "h.json"), 2, ["Describe."] * 2, 7, "cpu"),
-                   ("generate", "model", ("cfg", "greedy", None), 1, ["Describe."], 7, None)]
+  model = types.SimpleNamespace(config="config")
+  assert calls == [("load", str(tmp_path), "float32"), ("compile", ("cfg", "air_star", "h.json")),
+                   ("generate", model, ("cfg", "air_star", "h.json"), 2, ["Describe."] * 2, 7, "cpu"),
+                   ("compile", ("cfg", "greedy", None)),
+                   ("generate", model, ("cfg", "greedy", None), 1, ["Describe."], 7, None)]
   assert cap.hyperparameters == {"cfg": ["cfg", "air_star", "h.json"]}
 
 
