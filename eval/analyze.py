@@ -212,9 +212,12 @@ def base_placeholder(model, base) -> list[int]:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if ids:
       return list(ids)
-  if image_id < base.config.text.vocab_size:
+  from air_jax.analysis.model_io import text_config
+
+  vocab = text_config(base).vocab_size
+  if image_id < vocab:
     return [image_id]
-  raise AnalyzeError(f"the base LLM's vocabulary ({base.config.text.vocab_size}) has no image token id {image_id} "
+  raise AnalyzeError(f"the base LLM's vocabulary ({vocab}) has no image token id {image_id} "
                      "and it ships no tokenizer to spell a placeholder")
 
 
@@ -229,7 +232,7 @@ def attention_pass(model, base, placeholder, prompt_ids, pixels, cap_ids) -> dic
   attn = model_io.decoder_attentions(model, ids, mask, pixels)[:, 0, :, :s, :s]
   states, norms = model_io.layer_inputs(model, ids, mask, pixels)
   llm_seq = text_only_ids(seq, model.config.image_token_id, placeholder)
-  vocab = base.config.text.vocab_size
+  vocab = model_io.text_config(base).vocab_size
   if llm_seq.max() >= vocab:
     raise AnalyzeError(f"token id {int(llm_seq.max())} is outside the base LLM's vocabulary ({vocab}): A.2 needs a "
                        "base LLM that shares the LVLM's tokenizer (e.g. Vicuna for LLaVA-1.5)")

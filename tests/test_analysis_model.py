@@ -96,6 +96,10 @@ def test_similarity_with_itself_is_one_and_with_unrelated_heads_far_below(tiny_m
   same = model_io.decoder_attentions(load_base_llm(own), text_seq[None])[:, 0]
   unrelated = model_io.decoder_attentions(load_base_llm(other), text_seq[None])[:, 0]
   with_image = model_io.decoder_attentions(tiny_model, seq[None], None, pixels)[:, 0]
+  from eval.analyze import _bucketed
+
+  padded = model_io.decoder_attentions(tiny_model, *_bucketed(text_seq))[:, 0, :, :len(text_seq), :len(text_seq)]
+  np.testing.assert_allclose(padded, self_attn, atol=1e-6)  # right padding leaves the causal rows unchanged
   sim_same = similarity.head_similarity(self_attn, same, t)
   np.testing.assert_allclose(sim_same, 1.0, atol=1e-6)
   sim_other = similarity.head_similarity(self_attn, unrelated, t)
