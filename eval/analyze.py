@@ -460,7 +460,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fig.save(fig.mai_figure(masses, num, sens, title=f"MAI, {len(ids)} greedy captions"), out_dir / "mai.png")
 
   # Teacher-forced passes: A.2, B.2, TAI, and the state covariance of B.1.
-  sims, var_rows, ent_rows, per_caption = [], [], [], []
+  sims, floors, var_rows, ent_rows, per_caption = [], [], [], [], []
   e = cfg.hidden_size
   sigma_sum = [None, np.zeros((nl, e)), np.zeros((nl, e, e))]
   sigma_n = 0
@@ -480,6 +480,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
       out = attention_pass(model, base, placeholder, p_ids, pixels, cap)
       attn, p_len, s = out["attn"], len(p_ids), len(out["seq"])
       sims.append(similarity.head_similarity(attn, out["llm_attn"], len(cap)))
+      floors.append(similarity.cosine(similarity.output_block(attn, len(cap)),
+                                      similarity.uniform_causal_block(len(cap), len(out["seq"]))))
       rows_attn, valid = bs.generating_rows(attn, p_len, s)
       var_rows.append(bs.row_variance(rows_attn, valid))
       ent_rows.append(bs.row_entropy(rows_attn, valid))
@@ -523,6 +525,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if sims and "similarity" not in skip:
     sim = np.stack(sims)
     result["similarity"] = {**similarity.group_means(sim, hal, non), "base_llm": args.base_llm,
+                            "chance_floor": {"note": "cosine of the LVLM's maps with uniform causal attention",
+                                             **similarity.group_means(np.stack(floors), hal, non)},
                             "per_head": np.nanmean(sim, 0).tolist(), "num_captions": len(sims)}
     f = fig.head_heatmap(np.nanmean(sim, 0), title=f"A.2 cosine(LVLM, base LLM) on output tokens, {len(sims)} "
                          f"captions (S: sensitive, N: insensitive)", label="cosine similarity",
@@ -589,7 +593,8 @@ def summary_lines(result: dict) -> list[str]:
            f"C_I {100 * result['captions']['CHAIRi']:.1f}"]
   if "similarity" in result:
     s = result["similarity"]
-    lines.append(f"A.2 similarity: S_hal {s['S_hal']:.3f}, S_non {s['S_non']:.3f}, all {s['S_all']:.3f}")
+    lines.append(f"A.2 similarity: S_hal {s['S_hal']:.3f}, S_non {s['S_non']:.3f}, all {s['S_all']:.3f} (chance "
+                 f"floor, uniform causal attention: {s['chance_floor']['S_all']:.3f})")
   if "mai" in result:
     m = result["mai"]
     lines.append(f"MAI (pooled text/image mass): sensitive heads {m['sensitive_pooled']:.2f}, other heads "

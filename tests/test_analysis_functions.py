@@ -146,6 +146,8 @@ def test_cosine_similarity_and_group_means():
   c = np.zeros((7, 7))
   c[1, 1] = 1
   assert similarity.cosine(b, c) == 0.0
+  u = similarity.uniform_causal_block(3, 5)
+  assert np.allclose(u[-1], 1 / 5) and u[0, 0] == pytest.approx(1 / 3) and u[0, 1] == 0.0
   sim = np.array([[1.0, 0.5], [0.2, 0.4]])
   g = similarity.group_means(sim[None], [(0, 0), (1, 1)], [(1, 0)])
   assert g["S_hal"] == pytest.approx(0.7) and g["S_non"] == pytest.approx(0.2)
