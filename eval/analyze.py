@@ -278,21 +278,33 @@ def propagation_section(model, sigma_sum, sigma_n, hal, non, args, out_dir, fig)
   from air_jax.analysis import model_io, propagation as pr
 
   cfg = model_io.text_config(model)
-  w = model_io.qk_matrices(model)
-  d = cfg.head_dim
-  ident = pr.head_table(w, d)
-  res: dict[str, Any] = {"d": d, "note": "W = sym(W_QK) Sigma on RMS-normalised states (norm gain folded in), "
-                         "RoPE ignored; rho by the corrected eq. (7) (see air_jax.analysis.propagation)",
-                         "identity": {k: v.tolist() for k, v in ident.items() if k not in ("rho", "theta")}}
-  tables = {"identity": ident}
+  d, nl = cfg.head_dim, cfg.num_hidden_layers
+  cov = None
   if sigma_n > 0:
     mean = sigma_sum[1] / sigma_n
     cov = sigma_sum[2] / sigma_n - np.einsum("le,lf->lef", mean, mean)
-    t_cov = pr.head_table(w, d, sigma=cov)
-    tables["state_covariance"] = t_cov
-    res["state_covariance"] = {k: v.tolist() for k, v in t_cov.items() if k not in ("rho", "theta")}
+  # One layer at a time from the (query, key) factors: never an E x E matrix per head.
+  spectra = {"identity": [], "state_covariance": []}
+  factors = {}
+  for layer in range(nl):
+    a, b = model_io.qk_factors(model, layer)
+    factors[layer] = (a, b)
+    spectra["identity"].append(pr.spectrum_from_factors(a, b, d))
+    if cov is not None:
+      spectra["state_covariance"].append(pr.spectrum_from_factors(a, b, d, cov[layer]))
+
+  def stacked(parts):
+    return pr.Spectrum(np.stack([p.tr_w for p in parts]), np.stack([p.tr_w2 for p in parts]), d)
+
+  tables = {name: pr.head_table(stacked(parts)) for name, parts in spectra.items() if parts}
+  ident = tables["identity"]
+  res: dict[str, Any] = {"d": d, "note": "W = sym(W_QK) Sigma on RMS-normalised states (norm gain folded in), "
+                         "RoPE ignored; rho by the corrected eq. (7) (see air_jax.analysis.propagation)"}
+  for name, tab in tables.items():
+    res[name] = {k: v.tolist() for k, v in tab.items() if k not in ("rho", "theta")}
+  w_shape = (nl, cfg.num_attention_heads)
   groups = {}
-  mask = np.zeros(w.shape[:2], bool)
+  mask = np.zeros(w_shape, bool)
   for l, h in hal:
     mask[l, h] = True
   nmask = np.zeros_like(mask)
@@ -315,8 +327,9 @@ def propagation_section(model, sigma_sum, sigma_n, hal, non, args, out_dir, fig)
   theta = np.arange(1, t + 1) / t
   mc_points = {}
   for name, (l, h) in picks:
-    sp = pr.spectrum(w[l, h], d)
-    mc = pr.rho_monte_carlo(w[l, h], t, d, num_draws=args.mc_draws, seed=0)
+    head_factors = (factors[l][0][h], factors[l][1][h])
+    sp = pr.spectrum_from_factors(*head_factors, d)
+    mc = pr.rho_monte_carlo(head_factors, t, d, num_draws=args.mc_draws, seed=0)
     corr = pr.rho_closed_form(theta, sp.tr_w, sp.tr_w2, d, "corrected")
     paper = pr.rho_closed_form(theta, sp.tr_w, sp.tr_w2, d, "paper")
     fin = pr.rho_finite(t, sp.tr_w, sp.tr_w2, d)
@@ -335,7 +348,7 @@ def propagation_section(model, sigma_sum, sigma_n, hal, non, args, out_dir, fig)
     curves[f"eq. 7 ({l},{h})"] = ident["rho"][l, h]
   fin_curves = {}
   for name, (l, h) in picks:
-    sp = pr.spectrum(w[l, h], d)
+    sp = pr.spectrum_from_factors(factors[l][0][h], factors[l][1][h], d)
     fin_curves[f"finite-T eq. 2 ({l},{h}), T={t}"] = pr.rho_finite(t, sp.tr_w, sp.tr_w2, d)
   f = fig.rho_figure(ident["theta"], curves, mc=mc_points, extra=(theta, fin_curves),
                      title="token propagation probability (corrected eq. 7, Sigma = I)")

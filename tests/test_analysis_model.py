@@ -146,6 +146,8 @@ def test_qk_matrices_give_the_pre_rope_logits(tiny_model):
   d, group = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
   want = q[head * d:(head + 1) * d] @ k[(head // group) * d:(head // group + 1) * d]
   assert x @ w[layer, head] @ y == pytest.approx(want, rel=1e-9)
+  fa, fb = model_io.qk_factors(tiny_model, layer)
+  np.testing.assert_allclose(np.einsum("hde,hdf->hef", fa, fb), w[layer], rtol=1e-12, atol=1e-14)
 
 
 def test_analyze_cli_on_a_tiny_model(tiny_dir, llm_dirs, tmp_path, monkeypatch, capsys):
