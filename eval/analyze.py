@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--sweep-images", type=int, default=100, help="held-out images per sweep config (default 100)")
   p.add_argument("--sweep-grid", help="JSON {knob: [values]} (knobs lambda, gamma, tau_text, beta)")
   p.add_argument("--batch-size", type=int, default=50)
+  p.add_argument("--sigma", choices=("both", "identity"), default="both",
+                 help="B.1 Sigma: identity and the covariance of the layer inputs (both, default) or identity only "
+                      "(the covariance needs L x E x E float64: 4.3 GB for a 7B model)")
   p.add_argument("--mc-draws", type=int, default=2000, help="Monte Carlo walks per checked head (B.1)")
   p.add_argument("--mc-tokens", type=int, default=64, help="T of the Monte Carlo walks (B.1)")
   p.add_argument("--tai-top-k", type=int, default=3, help="high-TAI tokens kept per caption (default 3)")
@@ -251,10 +254,13 @@ def _heads(args, nl: int, nh: int) -> tuple[list, list]:
 
   if args.heads is None:
     return [], []
-  hal = [tuple(h) for h in read_heads_file(args.heads, "hal_heads")]
+  try:
+    hal = [tuple(h) for h in read_heads_file(args.heads, "hal_heads")]
+  except ValueError as e:
+    raise AnalyzeError(f"--heads: {e}") from e
   try:
     non = [tuple(h) for h in read_heads_file(args.heads, "non_hal_heads")]
-  except (ValueError, KeyError):
+  except ValueError:  # optional: files listing only the sensitive heads are fine
     non = []
   for layer, head in hal + non:
     if not (0 <= layer < nl and 0 <= head < nh):
@@ -356,6 +362,28 @@ def propagation_section(model, sigma_sum, sigma_n, hal, non, args, out_dir, fig)
   return res
 
 
+def parse_grid(text: str | None) -> dict[str, tuple[float, ...]]:
+  """--sweep-grid JSON {knob: [values]} (default: sensitivity.DEFAULT_GRID), checked."""
+  from air_jax.analysis import sensitivity
+
+  if not text:
+    return dict(sensitivity.DEFAULT_GRID)
+  try:
+    grid = json.loads(text)
+    if not isinstance(grid, dict):
+      raise TypeError("not an object")
+    grid = {str(k): tuple(float(v) for v in vals) for k, vals in grid.items()}
+  except (json.JSONDecodeError, TypeError, ValueError) as e:
+    raise AnalyzeError(f"--sweep-grid {text!r}: expected JSON {{knob: [numbers]}} ({e})") from e
+  bad = [k for k in grid if k not in sensitivity.KNOBS]
+  if bad:
+    raise AnalyzeError(f"--sweep-grid: unknown knob(s) {bad}; expected {sorted(sensitivity.KNOBS)}")
+  empty = [k for k, v in grid.items() if not v]
+  if empty:
+    raise AnalyzeError(f"--sweep-grid: no values for {empty}")
+  return grid
+
+
 def sweeps_section(model, split, hal, args, out_dir, fig) -> dict:
   from air_jax import AIRConfig
   from air_jax.analysis import sensitivity
@@ -363,16 +391,17 @@ def sweeps_section(model, split, hal, args, out_dir, fig) -> dict:
 
   overrides = {}
   if args.air_config:
-    overrides = json.loads(Path(args.air_config).read_text()).get("air", {})
+    try:
+      overrides = json.loads(Path(args.air_config).read_text()).get("air", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise AnalyzeError(f"--air-config {args.air_config}: expected JSON {{'air': {{field: value}}}} ({e})") from e
   if not hal:
     raise AnalyzeError("the sweeps need sensitive heads: give --heads (or --skip sweeps)")
-  base = AIRConfig.preset("air", heads=hal, **overrides)
-  grid = dict(sensitivity.DEFAULT_GRID)
-  if args.sweep_grid:
-    grid = {k: tuple(v) for k, v in json.loads(args.sweep_grid).items()}
-    bad = [k for k in grid if k not in sensitivity.KNOBS]
-    if bad:
-      raise AnalyzeError(f"--sweep-grid: unknown knob(s) {bad}; expected {sorted(sensitivity.KNOBS)}")
+  try:
+    base = AIRConfig.preset("air", heads=hal, **overrides)
+  except (TypeError, ValueError) as e:
+    raise AnalyzeError(f"--air-config {args.air_config}: {e}") from e
+  grid = parse_grid(args.sweep_grid)
   ids = split.sample(args.sweep_images, args.seed + 1)
   images = split.load(ids)
 
@@ -475,7 +504,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   # Teacher-forced passes: A.2, B.2, TAI, and the state covariance of B.1.
   sims, floors, var_rows, ent_rows, per_caption = [], [], [], [], []
   e = cfg.hidden_size
-  sigma_sum = [None, np.zeros((nl, e)), np.zeros((nl, e, e))]
+  sigma_sum = [None, np.zeros((nl, e)), np.zeros((nl, e, e)) if args.sigma == "both" else None]
   sigma_n = 0
   tai_dist, base_dist = {"value_norm": [], "uniform": []}, []
   need_pass = bool({"similarity", "variance", "tai", "propagation"} - skip)
@@ -498,10 +527,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
       rows_attn, valid = bs.generating_rows(attn, p_len, s)
       var_rows.append(bs.row_variance(rows_attn, valid))
       ent_rows.append(bs.row_entropy(rows_attn, valid))
-      st = out["states"].astype(np.float64)
-      sigma_sum[1] += st.sum(1)
-      sigma_sum[2] += np.einsum("lse,lsf->lef", st, st)
-      sigma_n += st.shape[1]
+      if args.sigma == "both":
+        st = out["states"].astype(np.float64)
+        sigma_sum[1] += st.sum(1)
+        sigma_sum[2] += np.einsum("lse,lsf->lef", st, st)
+        sigma_n += st.shape[1]
       rows = np.arange(p_len - 1, s - 1)
       cand = np.arange(p_len, s - 1)
       hal_pos = [p_len + i for i in hallucinated_positions(model, sentence, cap)]

@@ -189,3 +189,12 @@ def test_analyze_cli_errors(tiny_dir, tmp_path, capsys):
   assert analyze.main(["--model", tiny_dir, "--out", str(tmp_path)]) == 2
   assert "both --model and --coco-root" in capsys.readouterr().err
   assert analyze.main(["--model", tiny_dir, "--coco-root", COCO, "--skip", "everything", "--out", str(tmp_path)]) == 2
+  bad = tmp_path / "heads.json"
+  bad.write_text('{"hal": []}')
+  assert analyze.main(["--model", tiny_dir, "--coco-root", COCO, "--heads", str(bad), "--out", str(tmp_path)]) == 2
+  assert "--heads" in capsys.readouterr().err
+  with pytest.raises(analyze.AnalyzeError, match="unknown knob"):
+    analyze.parse_grid('{"alpha": [1]}')
+  with pytest.raises(analyze.AnalyzeError, match="numbers"):
+    analyze.parse_grid('{"beta": "x"}')
+  assert analyze.parse_grid('{"beta": [0, 0.5]}') == {"beta": (0.0, 0.5)}
