@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tai-top-k", type=int, default=3, help="high-TAI tokens kept per caption (default 3)")
   p.add_argument("--tai-threshold", type=float, default=None, help="and only those with TAI >= this")
   p.add_argument("--tai-window", type=int, default=15, help="tokens within which a hallucination counts (TAI)")
+  p.add_argument("--grid-caption", type=int, default=0, help="which analysed caption the attention grid shows")
   p.add_argument("--grid-layers", help="comma-separated layers of the attention grid (default: up to 4 spread)")
   p.add_argument("--grid-heads", help="comma-separated heads of the attention grid (default: up to 8)")
   p.add_argument("--skip", action="append", default=[], help=f"sections to skip: {', '.join(SECTIONS)}")
@@ -554,14 +555,16 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                None, 3)]
       base_dist += imbalance.distance_to_next(cand, hal_pos)
       per_caption.append(entry)
-      if not grid_done:
+      if not grid_done and len(per_caption) > args.grid_caption:
         layers = _grid_choice(args.grid_layers, nl, 4)
         heads = _grid_choice(args.grid_heads, nh, 8)
         seg = np.asarray(p_ids) == model.config.image_token_id
-        bounds = {"image": int(np.argmax(seg)), "text": int(len(seg) - np.argmax(seg[::-1])), "caption": p_len}
-        f = fig.attention_grid(attn, layers, heads, boundaries=bounds,
-                               title=f"attention of caption 1 (\"{sentence['caption'][:60]}...\"), sqrt scale; "
-                                     "dotted: image / text / caption start")
+        bounds = {"caption": p_len}
+        if seg.any():
+          bounds.update(image=int(np.argmax(seg)), text=int(len(seg) - np.argmax(seg[::-1])))
+        title = (f"attention of caption {args.grid_caption} (\"{sentence['caption'][:60]}...\"), sqrt scale; "
+                 "dotted: image / text / caption start")
+        f = fig.attention_grid(attn, layers, heads, boundaries=bounds, title=title)
         fig.save(f, out_dir / "attention_grid.png", dpi=70)
         grid_done = True
 
