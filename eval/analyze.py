@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mc-tokens", type=int, default=64, help="T of the Monte Carlo walks (B.1)")
   p.add_argument("--tai-top-k", type=int, default=3, help="high-TAI tokens kept per caption (default 3)")
   p.add_argument("--tai-threshold", type=float, default=None, help="and only those with TAI >= this")
+  p.add_argument("--tai-heads", choices=("all", "sensitive"), default="all",
+                 help="heads whose attention TAI averages (sensitive: those of --heads)")
   p.add_argument("--tai-window", type=int, default=15, help="tokens within which a hallucination counts (TAI)")
   p.add_argument("--grid-caption", type=int, default=0, help="which analysed caption the attention grid shows")
   p.add_argument("--grid-layers", help="comma-separated layers of the attention grid (default: up to 4 spread)")
@@ -540,8 +542,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
       entry = {"image_id": image_id, "caption": sentence["caption"],
                "hallucinated": sentence["mscoco_hallucinated_words"],
                "hallucinated_token_positions": [int(p - p_len) for p in hal_pos]}
-      for info, norms in (("value_norm", out["value_norms"]), ("uniform", None)):
-        t = imbalance.tai(attn, rows, norms)
+      sel = sens if args.tai_heads == "sensitive" and sens.any() else np.ones_like(sens)
+      for info, norms in (("value_norm", out["value_norms"][sel]), ("uniform", None)):
+        t = imbalance.tai(attn[sel], rows, norms)
         high = imbalance.high_tai_tokens(t["tai"], t["attention_share"], t["uniform_share"], cand,
                                          args.tai_threshold, args.tai_top_k)
         dist = imbalance.distance_to_next(high, hal_pos)
@@ -595,6 +598,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "definition": "TAI_j = attention share / information share; value_norm: information = attention-weighted "
                       "value norms ||W_O^h v_j||, uniform: 1 / visible keys (air_jax.analysis.imbalance)",
         "top_k": args.tai_top_k, "threshold": args.tai_threshold, "window": args.tai_window,
+        "heads": args.tai_heads if hal else "all",
         "within_window_share_all_tokens": imbalance.within_fraction(base_dist, args.tai_window)}
     for info, dist in tai_dist.items():
       with_d = [d for d in dist if d is not None]

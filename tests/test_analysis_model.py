@@ -177,7 +177,8 @@ def test_analyze_cli_on_a_tiny_model(tiny_dir, llm_dirs, tmp_path, monkeypatch, 
     raise AssertionError("sweep rerun")
 
   monkeypatch.setattr(sys.modules["air_jax.generate"], "generate_sweep", boom)
-  assert analyze.main(argv + ["--skip", "similarity", "--skip", "propagation"]) == 0
+  assert analyze.main(argv + ["--skip", "similarity", "--skip", "propagation", "--tai-heads", "sensitive"]) == 0
+  assert json.loads((out / "analysis.json").read_text())["tai"]["heads"] == "sensitive"
 
 
 def test_analyze_cli_errors(tiny_dir, tmp_path, capsys):
