@@ -60,11 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--sweep-images", type=int, default=100, help="held-out images per sweep config (default 100)")
   p.add_argument("--sweep-grid", help="JSON {knob: [values]} (knobs lambda, gamma, tau_text, beta)")
   p.add_argument("--batch-size", type=int, default=50)
+  p.add_argument("--sigma", choices=("both", "identity"), default="both",
+                 help="B.1 Sigma: identity and the covariance of the layer inputs (both, default) or identity only "
+                      "(the covariance needs L x E x E float64: 4.3 GB for a 7B model)")
   p.add_argument("--mc-draws", type=int, default=2000, help="Monte Carlo walks per checked head (B.1)")
   p.add_argument("--mc-tokens", type=int, default=64, help="T of the Monte Carlo walks (B.1)")
   p.add_argument("--tai-top-k", type=int, default=3, help="high-TAI tokens kept per caption (default 3)")
   p.add_argument("--tai-threshold", type=float, default=None, help="and only those with TAI >= this")
+  p.add_argument("--tai-heads", choices=("all", "sensitive"), default="all",
+                 help="heads whose attention TAI averages (sensitive: those of --heads)")
   p.add_argument("--tai-window", type=int, default=15, help="tokens within which a hallucination counts (TAI)")
+  p.add_argument("--grid-caption", type=int, default=0, help="which analysed caption the attention grid shows")
   p.add_argument("--grid-layers", help="comma-separated layers of the attention grid (default: up to 4 spread)")
   p.add_argument("--grid-heads", help="comma-separated heads of the attention grid (default: up to 8)")
   p.add_argument("--skip", action="append", default=[], help=f"sections to skip: {', '.join(SECTIONS)}")
@@ -212,9 +218,12 @@ def base_placeholder(model, base) -> list[int]:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if ids:
       return list(ids)
-  if image_id < base.config.text.vocab_size:
+  from air_jax.analysis.model_io import text_config
+
+  vocab = text_config(base).vocab_size
+  if image_id < vocab:
     return [image_id]
-  raise AnalyzeError(f"the base LLM's vocabulary ({base.config.text.vocab_size}) has no image token id {image_id} "
+  raise AnalyzeError(f"the base LLM's vocabulary ({vocab}) has no image token id {image_id} "
                      "and it ships no tokenizer to spell a placeholder")
 
 
@@ -229,7 +238,7 @@ def attention_pass(model, base, placeholder, prompt_ids, pixels, cap_ids) -> dic
   attn = model_io.decoder_attentions(model, ids, mask, pixels)[:, 0, :, :s, :s]
   states, norms = model_io.layer_inputs(model, ids, mask, pixels)
   llm_seq = text_only_ids(seq, model.config.image_token_id, placeholder)
-  vocab = base.config.text.vocab_size
+  vocab = model_io.text_config(base).vocab_size
   if llm_seq.max() >= vocab:
     raise AnalyzeError(f"token id {int(llm_seq.max())} is outside the base LLM's vocabulary ({vocab}): A.2 needs a "
                        "base LLM that shares the LVLM's tokenizer (e.g. Vicuna for LLaVA-1.5)")
@@ -248,10 +257,13 @@ def _heads(args, nl: int, nh: int) -> tuple[list, list]:
 
   if args.heads is None:
     return [], []
-  hal = [tuple(h) for h in read_heads_file(args.heads, "hal_heads")]
+  try:
+    hal = [tuple(h) for h in read_heads_file(args.heads, "hal_heads")]
+  except ValueError as e:
+    raise AnalyzeError(f"--heads: {e}") from e
   try:
     non = [tuple(h) for h in read_heads_file(args.heads, "non_hal_heads")]
-  except (ValueError, KeyError):
+  except ValueError:  # optional: files listing only the sensitive heads are fine
     non = []
   for layer, head in hal + non:
     if not (0 <= layer < nl and 0 <= head < nh):
@@ -275,21 +287,33 @@ def propagation_section(model, sigma_sum, sigma_n, hal, non, args, out_dir, fig)
   from air_jax.analysis import model_io, propagation as pr
 
   cfg = model_io.text_config(model)
-  w = model_io.qk_matrices(model)
-  d = cfg.head_dim
-  ident = pr.head_table(w, d)
-  res: dict[str, Any] = {"d": d, "note": "W = sym(W_QK) Sigma on RMS-normalised states (norm gain folded in), "
-                         "RoPE ignored; rho by the corrected eq. (7) (see air_jax.analysis.propagation)",
-                         "identity": {k: v.tolist() for k, v in ident.items() if k not in ("rho", "theta")}}
-  tables = {"identity": ident}
+  d, nl = cfg.head_dim, cfg.num_hidden_layers
+  cov = None
   if sigma_n > 0:
     mean = sigma_sum[1] / sigma_n
     cov = sigma_sum[2] / sigma_n - np.einsum("le,lf->lef", mean, mean)
-    t_cov = pr.head_table(w, d, sigma=cov)
-    tables["state_covariance"] = t_cov
-    res["state_covariance"] = {k: v.tolist() for k, v in t_cov.items() if k not in ("rho", "theta")}
+  # One layer at a time from the (query, key) factors: never an E x E matrix per head.
+  spectra = {"identity": [], "state_covariance": []}
+  factors = {}
+  for layer in range(nl):
+    a, b = model_io.qk_factors(model, layer)
+    factors[layer] = (a, b)
+    spectra["identity"].append(pr.spectrum_from_factors(a, b, d))
+    if cov is not None:
+      spectra["state_covariance"].append(pr.spectrum_from_factors(a, b, d, cov[layer]))
+
+  def stacked(parts):
+    return pr.Spectrum(np.stack([p.tr_w for p in parts]), np.stack([p.tr_w2 for p in parts]), d)
+
+  tables = {name: pr.head_table(stacked(parts)) for name, parts in spectra.items() if parts}
+  ident = tables["identity"]
+  res: dict[str, Any] = {"d": d, "note": "W = sym(W_QK) Sigma on RMS-normalised states (norm gain folded in), "
+                         "RoPE ignored; rho by the corrected eq. (7) (see air_jax.analysis.propagation)"}
+  for name, tab in tables.items():
+    res[name] = {k: v.tolist() for k, v in tab.items() if k not in ("rho", "theta")}
+  w_shape = (nl, cfg.num_attention_heads)
   groups = {}
-  mask = np.zeros(w.shape[:2], bool)
+  mask = np.zeros(w_shape, bool)
   for l, h in hal:
     mask[l, h] = True
   nmask = np.zeros_like(mask)
@@ -312,8 +336,9 @@ def propagation_section(model, sigma_sum, sigma_n, hal, non, args, out_dir, fig)
   theta = np.arange(1, t + 1) / t
   mc_points = {}
   for name, (l, h) in picks:
-    sp = pr.spectrum(w[l, h], d)
-    mc = pr.rho_monte_carlo(w[l, h], t, d, num_draws=args.mc_draws, seed=0)
+    head_factors = (factors[l][0][h], factors[l][1][h])
+    sp = pr.spectrum_from_factors(*head_factors, d)
+    mc = pr.rho_monte_carlo(head_factors, t, d, num_draws=args.mc_draws, seed=0)
     corr = pr.rho_closed_form(theta, sp.tr_w, sp.tr_w2, d, "corrected")
     paper = pr.rho_closed_form(theta, sp.tr_w, sp.tr_w2, d, "paper")
     fin = pr.rho_finite(t, sp.tr_w, sp.tr_w2, d)
@@ -332,12 +357,34 @@ def propagation_section(model, sigma_sum, sigma_n, hal, non, args, out_dir, fig)
     curves[f"eq. 7 ({l},{h})"] = ident["rho"][l, h]
   fin_curves = {}
   for name, (l, h) in picks:
-    sp = pr.spectrum(w[l, h], d)
+    sp = pr.spectrum_from_factors(factors[l][0][h], factors[l][1][h], d)
     fin_curves[f"finite-T eq. 2 ({l},{h}), T={t}"] = pr.rho_finite(t, sp.tr_w, sp.tr_w2, d)
   f = fig.rho_figure(ident["theta"], curves, mc=mc_points, extra=(theta, fin_curves),
                      title="token propagation probability (corrected eq. 7, Sigma = I)")
   fig.save(f, out_dir / "propagation.png")
   return res
+
+
+def parse_grid(text: str | None) -> dict[str, tuple[float, ...]]:
+  """--sweep-grid JSON {knob: [values]} (default: sensitivity.DEFAULT_GRID), checked."""
+  from air_jax.analysis import sensitivity
+
+  if not text:
+    return dict(sensitivity.DEFAULT_GRID)
+  try:
+    grid = json.loads(text)
+    if not isinstance(grid, dict):
+      raise TypeError("not an object")
+    grid = {str(k): tuple(float(v) for v in vals) for k, vals in grid.items()}
+  except (json.JSONDecodeError, TypeError, ValueError) as e:
+    raise AnalyzeError(f"--sweep-grid {text!r}: expected JSON {{knob: [numbers]}} ({e})") from e
+  bad = [k for k in grid if k not in sensitivity.KNOBS]
+  if bad:
+    raise AnalyzeError(f"--sweep-grid: unknown knob(s) {bad}; expected {sorted(sensitivity.KNOBS)}")
+  empty = [k for k, v in grid.items() if not v]
+  if empty:
+    raise AnalyzeError(f"--sweep-grid: no values for {empty}")
+  return grid
 
 
 def sweeps_section(model, split, hal, args, out_dir, fig) -> dict:
@@ -347,16 +394,17 @@ def sweeps_section(model, split, hal, args, out_dir, fig) -> dict:
 
   overrides = {}
   if args.air_config:
-    overrides = json.loads(Path(args.air_config).read_text()).get("air", {})
+    try:
+      overrides = json.loads(Path(args.air_config).read_text()).get("air", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise AnalyzeError(f"--air-config {args.air_config}: expected JSON {{'air': {{field: value}}}} ({e})") from e
   if not hal:
     raise AnalyzeError("the sweeps need sensitive heads: give --heads (or --skip sweeps)")
-  base = AIRConfig.preset("air", heads=hal, **overrides)
-  grid = dict(sensitivity.DEFAULT_GRID)
-  if args.sweep_grid:
-    grid = {k: tuple(v) for k, v in json.loads(args.sweep_grid).items()}
-    bad = [k for k in grid if k not in sensitivity.KNOBS]
-    if bad:
-      raise AnalyzeError(f"--sweep-grid: unknown knob(s) {bad}; expected {sorted(sensitivity.KNOBS)}")
+  try:
+    base = AIRConfig.preset("air", heads=hal, **overrides)
+  except (TypeError, ValueError) as e:
+    raise AnalyzeError(f"--air-config {args.air_config}: {e}") from e
+  grid = parse_grid(args.sweep_grid)
   ids = split.sample(args.sweep_images, args.seed + 1)
   images = split.load(ids)
 
@@ -457,9 +505,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fig.save(fig.mai_figure(masses, num, sens, title=f"MAI, {len(ids)} greedy captions"), out_dir / "mai.png")
 
   # Teacher-forced passes: A.2, B.2, TAI, and the state covariance of B.1.
-  sims, var_rows, ent_rows, per_caption = [], [], [], []
+  sims, floors, var_rows, ent_rows, per_caption = [], [], [], [], []
   e = cfg.hidden_size
-  sigma_sum = [None, np.zeros((nl, e)), np.zeros((nl, e, e))]
+  sigma_sum = [None, np.zeros((nl, e)), np.zeros((nl, e, e)) if args.sigma == "both" else None]
   sigma_n = 0
   tai_dist, base_dist = {"value_norm": [], "uniform": []}, []
   need_pass = bool({"similarity", "variance", "tai", "propagation"} - skip)
@@ -477,13 +525,16 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
       out = attention_pass(model, base, placeholder, p_ids, pixels, cap)
       attn, p_len, s = out["attn"], len(p_ids), len(out["seq"])
       sims.append(similarity.head_similarity(attn, out["llm_attn"], len(cap)))
+      floors.append(similarity.cosine(similarity.output_block(attn, len(cap)),
+                                      similarity.uniform_causal_block(len(cap), len(out["seq"]))))
       rows_attn, valid = bs.generating_rows(attn, p_len, s)
       var_rows.append(bs.row_variance(rows_attn, valid))
       ent_rows.append(bs.row_entropy(rows_attn, valid))
-      st = out["states"].astype(np.float64)
-      sigma_sum[1] += st.sum(1)
-      sigma_sum[2] += np.einsum("lse,lsf->lef", st, st)
-      sigma_n += st.shape[1]
+      if args.sigma == "both":
+        st = out["states"].astype(np.float64)
+        sigma_sum[1] += st.sum(1)
+        sigma_sum[2] += np.einsum("lse,lsf->lef", st, st)
+        sigma_n += st.shape[1]
       rows = np.arange(p_len - 1, s - 1)
       cand = np.arange(p_len, s - 1)
       hal_pos = [p_len + i for i in hallucinated_positions(model, sentence, cap)]
@@ -491,8 +542,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
       entry = {"image_id": image_id, "caption": sentence["caption"],
                "hallucinated": sentence["mscoco_hallucinated_words"],
                "hallucinated_token_positions": [int(p - p_len) for p in hal_pos]}
-      for info, norms in (("value_norm", out["value_norms"]), ("uniform", None)):
-        t = imbalance.tai(attn, rows, norms)
+      sel = sens if args.tai_heads == "sensitive" and sens.any() else np.ones_like(sens)
+      for info, norms in (("value_norm", out["value_norms"][sel]), ("uniform", None)):
+        t = imbalance.tai(attn[sel], rows, norms)
         high = imbalance.high_tai_tokens(t["tai"], t["attention_share"], t["uniform_share"], cand,
                                          args.tai_threshold, args.tai_top_k)
         dist = imbalance.distance_to_next(high, hal_pos)
@@ -506,20 +558,24 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                None, 3)]
       base_dist += imbalance.distance_to_next(cand, hal_pos)
       per_caption.append(entry)
-      if not grid_done:
+      if not grid_done and len(per_caption) > args.grid_caption:
         layers = _grid_choice(args.grid_layers, nl, 4)
         heads = _grid_choice(args.grid_heads, nh, 8)
         seg = np.asarray(p_ids) == model.config.image_token_id
-        bounds = {"image": int(np.argmax(seg)), "text": int(len(seg) - np.argmax(seg[::-1])), "caption": p_len}
-        f = fig.attention_grid(attn, layers, heads, boundaries=bounds,
-                               title=f"attention of caption 1 (\"{sentence['caption'][:60]}...\"), sqrt scale; "
-                                     "dotted: image / text / caption start")
+        bounds = {"caption": p_len}
+        if seg.any():
+          bounds.update(image=int(np.argmax(seg)), text=int(len(seg) - np.argmax(seg[::-1])))
+        title = (f"attention of caption {args.grid_caption} (\"{sentence['caption'][:60]}...\"), sqrt scale; "
+                 "dotted: image / text / caption start")
+        f = fig.attention_grid(attn, layers, heads, boundaries=bounds, title=title)
         fig.save(f, out_dir / "attention_grid.png", dpi=70)
         grid_done = True
 
   if sims and "similarity" not in skip:
     sim = np.stack(sims)
     result["similarity"] = {**similarity.group_means(sim, hal, non), "base_llm": args.base_llm,
+                            "chance_floor": {"note": "cosine of the LVLM's maps with uniform causal attention",
+                                             **similarity.group_means(np.stack(floors), hal, non)},
                             "per_head": np.nanmean(sim, 0).tolist(), "num_captions": len(sims)}
     f = fig.head_heatmap(np.nanmean(sim, 0), title=f"A.2 cosine(LVLM, base LLM) on output tokens, {len(sims)} "
                          f"captions (S: sensitive, N: insensitive)", label="cosine similarity",
@@ -542,6 +598,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "definition": "TAI_j = attention share / information share; value_norm: information = attention-weighted "
                       "value norms ||W_O^h v_j||, uniform: 1 / visible keys (air_jax.analysis.imbalance)",
         "top_k": args.tai_top_k, "threshold": args.tai_threshold, "window": args.tai_window,
+        "heads": args.tai_heads if hal else "all",
         "within_window_share_all_tokens": imbalance.within_fraction(base_dist, args.tai_window)}
     for info, dist in tai_dist.items():
       with_d = [d for d in dist if d is not None]
@@ -586,7 +643,8 @@ def summary_lines(result: dict) -> list[str]:
            f"C_I {100 * result['captions']['CHAIRi']:.1f}"]
   if "similarity" in result:
     s = result["similarity"]
-    lines.append(f"A.2 similarity: S_hal {s['S_hal']:.3f}, S_non {s['S_non']:.3f}, all {s['S_all']:.3f}")
+    lines.append(f"A.2 similarity: S_hal {s['S_hal']:.3f}, S_non {s['S_non']:.3f}, all {s['S_all']:.3f} (chance "
+                 f"floor, uniform causal attention: {s['chance_floor']['S_all']:.3f})")
   if "mai" in result:
     m = result["mai"]
     lines.append(f"MAI (pooled text/image mass): sensitive heads {m['sensitive_pooled']:.2f}, other heads "

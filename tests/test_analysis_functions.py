@@ -44,6 +44,23 @@ def test_closed_form_matches_monte_carlo_over_random_w():
     assert paper.mean() > corr.mean() + 0.03, (scale, shift, paper.mean(), corr.mean())
 
 
+def test_factored_spectrum_and_monte_carlo_equal_the_matrix_forms():
+  rng = np.random.default_rng(4)
+  a, b = rng.standard_normal((2, 3, 2, 6)) * 0.4  # [heads, D, E]
+  w = np.einsum("hde,hdf->hef", a, b)
+  c = rng.standard_normal((6, 6))
+  sigma = c @ c.T / 6 + np.eye(6)
+  for sig in (None, sigma):
+    full, fac = pr.spectrum(w, 2, sig), pr.spectrum_from_factors(a, b, 2, sig)
+    np.testing.assert_allclose(fac.tr_w, full.tr_w, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(fac.tr_w2, full.tr_w2, rtol=1e-10, atol=1e-12)
+  mc_full = pr.rho_monte_carlo(w[0], 16, 2, num_draws=400, seed=1)
+  mc_fac = pr.rho_monte_carlo((a[0], b[0]), 16, 2, num_draws=400, seed=1)
+  np.testing.assert_allclose(mc_fac, mc_full, atol=1e-2)  # same walks; only boundary ties may differ
+  table = pr.head_table(pr.spectrum_from_factors(a, b, 2), num_theta=5)
+  assert table["rho"].shape == (3, 5)
+
+
 def test_spectrum_statistics_and_head_table():
   w = np.diag([1.0, 2.0, 3.0])
   sp = pr.spectrum(w, 4)
@@ -146,6 +163,8 @@ def test_cosine_similarity_and_group_means():
   c = np.zeros((7, 7))
   c[1, 1] = 1
   assert similarity.cosine(b, c) == 0.0
+  u = similarity.uniform_causal_block(3, 5)
+  assert np.allclose(u[-1], 1 / 5) and u[0, 0] == pytest.approx(1 / 3) and u[0, 1] == 0.0
   sim = np.array([[1.0, 0.5], [0.2, 0.4]])
   g = similarity.group_means(sim[None], [(0, 0), (1, 1)], [(1, 0)])
   assert g["S_hal"] == pytest.approx(0.7) and g["S_non"] == pytest.approx(0.2)

@@ -96,6 +96,10 @@ def test_similarity_with_itself_is_one_and_with_unrelated_heads_far_below(tiny_m
   same = model_io.decoder_attentions(load_base_llm(own), text_seq[None])[:, 0]
   unrelated = model_io.decoder_attentions(load_base_llm(other), text_seq[None])[:, 0]
   with_image = model_io.decoder_attentions(tiny_model, seq[None], None, pixels)[:, 0]
+  from eval.analyze import _bucketed
+
+  padded = model_io.decoder_attentions(tiny_model, *_bucketed(text_seq))[:, 0, :, :len(text_seq), :len(text_seq)]
+  np.testing.assert_allclose(padded, self_attn, atol=1e-6)  # right padding leaves the causal rows unchanged
   sim_same = similarity.head_similarity(self_attn, same, t)
   np.testing.assert_allclose(sim_same, 1.0, atol=1e-6)
   sim_other = similarity.head_similarity(self_attn, unrelated, t)
@@ -142,6 +146,8 @@ def test_qk_matrices_give_the_pre_rope_logits(tiny_model):
   d, group = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
   want = q[head * d:(head + 1) * d] @ k[(head // group) * d:(head // group + 1) * d]
   assert x @ w[layer, head] @ y == pytest.approx(want, rel=1e-9)
+  fa, fb = model_io.qk_factors(tiny_model, layer)
+  np.testing.assert_allclose(np.einsum("hde,hdf->hef", fa, fb), w[layer], rtol=1e-12, atol=1e-14)
 
 
 def test_analyze_cli_on_a_tiny_model(tiny_dir, llm_dirs, tmp_path, monkeypatch, capsys):
@@ -171,7 +177,8 @@ def test_analyze_cli_on_a_tiny_model(tiny_dir, llm_dirs, tmp_path, monkeypatch, 
     raise AssertionError("sweep rerun")
 
   monkeypatch.setattr(sys.modules["air_jax.generate"], "generate_sweep", boom)
-  assert analyze.main(argv + ["--skip", "similarity", "--skip", "propagation"]) == 0
+  assert analyze.main(argv + ["--skip", "similarity", "--skip", "propagation", "--tai-heads", "sensitive"]) == 0
+  assert json.loads((out / "analysis.json").read_text())["tai"]["heads"] == "sensitive"
 
 
 def test_analyze_cli_errors(tiny_dir, tmp_path, capsys):
@@ -183,3 +190,12 @@ def test_analyze_cli_errors(tiny_dir, tmp_path, capsys):
   assert analyze.main(["--model", tiny_dir, "--out", str(tmp_path)]) == 2
   assert "both --model and --coco-root" in capsys.readouterr().err
   assert analyze.main(["--model", tiny_dir, "--coco-root", COCO, "--skip", "everything", "--out", str(tmp_path)]) == 2
+  bad = tmp_path / "heads.json"
+  bad.write_text('{"hal": []}')
+  assert analyze.main(["--model", tiny_dir, "--coco-root", COCO, "--heads", str(bad), "--out", str(tmp_path)]) == 2
+  assert "--heads" in capsys.readouterr().err
+  with pytest.raises(analyze.AnalyzeError, match="unknown knob"):
+    analyze.parse_grid('{"alpha": [1]}')
+  with pytest.raises(analyze.AnalyzeError, match="numbers"):
+    analyze.parse_grid('{"beta": "x"}')
+  assert analyze.parse_grid('{"beta": [0, 0.5]}') == {"beta": (0.0, 0.5)}

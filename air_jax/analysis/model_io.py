@@ -99,11 +99,29 @@ def layer_inputs(model, input_ids, attention_mask=None, pixel_values=None) -> tu
   return np.asarray(states, np.float32), np.asarray(norms, np.float32)
 
 
+def qk_factors(model, layer: int, fold_norm: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """(a, b) [H, D, E] float64 of one decoder layer with W_QK^h = a[h]^T b[h] (RoPE ignored; see `qk_matrices`).
+
+  Key heads are repeated for the query heads that share them (GQA). Never forms an E x E matrix.
+  """
+  cfg = text_config(model)
+  lm = lm_params(model)
+  att = lm["layers"]["self_attn"]
+  h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  a = np.asarray(att["q_proj"]["weight"][layer], np.float64).reshape(h, d, -1)
+  b = np.repeat(np.asarray(att["k_proj"]["weight"][layer], np.float64).reshape(kv, d, -1), h // kv, axis=0)
+  if fold_norm:
+    g = np.asarray(lm["layers"]["input_layernorm"]["weight"][layer], np.float64)
+    a, b = a * g, b * g
+  return a, b
+
+
 def qk_matrices(model, fold_norm: bool = True) -> np.ndarray:
   """Per-head query-key matrices W_QK = W_Q^h^T W_K^h of the decoder, [L, H, E, E] float64 (RoPE ignored).
 
   The logit of query state x_i and key state x_j in head h is x_i^T W_QK x_j / sqrt(D) (before RoPE). With
   fold_norm, W_QK acts on RMS-normalised states: the input norm's gain g is folded in (diag(g) W_QK diag(g)).
+  L x H x E x E: small models only (a 7B model would need 137 GB); use `qk_factors` for large ones.
   """
   cfg = text_config(model)
   lm = lm_params(model)
@@ -118,4 +136,4 @@ def qk_matrices(model, fold_norm: bool = True) -> np.ndarray:
   return np.einsum("lhde,lhdf->lhef", wq, wk)
 
 
-__all__ = ["decoder_attentions", "layer_inputs", "lm_params", "qk_matrices", "text_config"]
+__all__ = ["decoder_attentions", "layer_inputs", "lm_params", "qk_factors", "qk_matrices", "text_config"]

@@ -73,6 +73,25 @@ def spectrum(w_qk: np.ndarray, d: float, sigma: np.ndarray | None = None) -> Spe
   return Spectrum(tr_w=tr_w, tr_w2=tr_w2, d=float(d))
 
 
+def spectrum_from_factors(a: np.ndarray, b: np.ndarray, d: float, sigma: np.ndarray | None = None) -> Spectrum:
+  """`spectrum` of W_QK = a^T b without forming the E x E matrix: a, b [..., D, E] (a head's query and key maps).
+
+  With M = sym(a^T b), P = b Sigma a^T, Q_a = a Sigma a^T, Q_b = b Sigma b^T (all D x D):
+  tr(M Sigma) = tr(P) and tr((M Sigma)^2) = (tr(P^2) + tr(Q_a Q_b)) / 2. Memory O(D E) per head, so 7B-size
+  heads (E = 4096) are cheap; an [E, E] sigma costs D E^2 per head.
+  """
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  a_s = a if sigma is None else a @ np.asarray(sigma, np.float64)
+  b_s = b if sigma is None else b @ np.asarray(sigma, np.float64)
+  p = np.einsum("...ie,...je->...ij", b_s, a)  # b Sigma a^T
+  qa = np.einsum("...ie,...je->...ij", a_s, a)
+  qb = np.einsum("...ie,...je->...ij", b_s, b)
+  tr_w = np.trace(p, axis1=-2, axis2=-1)
+  tr_w2 = 0.5 * (np.einsum("...ij,...ji->...", p, p) + np.einsum("...ij,...ji->...", qa, qb))
+  return Spectrum(tr_w=tr_w, tr_w2=tr_w2, d=float(d))
+
+
 def variance_coefficient(theta: np.ndarray, variant: str = "corrected") -> np.ndarray:
   """c(theta) with v = c(theta) tr(W^2) / d: 2 theta^2 - 2 theta + 7/12 (corrected) or 2 theta^2 + 7/12 (paper)."""
   if variant not in VARIANTS:
@@ -102,12 +121,13 @@ def rho_finite(num_tokens: int, tr_w, tr_w2, d: float) -> np.ndarray:
   return 0.5 * (erf(mu / s) + erf((1 - mu) / s))
 
 
-def rho_monte_carlo(w_qk: np.ndarray, num_tokens: int, d: float, sigma: np.ndarray | None = None,
+def rho_monte_carlo(w_qk: np.ndarray | tuple, num_tokens: int, d: float, sigma: np.ndarray | None = None,
                     num_draws: int = 4000, seed: int = 0, chunk: int = 500) -> np.ndarray:
   """Equation (1) measured directly: draw Gaussian random walks (Assumption 1), compute omega and count.
 
   Args:
-    w_qk: [E, E] query-key matrix (symmetrised here, as Lemma 2 prescribes).
+    w_qk: [E, E] query-key matrix (symmetrised here, as Lemma 2 prescribes), or its factors (a, b) [D, E] with
+      W_QK = a^T b (then omega_j = ((a x_j) . (b x_T) + (b x_j) . (a x_T)) / 2 / sqrt(d): no E x E matrix).
     num_tokens: T.
     d: the logit scale dimension.
     sigma: [E, E] step covariance (default identity).
@@ -116,8 +136,13 @@ def rho_monte_carlo(w_qk: np.ndarray, num_tokens: int, d: float, sigma: np.ndarr
   Returns:
     [T] the fraction of walks with <gamma^i, omega> + 1/T in [0, 1], for i = 1..T.
   """
-  m = symmetrize(w_qk)
-  e = m.shape[-1]
+  factors = isinstance(w_qk, tuple)
+  if factors:
+    fa, fb = (np.asarray(f, np.float64) for f in w_qk)
+    e = fa.shape[-1]
+  else:
+    m = symmetrize(w_qk)
+    e = m.shape[-1]
   chol = np.linalg.cholesky(np.eye(e) if sigma is None else np.asarray(sigma, np.float64))
   rng = np.random.default_rng(seed)
   t = num_tokens
@@ -125,7 +150,11 @@ def rho_monte_carlo(w_qk: np.ndarray, num_tokens: int, d: float, sigma: np.ndarr
   for start in range(0, num_draws, chunk):
     n = min(chunk, num_draws - start)
     x = np.cumsum(rng.standard_normal((n, t, e)) @ chol.T, axis=1)  # [N, T, E]
-    omega = np.einsum("nte,ef,nf->nt", x, m, x[:, -1]) / np.sqrt(d)
+    if factors:
+      ax, bx = x @ fa.T, x @ fb.T  # [N, T, D]
+      omega = 0.5 * (np.einsum("ntd,nd->nt", ax, bx[:, -1]) + np.einsum("ntd,nd->nt", bx, ax[:, -1])) / np.sqrt(d)
+    else:
+      omega = np.einsum("nte,ef,nf->nt", x, m, x[:, -1]) / np.sqrt(d)
     z = omega / t - omega.sum(1, keepdims=True) / t**2 + 1.0 / t
     hits += ((z >= 0) & (z <= 1)).sum(0)
   return hits / num_draws
@@ -139,16 +168,21 @@ def state_covariance(states: np.ndarray, mask: np.ndarray | None = None) -> np.n
   return np.cov(x, rowvar=False)
 
 
-def head_table(w_qk: np.ndarray, d: float, sigma: np.ndarray | None = None, num_theta: int = 101,
-               variant: str = "corrected") -> dict[str, np.ndarray]:
+def head_table(w_qk: np.ndarray | Spectrum, d: float | None = None, sigma: np.ndarray | None = None,
+               num_theta: int = 101, variant: str = "corrected") -> dict[str, np.ndarray]:
   """Per head [L, H]: tr(W), tr(W^2), xi, eta, theta* and the curve rho [L, H, num_theta] on theta in (0, 1].
 
+  w_qk: [L, H, E, E] matrices, or a Spectrum (e.g. from `spectrum_from_factors`; then d and sigma are unused).
   sigma: one [E, E] for all heads, or [L, E, E] per layer (e.g. `state_covariance` of each layer's inputs).
   """
-  w = np.asarray(w_qk, np.float64)
-  if sigma is not None and np.ndim(sigma) == 3:
-    sigma = np.asarray(sigma)[:, None]
-  spec = spectrum(w, d, sigma)
+  if isinstance(w_qk, Spectrum):
+    spec = w_qk
+  else:
+    w = np.asarray(w_qk, np.float64)
+    if sigma is not None and np.ndim(sigma) == 3:
+      sigma = np.asarray(sigma)[:, None]
+    spec = spectrum(w, d, sigma)
+  d = spec.d
   theta = np.linspace(1.0 / num_theta, 1.0, num_theta)
   rho = rho_closed_form(theta, spec.tr_w[..., None], spec.tr_w2[..., None], d, variant)
   peak = theta[np.argmax(rho, axis=-1)]
@@ -157,4 +191,4 @@ def head_table(w_qk: np.ndarray, d: float, sigma: np.ndarray | None = None, num_
 
 
 __all__ = ["Spectrum", "VARIANTS", "head_table", "rho_closed_form", "rho_finite", "rho_monte_carlo", "spectrum",
-           "state_covariance", "symmetrize", "variance_coefficient"]
+           "spectrum_from_factors", "state_covariance", "symmetrize", "variance_coefficient"]

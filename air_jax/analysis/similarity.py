@@ -37,6 +37,17 @@ def head_similarity(lvlm_attn: np.ndarray, llm_attn: np.ndarray, num_output: int
   return cosine(output_block(lvlm_attn, num_output), output_block(llm_attn, num_output))
 
 
+def uniform_causal_block(num_output: int, seq_len: int) -> np.ndarray:
+  """[T, T] output block of a head that attends uniformly to every visible key of a length-seq_len sequence.
+
+  Causal maps share their lower triangle, so even unrelated heads have a positive cosine; the cosine with this
+  map is the chance floor to read Sim against.
+  """
+  rows = np.arange(seq_len - num_output, seq_len)
+  block = np.tril(np.ones((num_output, num_output)))
+  return block / (rows + 1)[:, None]
+
+
 def group_means(sim: np.ndarray, hal_heads: Sequence, non_hal_heads: Sequence) -> dict[str, float]:
   """S_hal, S_non (and all heads) from Sim [..., L, H] (leading sample axes averaged)."""
   s = np.asarray(sim, np.float64)
@@ -50,4 +61,4 @@ def group_means(sim: np.ndarray, hal_heads: Sequence, non_hal_heads: Sequence) -
   return {"S_hal": mean(hal_heads), "S_non": mean(non_hal_heads), "S_all": float(np.nanmean(s))}
 
 
-__all__ = ["cosine", "group_means", "head_similarity", "output_block"]
+__all__ = ["cosine", "group_means", "head_similarity", "output_block", "uniform_causal_block"]
