@@ -139,3 +139,12 @@ def test_registry_names_and_unknown_method():
   assert hp == {"class": "VCDConfig", "name": "vcd", "alpha": 1.0, "beta": 0.1, "noise_step": 500, "seed": 0}
   assert methods.make("air", heads="all").visual_factor == 3.5  # AIRConfig presets behind the registry
   torch.manual_seed(0)  # keep torch's global state deterministic for later tests
+
+
+def test_debug_loop_equals_compiled_loop(tiny_model):
+  images = random_images(2, 28, seed=36)
+  for name in ("dola", "vcd"):
+    a = air_jax.generate(tiny_model, name, images, PROMPTS, max_new_tokens=6, output_scores=True)
+    b = air_jax.generate(tiny_model, name, images, PROMPTS, max_new_tokens=6, output_scores=True, debug=True)
+    np.testing.assert_array_equal(a.token_ids, b.token_ids)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)

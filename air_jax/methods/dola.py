@@ -20,7 +20,7 @@ Differences from the official code, switchable:
 - `final_norm` (default True): the final RMSNorm is applied to early exits before the LM head, as the LM head
   was trained on normed states (the issue's definition). The official code (transformers-4.28.1 patch,
   `lm_head(outputs.hidden_states[layer])`) and transformers' `dola_layers` mode skip it for premature layers:
-  `final_norm=False` reproduces them.
+  `final_norm=False` reproduces them (with `relative_top_value=float("-inf")`, transformers' filter value).
 - `batch_js` (default False): the premature layer is chosen per example. The official code averages JSD over
   the batch (`js_divs.mean(-1)`), one layer for the whole batch (it ran batch size 1): `batch_js=True`.
 - Padding tokens are not penalised (the official code ran unpadded batches of one).
@@ -113,7 +113,8 @@ class DoLaConfig(ConfigMixin):
   def __post_init__(self):
     check_number("DoLaConfig", "relative_top", self.relative_top, lo=0.0, hi=1.0, lo_open=True)
     check_number("DoLaConfig", "repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
-    check_number("DoLaConfig", "relative_top_value", self.relative_top_value)
+    if self.relative_top_value != float("-inf"):  # -inf: transformers' filter value
+      check_number("DoLaConfig", "relative_top_value", self.relative_top_value)
     check_bool("DoLaConfig", "final_norm", self.final_norm)
     check_bool("DoLaConfig", "batch_js", self.batch_js)
     ref = self.layer_ref
