@@ -101,21 +101,24 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
     backend: "cpu", "gpu", "tpu" or None (JAX's default).
     heads: Optional heads JSON for the preset.
     overrides: AIRConfig field overrides for the preset (see --air-config).
-    protocol: an ``air_jax.protocol.Protocol`` (None: the default protocol): prompt template, padding, model
-      dtype and layer-range reading.
+    protocol: an ``air_jax.protocol.Protocol`` or its name (None: the default protocol): prompt template,
+      padding, model dtype and the AIRConfig fields it fixes.
   """
   import air_jax  # lazily: the CLI also scores captions files without the library's model code
-  from air_jax.protocol import get_protocol
 
-  protocol = get_protocol(protocol)
-  model = _load_model(model_dir, protocol.dtype)
-  fixed = {**protocol.air_overrides(), **(overrides or {})}
+  dtype, fixed, extra = "float32", dict(overrides or {}), {}
+  if protocol is not None:
+    from air_jax.protocol import get_protocol
+
+    protocol = get_protocol(protocol)
+    dtype, fixed, extra = protocol.dtype, {**protocol.air_overrides(), **fixed}, {"protocol": protocol}
+  model = _load_model(model_dir, dtype)
   air_cfg = None if method == "greedy" else air_jax.AIRConfig.preset(method, heads=heads, **fixed)
 
   def captioner(images: list, file_names: list[str]) -> list[str]:
     del file_names  # the model only sees pixels
     out = air_jax.generate(model, air_cfg, images, [prompt] * len(images), max_new_tokens=max_new_tokens,
-                           backend=backend, protocol=protocol)
+                           backend=backend, **extra)
     return list(out.texts)
 
   return captioner
@@ -398,7 +401,7 @@ def run(argv: Sequence[str] | None = None,
       def captioner_factory(method: str) -> Captioner:
         return make_captioner(args.model, method, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                               backend=args.backend, heads=args.heads, overrides=air_overrides.get(method),
-                              protocol=protocol["name"])
+                              protocol=None if protocol["name"] == "default" else protocol["name"])
     # every method's captioner before any generation, so a bad preset fails before hours of work
     captioners = {label: captioner_factory(label) for label, _ in jobs} if sample is not None else {}
   except ValueError as e:
