@@ -74,6 +74,15 @@ LLAVA15_7B_HAL_HEADS = (
     (19, 27), (18, 26), (15, 25), (14, 16), (31, 26), (15, 24), (31, 3), (22, 20), (27, 29), (17, 28),
 )
 
+# Official top-35 hallucination heads of liuhaotian/llava-v1.5-13b (layer, head), from the AIR repository's
+# eval_scripts/eval_pope_air.py (the list its CHAIR/POPE runs of the 13B model use).
+LLAVA15_13B_HAL_HEADS = (
+    (0, 8), (29, 27), (23, 18), (20, 11), (36, 26), (19, 37), (22, 16), (22, 34), (21, 31), (20, 34),
+    (37, 11), (17, 25), (35, 10), (17, 5), (15, 26), (0, 22), (19, 5), (19, 0), (14, 1), (23, 20),
+    (21, 6), (30, 24), (26, 27), (21, 32), (15, 28), (15, 31), (19, 30), (20, 8), (19, 14), (14, 9),
+    (39, 26), (25, 1), (18, 32), (17, 27), (39, 32),
+)
+
 Heads = tuple[tuple[int, int], ...]
 LayerRange = tuple[int, int] | None
 

@@ -77,7 +77,8 @@ class Protocol:
 PROTOCOLS = {
     "default": Protocol("default"),
     "official-air": Protocol("official-air", conv_template="vicuna_v1", bucket=0, group_by_length=True,
-                             batch_size=4, absolute_layers=True, official_compat=True, pad_image_to_square=True, dtype="float16"),
+                             batch_size=4, absolute_layers=True, official_compat=True, pad_image_to_square=True,
+                             dtype="float16"),
 }
 
 
