@@ -182,11 +182,18 @@ def generate(params: LoadedModel, air_cfg, image, prompt, *, max_new_tokens: int
               top_p=top_p, seed=seed, output_scores=output_scores, output_attention_stats=output_attention_stats,
               debug=debug, devices=devices, protocol=protocol)
     return _generate_groups(params, air_cfg, image, prompt, mask[:b].sum(1), kw)
+  extra = {}
+  if protocol is not None:
+    if protocol.official_compat and ids.shape[0] != b:
+      raise ValueError(f"protocol {protocol.name!r}: a batch of {b} does not split evenly over {len(devices)} "
+                       "devices, and filler rows would enter the batch-summed AD-HH trigger; pass a batch whose "
+                       "size is a multiple of the device count (or fewer devices)")
+    extra["finished_pad"] = protocol.finished_pad_id(params.processor.tokenizer)
   spec = _spec_for(air_cfg, config)
   run = decoding.generate_tokens_debug if debug else decoding.generate_tokens_jit
   out = _run(params, run, spec, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, output_scores=output_scores,
-             output_stats=output_attention_stats)
+             output_stats=output_attention_stats, **extra)
   return _to_generation(params, out, ids, mask, b)
 
 
@@ -212,10 +219,14 @@ def _generate_groups(params: LoadedModel, air_cfg, image, prompt, lengths, kw) -
 
 
 def _run(params: LoadedModel, run, spec, ids, mask, pixels, devices, *, do_sample, temperature, top_k, top_p, seed,
-         max_new_tokens, output_scores, output_stats):
-  """Places the (padded) batch on the devices and runs `run` (a decoding.generate_tokens variant)."""
+         max_new_tokens, output_scores, output_stats, finished_pad: int | None = None):
+  """Places the (padded) batch on the devices and runs `run` (a decoding.generate_tokens variant).
+
+  finished_pad: the token fed to rows that have ended (default: the tokenizer's pad id).
+  """
   config, tok = params.config, params.processor.tokenizer
   eos, pad_id = eos_token_ids(config, tok), pad_token_id(tok)
+  pad_id = pad_id if finished_pad is None else finished_pad
   sv = decoding.SamplingValues.make(seed, temperature, top_k, top_p)
   kw = dict(max_new_tokens=max_new_tokens, sampling=decoding.Sampling(greedy=not do_sample), eos_ids=eos,
             pad_id=pad_id, output_scores=output_scores, output_stats=output_stats)

@@ -124,7 +124,7 @@ def test_chair_official_protocol_batches_equal_the_official_run(tiny_dir, tiny_m
   original = gen._run
 
   def recording_run(params, run, spec, ids, mask, pixels, devices, **kw):
-    calls.append((np.asarray(ids).copy(), np.asarray(mask).copy(), spec))
+    calls.append((np.asarray(ids).copy(), np.asarray(mask).copy(), kw.get("finished_pad")))
     return original(params, run, spec, ids, mask, pixels, devices, **kw)
 
   monkeypatch.setattr(gen, "_run", recording_run)
@@ -145,9 +145,12 @@ def test_chair_official_protocol_batches_equal_the_official_run(tiny_dir, tiny_m
   want = expand(official_prompt_ids(tiny_model.processor.tokenizer, QUESTION), tiny_model.config.image_token_id,
                 _image_tokens(tiny_model))
   assert [c[0].shape[0] for c in calls] == [len(b) for b in batches]  # 4, 4, 2: no filler rows
-  for ids, mask, _ in calls:
+  unk = tiny_model.processor.tokenizer.unk_token_id
+  assert unk is not None and unk != tiny_model.processor.tokenizer.pad_token_id
+  for ids, mask, finished_pad in calls:
     np.testing.assert_array_equal(ids, np.array([want] * ids.shape[0]))
     assert mask.all()
+    assert finished_pad == unk  # ended rows are fed LLaVA's pad id (the unknown token), as the official loop
   result = json.loads((tmp_path / "greedy_chair.json").read_text())
   assert result["config"]["protocol"]["name"] == "official-air" and result["config"]["batch_size"] == 4
   assert result["config"]["protocol"]["conv_template"] == "vicuna_v1"
