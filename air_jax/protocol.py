@@ -14,7 +14,9 @@ scaled to the model's depth.
     (the official loader stacks prompts, which only works when they are equal);
   - batches of 4 in the sample's order (DataLoader, shuffle off): the AD-HH trigger of `official_compat` sums
     the text mass over exactly these 4 rows, as the official one does;
-  - AIR layer ranges absolute ([5, 18) and [9, 15) for every depth, as the official scripts pass them), and
+  - AIR layer ranges absolute ([5, 18) and [9, 15) for every depth, as the official scripts pass them; a model
+    with fewer layers than a range's end is refused with an error naming the range, where the official code
+    would silently edit only the layers it has), and
     `official_compat` on (the official formulas: whole-block QK energy, batch-summed AD-HH trigger, whole-matrix
     projection with its future leak);
   - float16 weights, as the official run (recorded; eval.chair loads the model in this dtype);

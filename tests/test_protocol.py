@@ -154,3 +154,20 @@ def test_chair_official_protocol_batches_equal_the_official_run(tiny_dir, tiny_m
   result = json.loads((tmp_path / "greedy_chair.json").read_text())
   assert result["config"]["protocol"]["name"] == "official-air" and result["config"]["batch_size"] == 4
   assert result["config"]["protocol"]["conv_template"] == "vicuna_v1"
+
+
+def test_official_protocol_reads_layer_ranges_absolutely_13b():
+  """13B (40 layers): official-air keeps [5, 18) / [9, 15); the default protocol scales them to [6, 23) / [11, 19)."""
+  from air_jax.protocol import PROTOCOLS
+  from models.config import LlavaConfig, TextConfig
+
+  cfg13 = LlavaConfig(text=TextConfig(num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40))
+  layers = lambda op: np.flatnonzero(np.asarray(op.heads).any(-1)).tolist()
+  official = air_jax.AIRConfig.preset("air_star", heads=air_jax.LLAVA15_13B_HAL_HEADS,
+                                      **PROTOCOLS["official-air"].air_overrides()).compile(cfg13).ops
+  assert layers(official.projection) == list(range(5, 18)) and layers(official.lens) == list(range(5, 18))
+  assert layers(official.rebalance) == list(range(9, 15))
+  assert float(official.adhh.batch_sum[0]) == 1.0 and float(official.projection.official_compat[0]) == 1.0
+  scaled = air_jax.AIRConfig.preset("air_star", heads=air_jax.LLAVA15_13B_HAL_HEADS).compile(cfg13).ops
+  assert layers(scaled.projection) == list(range(6, 23)) and layers(scaled.rebalance) == list(range(11, 19))
+  assert layers(official.adhh) == sorted({l for l, _ in air_jax.LLAVA15_13B_HAL_HEADS})
