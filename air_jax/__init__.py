@@ -1,6 +1,7 @@
 """air-jax: AIR (Attention Imbalance Rectification) and its baselines for vision-language models in JAX."""
 
 from air_jax.air_config import LLAVA15_7B_HAL_HEADS, AIRConfig, read_heads_file, write_heads_file
+from air_jax.air_config import LLAVA15_13B_HAL_HEADS
 from air_jax.attribution import Attributor, SampleResult, head_logprobs
 from air_jax.attribution_stats import HeadStats, select_heads
 from air_jax.beam_search import beam_search_tokens
@@ -13,7 +14,7 @@ from air_jax import analysis  # noqa: E402 -- the seed's analyses (air_jax.analy
 
 __all__ = [
     "AIRConfig", "Attributor", "Detection", "Detector", "Generation", "GroundingDinoDetector", "HeadStats",
-    "ImageError", "LLAVA15_7B_HAL_HEADS", "LoadedModel", "OwlDetector", "SampleResult", "analysis",
-    "beam_search_tokens", "generate", "generate_inputs", "generate_sweep", "head_logprobs", "load_image",
-    "load_pretrained", "methods", "read_heads_file", "select_heads", "write_heads_file",
+    "ImageError", "LLAVA15_13B_HAL_HEADS", "LLAVA15_7B_HAL_HEADS", "LoadedModel", "OwlDetector", "SampleResult",
+    "analysis", "beam_search_tokens", "generate", "generate_inputs", "generate_sweep", "head_logprobs",
+    "load_image", "load_pretrained", "methods", "read_heads_file", "select_heads", "write_heads_file",
 ]

@@ -13,7 +13,7 @@ and roles (U, A):
   single   (sep "###"):             S###U: <image>\n{q}###A:
   two      (sep " ", sep2 "</s>"):  S U: <image>\n{q} A:
   mpt      (sep "<|im_end|>"):      S<|im_end|>U<image>\n{q}<|im_end|>A   (roles carry their own markers)
-  llama_2  (sep "<s>"):             [INST] <<SYS>>\nS\n<</SYS>>\n\n<image>\n{q} [/INST]   (no <<SYS>> block when S is "")
+  llama_2  (sep "<s>"):             [INST] <<SYS>>\nS\n<</SYS>>\n\n<image>\n{q} [/INST]   (no <<SYS>> if S is "")
   plain    (sep "\n"):              S<image>\n{q}\n   (no roles)
 """
 

@@ -159,6 +159,13 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
               top_p=top_p, seed=seed, output_scores=output_scores, output_attention_stats=output_attention_stats,
               debug=debug, devices=devices, num_beams=num_beams, length_penalty=length_penalty, protocol=protocol)
     return _generate_groups(params, method_cfg, image, prompt, mask[:b].sum(1), kw)
+  extra = {}
+  if protocol is not None:
+    if protocol.official_compat and ids.shape[0] != b:
+      raise ValueError(f"protocol {protocol.name!r}: a batch of {b} does not split evenly over {len(devices)} "
+                       "devices, and filler rows would enter the batch-summed AD-HH trigger; pass a batch whose "
+                       "size is a multiple of the device count (or fewer devices)")
+    extra["finished_pad"] = protocol.finished_pad_id(params.processor.tokenizer)
   method = _method_for(method_cfg, config)
   check_lengths(config, ids.shape[0] * method.plan.num_views, ids.shape[1], max_new_tokens, params.dtype.itemsize,
                 devices, real_prompt_len=int(mask.sum(-1).max()))
@@ -169,7 +176,7 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
   run = decoding.generate_tokens_debug if debug else decoding.generate_tokens_jit
   out = _run(params, run, method, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, output_scores=output_scores,
-             output_stats=output_attention_stats)
+             output_stats=output_attention_stats, **extra)
   return _to_generation(params, out, ids, mask, b)
 
 
@@ -195,10 +202,14 @@ def _generate_groups(params: LoadedModel, method_cfg, image, prompt, lengths, kw
 
 
 def _run(params: LoadedModel, run, method, ids, mask, pixels, devices, *, do_sample, temperature, top_k, top_p, seed,
-         max_new_tokens, output_scores, output_stats):
-  """Places the (padded) batch on the devices and runs `run` (a decoding.generate_tokens variant)."""
+         max_new_tokens, output_scores, output_stats, finished_pad: int | None = None):
+  """Places the (padded) batch on the devices and runs `run` (a decoding.generate_tokens variant).
+
+  finished_pad: the token fed to rows that have ended (default: the tokenizer's pad id).
+  """
   config, tok = params.config, params.processor.tokenizer
   eos, pad_id = eos_token_ids(config, tok), pad_token_id(tok)
+  pad_id = pad_id if finished_pad is None else finished_pad
   sv = decoding.SamplingValues.make(seed, temperature, top_k, top_p)
   kw = dict(max_new_tokens=max_new_tokens, sampling=decoding.Sampling(greedy=not do_sample), eos_ids=eos,
             pad_id=pad_id, output_scores=output_scores, output_stats=output_stats)

@@ -14,10 +14,14 @@ scaled to the model's depth.
     (the official loader stacks prompts, which only works when they are equal);
   - batches of 4 in the sample's order (DataLoader, shuffle off): the AD-HH trigger of `official_compat` sums
     the text mass over exactly these 4 rows, as the official one does;
-  - AIR layer ranges absolute ([5, 18) and [9, 15) for every depth, as the official scripts pass them), and
+  - AIR layer ranges absolute ([5, 18) and [9, 15) for every depth, as the official scripts pass them; a model
+    with fewer layers than a range's end is refused with an error naming the range, where the official code
+    would silently edit only the layers it has), and
     `official_compat` on (the official formulas: whole-block QK energy, batch-summed AD-HH trigger, whole-matrix
     projection with its future leak);
-  - float16 weights, as the official run (recorded; eval.chair loads the model in this dtype).
+  - float16 weights, as the official run (recorded; eval.chair loads the model in this dtype);
+  - rows that have ended are fed LLaVA's pad id (0, the unknown token) while the batch goes on, as the official
+    checkpoints' generation config does (those rows still count in the batch-summed AD-HH trigger).
 Every results file of eval.chair records the protocol (`Protocol.to_dict`).
 """
 
@@ -44,6 +48,9 @@ class Protocol:
     official_compat: AIRConfig.official_compat for every AIR preset run under this protocol.
     pad_image_to_square: pad images to a square with the image processor's mean colour first.
     dtype: the model dtype the protocol runs in.
+    finished_pad: the token fed to rows that have ended while others go on: None = the tokenizer's pad id;
+      "unk" = the unknown token (id 0 in LLaVA-1.5's vocabulary), the pad id of the official LLaVA checkpoints'
+      generation config (in official_compat those rows still count in the batch-summed AD-HH trigger).
   """
 
   name: str
@@ -55,6 +62,7 @@ class Protocol:
   official_compat: bool = False
   pad_image_to_square: bool = False
   dtype: str = "float32"
+  finished_pad: str | None = None
 
   def __post_init__(self):
     if self.conv_template is not None:
@@ -70,6 +78,12 @@ class Protocol:
       out["official_compat"] = True
     return out
 
+  def finished_pad_id(self, tokenizer) -> int | None:
+    """The id fed to ended rows (None: the caller's default pad id)."""
+    if self.finished_pad == "unk":
+      return tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
+    return None
+
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
@@ -77,7 +91,8 @@ class Protocol:
 PROTOCOLS = {
     "default": Protocol("default"),
     "official-air": Protocol("official-air", conv_template="vicuna_v1", bucket=0, group_by_length=True,
-                             batch_size=4, absolute_layers=True, official_compat=True, pad_image_to_square=True, dtype="float16"),
+                             batch_size=4, absolute_layers=True, official_compat=True, pad_image_to_square=True,
+                             dtype="float16", finished_pad="unk"),
 }
 
 

@@ -116,31 +116,36 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
     batch_size: the run's batch size: a smaller (last) batch is padded to it with copies of its first image and
       the padding captions dropped, so every batch reuses one compiled graph (not under a protocol that groups
       prompts by length, whose batches must stay as the official run has them).
-    protocol: an ``air_jax.protocol.Protocol`` (None: the default protocol): prompt template, padding, model
-      dtype and layer-range reading.
+    protocol: an ``air_jax.protocol.Protocol`` or its name (None: the default protocol): prompt template,
+      padding, model dtype and the config fields it fixes (for the methods that have them: the AIR family).
 
   The captioner's ``hyperparameters`` attribute holds the method's resolved settings (written into results).
   """
   import air_jax  # lazily: the CLI also scores captions files without the library's model code
-  from air_jax.protocol import get_protocol
 
-  protocol = get_protocol(protocol)
-  model = _load_model(model_dir, protocol.dtype)
+  dtype, fixed, extra, group = "float32", {}, {}, False
+  if protocol is not None:
+    from air_jax.protocol import get_protocol
+
+    protocol = get_protocol(protocol)
+    dtype, fixed, extra, group = protocol.dtype, protocol.air_overrides(), {"protocol": protocol}, \
+        protocol.group_by_length
+  model = _load_model(model_dir, dtype)
   base = air_jax.methods.make(method, run_options={"heads": heads}, **(overrides or {}))
   # The protocol fixes fields of the methods that have them (the AIR family: layer reading, official_compat).
   fields = {f.name for f in dataclasses.fields(base)} if dataclasses.is_dataclass(base) else set()
-  fixed = {k: v for k, v in protocol.air_overrides().items() if k in fields and k not in (overrides or {})}
+  fixed = {k: v for k, v in fixed.items() if k in fields and k not in (overrides or {})}
   method_cfg = base.replace(**fixed) if fixed else base
   # Compiled against the model now (heads in range, layer ranges inside it): errors surface before any caption.
   air_jax.methods.as_compiled(method_cfg, model.config)
-  pad_batches = batch_size is not None and not protocol.group_by_length
+  pad_batches = batch_size is not None and not group
 
   def captioner(images: list, file_names: list[str]) -> list[str]:
     del file_names  # the model only sees pixels
     n = len(images)
     padded = list(images) + [images[0]] * max(0, batch_size - n) if pad_batches else list(images)
     out = air_jax.generate(model, method_cfg, padded, [prompt] * len(padded), max_new_tokens=max_new_tokens,
-                           backend=backend, protocol=protocol)
+                           backend=backend, **extra)
     return list(out.texts)[:n]
 
   captioner.hyperparameters = air_jax.methods.hyperparameters(method_cfg)
@@ -444,7 +449,8 @@ def run(argv: Sequence[str] | None = None,
       def captioner_factory(method: str) -> Captioner:
         return make_captioner(args.model, method, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                               backend=args.backend, heads=args.heads, overrides=air_overrides.get(method),
-                              batch_size=args.batch_size, protocol=protocol["name"])
+                              batch_size=args.batch_size,
+                              protocol=None if protocol["name"] == "default" else protocol["name"])
     # every method's captioner before any generation, so a bad preset fails before hours of work
     captioners = {label: captioner_factory(label) for label, _ in jobs} if sample is not None else {}
   except ValueError as e:

@@ -13,7 +13,9 @@ padding); key segments come from ctx.key_segments (system / image / text, PAD); 
 the image, generated tokens included). Which query rows an op edits is its row rule (see models.spec).
 
 scores site (pre-mask logits s):
-  qk_rescale  E_h = sum of s^2 over the row's visible keys (per example, head, row; causal). Official (compat):
+  qk_rescale  E_h = sum of s^2 over the row's visible keys (per example, head, row; causal), or with causal_block
+              = 1 over the visible logits of every real row j <= i (the head's causal block, prefill; in decoding
+              the row, as the official code whose block is then one row). Official (compat):
               E_h over the whole [T, written keys] block before the mask, future and padding included, one factor
               per (example, head). factor = clip(sqrt(target_scale * mean_heads(E) / (E + 1e-8)), lo, hi); the mean
               is over all heads of the layer, the mask only says which heads get multiplied.
@@ -72,6 +74,10 @@ def _key_seg(ctx: AttnContext) -> jax.Array:
 def _qk_rescale(scores: jax.Array, op, ctx: AttnContext) -> jax.Array:
   sq = jnp.square(scores)
   row_energy = jnp.sum(jnp.where(ctx.mask[:, None], sq, 0.0), axis=-1, keepdims=True)  # [B, H, T, 1]
+  if op.causal_block is not None and ctx.prefill:  # energy of the visible logits of the real rows j <= i
+    real = (ctx.query_segments != PAD)[:, None, :, None]
+    prefix = jnp.cumsum(jnp.where(real, row_energy, 0.0), axis=2)
+    row_energy = jnp.where(_on(op.causal_block), prefix, row_energy)
   block_energy = jnp.sum(jnp.where(_written(ctx), sq, 0.0), axis=(-2, -1), keepdims=True)  # [B, H, 1, 1]
   energy = jnp.where(_on(op.official_compat), block_energy, row_energy)
   target = op.target_scale * jnp.mean(energy, axis=1, keepdims=True)
@@ -110,6 +116,30 @@ def _realloc(pattern: jax.Array, op, ctx: AttnContext) -> jax.Array:
   return jnp.where(_edited(op, ctx) & (mass > op.tau_text), scaled, pattern)
 
 
+def _energy_tilde(pattern, visible, diag, real, self_w, c) -> jax.Array:
+  """The energy reading of steps (b)-(c) (`energy_rescale` = 1): row i is the last row of the official zero-trace
+  and Frobenius rescale of the causal block truncated after it: A_hat_i = A_i - c_i e_slot(i) (c_i the block's
+  trace / L, not clipped), times sqrt(||block||_F^2 / ||block_hat||_F^2). Not a distribution."""
+  d = jnp.where(real, self_w, 0.0)
+  off = jnp.where(real, jnp.sum(jnp.where(visible & ~diag, jnp.square(pattern), 0.0), -1, keepdims=True), 0.0)
+  off = jnp.cumsum(off, axis=2)
+  energy = off + jnp.cumsum(jnp.square(d), axis=2)
+  # ||block_hat||^2 = off-diagonal energy + sum_j (d_j - c_i)^2 = off + sum d_j^2 - n c_i^2; written as a sum of
+  # squared deviations from a running mean (parallel Welford), stable when early rows attend mostly to themselves.
+  count = jnp.broadcast_to(real, d.shape).astype(d.dtype)
+
+  def combine(a, b):
+    na, ma, qa = a
+    nb, mb, qb = b
+    n = na + nb
+    w = jnp.where(n > 0, nb / jnp.maximum(n, 1.0), 0.0)
+    delta = mb - ma
+    return n, ma + delta * w, qa + qb + jnp.square(delta) * na * w
+
+  _, _, dev = jax.lax.associative_scan(combine, (count, d, jnp.zeros_like(d)), axis=2)
+  return (pattern - jnp.where(diag & visible, c, 0.0)) * jnp.sqrt(energy / (off + dev + EPS))
+
+
 def _projection(pattern: jax.Array, op, ctx: AttnContext) -> jax.Array:
   """Variance-constrained projection of the rows the op edits.
 
@@ -127,6 +157,9 @@ def _projection(pattern: jax.Array, op, ctx: AttnContext) -> jax.Array:
         a* = (1 - beta) a'' + beta m / n_i on V_i; masked keys stay 0.
   So a* >= 0, sum(a*) = m, and the variance of the row over V_i is (1 - beta)^2 that of a''. In decoding (T = 1)
   steps (b)-(c) are skipped, as in the official code (no square matrix). Nothing reads a later row or key.
+  `energy_rescale` = 1 reads (b)-(c) as the official formula on the truncated causal block instead (the diagonal
+  loses c_i unclipped, the row is scaled to keep that block's Frobenius energy: see `_energy_tilde`); rows are then
+  no longer distributions.
 
   Official code (`official_compat` = 1, exact): per example and head, on the whole [T, written keys] matrix A,
   masked entries included. In prefill: A_hat = A - tr(A)/L on the diagonal (key slot ctx.query_slot[i] of row i,
@@ -156,7 +189,10 @@ def _projection(pattern: jax.Array, op, ctx: AttnContext) -> jax.Array:
     rest = jnp.sum(jnp.where(visible, hat, 0.0), axis=-1, keepdims=True)
     ok = rest > 0
     tilde = jnp.where(ok, hat * (mass / jnp.where(ok, rest, 1.0)), pattern)
-  shrunk = (1.0 - beta) * tilde + beta * mass / jnp.maximum(count, 1)
+    if op.energy_rescale is not None:
+      tilde = jnp.where(_on(op.energy_rescale), _energy_tilde(pattern, visible, diag, real, self_w, c), tilde)
+  row_mean = jnp.sum(jnp.where(visible, tilde, 0.0), axis=-1, keepdims=True) / jnp.maximum(count, 1)  # m / n_i
+  shrunk = (1.0 - beta) * tilde + beta * row_mean
   causal = jnp.where(visible & (count > 1), shrunk, pattern)
 
   # Official: whole-matrix statistics over written key slots, masked entries included. Rows without any visible

@@ -65,6 +65,7 @@ class QKRescaleOp:
   official_compat: jax.Array  # [L] 0/1
   last_row_only: jax.Array  # [L] 0/1
   text_rows_only: jax.Array  # [L] 0/1
+  causal_block: jax.Array | None = None  # [L] 0/1: E_h over the causal block of rows <= i (None: 0, the row)
 
 
 @flax.struct.dataclass
@@ -127,6 +128,7 @@ class ProjectionOp:
   official_compat: jax.Array  # [L] 0/1
   last_row_only: jax.Array  # [L] 0/1
   text_rows_only: jax.Array  # [L] 0/1
+  energy_rescale: jax.Array | None = None  # [L] 0/1: steps (b)-(c) keep the Frobenius energy (None: 0, the mass)
 
 
 @flax.struct.dataclass

@@ -87,8 +87,13 @@ def _scores_edits(s: torch.Tensor, cfg, call: _Call, layer: int, nl: int, nh: in
       for i in call.rows(cfg, "qk", b):
         vis = torch.from_numpy(call.visible[b, i])
         energy = block[b] if cfg.official_compat else s[b, :, i][:, vis].pow(2).sum(-1)
+        if not cfg.official_compat and cfg.qk_energy == "block" and call.prefill:
+          prior = [j for j in range(i + 1) if call.query_seg[b, j] != PAD]
+          energy = sum(s[b, :, j][:, torch.from_numpy(call.visible[b, j])].pow(2).sum(-1) for j in prior)
         target = cfg.qk_target_scale * energy.mean()
-        factor = torch.sqrt(target / (energy + EPS)).clamp(cfg.qk_clamp[0], cfg.qk_clamp[1])
+        factor = torch.sqrt(target / (energy + EPS))
+        if cfg.qk_clamp is not None:
+          factor = factor.clamp(cfg.qk_clamp[0], cfg.qk_clamp[1])
         for h in heads:
           new[b, h, i] = s[b, h, i] * factor[h]
     s = new
@@ -112,6 +117,27 @@ def _scores_edits(s: torch.Tensor, cfg, call: _Call, layer: int, nl: int, nh: in
           new[b, h, i, keys] = s[b, h, i, keys] + cfg.lens_alpha * boost
     s = new
   return s
+
+
+def _project_energy(p: torch.Tensor, call: _Call, b: int, i: int, beta: float) -> torch.Tensor:
+  """projection_rescale="energy": row i is the last row of the official zero-trace + Frobenius rescale of the
+  causal block truncated after it, then shrunk towards its mean over visible keys."""
+  vis = torch.from_numpy(call.visible[b, i])
+  out = p[i].clone()
+  if int(vis.sum()) < 2:
+    return out
+  row = p[i].clone()
+  if call.prefill:
+    rows = [j for j in range(i + 1) if call.query_seg[b, j] != PAD]
+    idx = torch.tensor(rows)
+    a = p[idx][:, idx]  # square: prefill key slot j is row j
+    n = a.shape[0]
+    a_hat = a - torch.eye(n) * (torch.trace(a) / n)
+    a_tilde = a_hat * torch.sqrt(a.pow(2).sum() / (a_hat.pow(2).sum() + EPS))
+    row = torch.zeros_like(row)
+    row[idx] = a_tilde[-1]
+  out[vis] = (1 - beta) * row[vis] + beta * row[vis].mean()
+  return out
 
 
 def _project_default(p: torch.Tensor, call: _Call, b: int, i: int, beta: float) -> torch.Tensor:
@@ -185,7 +211,11 @@ def _pattern_edits(p: torch.Tensor, cfg, call: _Call, layer: int, nl: int, nh: i
         whole = _project_official(p[b, h], call.prefill, cfg.beta) if cfg.official_compat else None
         # the official code projects every row of the matrix, left-padding rows included
         for i in call.rows(cfg, "projection", b, include_pad=bool(cfg.official_compat)):
-          new[b, h, i] = whole[i] if cfg.official_compat else _project_default(p[b, h], call, b, i, cfg.beta)
+          if cfg.official_compat:
+            new[b, h, i] = whole[i]
+          else:
+            proj = _project_energy if cfg.projection_rescale == "energy" else _project_default
+            new[b, h, i] = proj(p[b, h], call, b, i, cfg.beta)
     p = new
   return p
 

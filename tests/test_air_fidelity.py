@@ -74,3 +74,39 @@ def test_model_default_rows_stay_distributions(tiny_model, batch):
     mass = out.segment_mass[:, :N]  # [B, N, L, H, 3]: the generating row's mass on system / image / text
     assert mass.min() >= 0.0
     np.testing.assert_allclose(mass.sum(-1), 1.0, atol=2e-6)
+
+
+AIR_READINGS = {
+    "default_every_row": dict(qk_rows="all", projection_rows="all", realloc_rows="all"),
+    "alternatives": dict(qk_clamp=None, qk_energy="block", projection_rescale="energy", qk_rows="all",
+                         projection_rows="all", realloc_rows="all"),
+}
+
+
+@pytest.mark.parametrize("name", list(AIR_READINGS))
+def test_air_readings_match_the_reference(tiny_model, tiny_torch, batch, name):
+  """The `air` preset's readings of steps (a)-(d), default and alternative, equal the torch reference."""
+  _, inputs, seg = batch
+  cfg = air_jax.AIRConfig.preset("air", heads="all", tau_text=0.05, **AIR_READINGS[name])
+  ids, mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
+  pixels = jnp.asarray(inputs["pixel_values"].numpy())
+  run = lambda spec: np.asarray(FWD(tiny_model.params, tiny_model.config, jnp.asarray(ids), pixels,
+                                    attention_mask=jnp.asarray(mask), spec=spec)["logits"])
+  ours, plain = run(cfg.compile(tiny_model.config)), run(None)
+  text = tiny_model.config.text
+  with air_attention_patch(cfg, seg, text.num_hidden_layers, text.num_attention_heads), torch.no_grad():
+    ref = tiny_torch(**inputs).logits.numpy()
+  valid = mask.astype(bool)
+  assert np.abs(ours - plain)[valid].max() > 1e-2
+  np.testing.assert_allclose(ours[valid], ref[valid], rtol=1e-4, atol=5e-5)
+
+
+def test_air_reading_options_validate():
+  with pytest.raises(ValueError, match="qk_energy"):
+    air_jax.AIRConfig.preset("air", heads="all", qk_energy="matrix")
+  with pytest.raises(ValueError, match="projection_rescale"):
+    air_jax.AIRConfig.preset("air", heads="all", projection_rescale="frobenius")
+  cfg = air_jax.AIRConfig.preset("air", heads="all", qk_clamp=None)
+  spec = cfg.compile(air_jax.AIRConfig.__module__ and __import__("models.config").config.LlavaConfig())
+  assert float(spec.ops.qk_rescale.clamp_hi[0]) == np.inf and spec.ops.qk_rescale.causal_block is None
+  assert air_jax.AIRConfig.preset("air", heads="all").qk_clamp == (0.8, 1.25)  # the documented default

@@ -380,13 +380,13 @@ def test_neutral_is_bit_identical():
     rule = _rule("all")
     full = _spec(
         qk_rescale=QKRescaleOp(heads=off, clamp_lo=one * 0.5, clamp_hi=one * 2, target_scale=one,
-                               official_compat=one, **rule),
+                               official_compat=one, causal_block=one, **rule),
         rebalance=RebalanceOp(heads=off, image_gain=one * 2, system_gain=one * 0.5, **rule),
         lens=LensOp(heads=off, alpha=one, **rule),
         adhh=ADHHOp(heads=off, threshold=one * 0.0, batch_sum=one, **rule),
         realloc=ReallocOp(heads=off, tau_text=one * 0, visual_factor=one * 3, text_factor=one * 0.1,
                           renormalize=one, **rule),
-        projection=ProjectionOp(heads=off, beta=one * 0.5, official_compat=one * 0, **rule))
+        projection=ProjectionOp(heads=off, beta=one * 0.5, official_compat=one * 0, energy_rescale=one, **rule))
     neutral = RectificationSpec(head_gate=jnp.ones(H))
     for spec in (None, neutral, full):
       assert np.array_equal(np.asarray(rectify.edit_scores(s, spec, ctx)), np.asarray(s))
