@@ -1,7 +1,7 @@
 """air-jax: AIR (Attention Imbalance Rectification) and its baselines for vision-language models in JAX."""
 
-from air_jax.air_config import LLAVA15_7B_HAL_HEADS, AIRConfig, read_heads_file, write_heads_file
-from air_jax.air_config import LLAVA15_13B_HAL_HEADS
+from air_jax.air_config import (LLAVA15_7B_HAL_HEADS, LLAVA15_13B_HAL_HEADS, AIRConfig, read_heads_file,
+                                write_heads_file)
 from air_jax.attribution import Attributor, SampleResult, head_logprobs
 from air_jax.attribution_stats import HeadStats, select_heads
 from air_jax.beam_search import beam_search_tokens
