@@ -75,25 +75,6 @@ class Plan:
     return "\n".join(lines)
 
 
-def _max_image_tokens(config) -> int:
-  """Image tokens of the largest image the config allows (LLaVA-NeXT: over its pinpoints)."""
-  pins = getattr(config, "image_grid_pinpoints", None)
-  if pins:
-    from models.llava_next import num_image_tokens
-
-    return max(num_image_tokens(config, (h, w)) for h, w in pins)
-  return int(getattr(config, "num_image_tokens", 0))
-
-
-def _max_tiles(config) -> int:
-  pins = getattr(config, "image_grid_pinpoints", None)
-  if pins:
-    from models.llava_next import num_tiles
-
-    return max(num_tiles(config, (h, w)) for h, w in pins)
-  return 1 if hasattr(config, "vision") else 0
-
-
 def plan(path: str, devices: int, dtype="bfloat16", *, model_parallel: int | None = None, batch: int = 1,
          prompt_tokens: int | None = None, new_tokens: int = 512, device_memory: float | None = None,
          headroom: float = 0.1) -> Plan:
@@ -115,7 +96,7 @@ def plan(path: str, devices: int, dtype="bfloat16", *, model_parallel: int | Non
     num_params += int(np.prod(leaf.shape))
     param_bytes += per_device_bytes(leaf.shape, dt.itemsize, spec_for(rules, parts, leaf.shape, mp), mesh_shape)
   d = config.dims
-  t = prompt_tokens if prompt_tokens is not None else _max_image_tokens(config) + 64
+  t = prompt_tokens if prompt_tokens is not None else fam.max_image_tokens(config) + 64
   b = max(batch, dp)
   s = t + new_tokens
 
@@ -143,7 +124,7 @@ def plan(path: str, devices: int, dtype="bfloat16", *, model_parallel: int | Non
   work += bl * d.vocab_size * 4
   vision = getattr(config, "vision", None)
   if vision is not None:
-    tiles = bl * _max_tiles(config)
+    tiles = bl * fam.max_vision_tiles(config)
     n = vision.num_patches + 1
     work += 2 * tiles * math.ceil(vision.num_attention_heads / mp) * n * n * 4
     work += 4 * tiles * n * vision.intermediate_size * dt.itemsize // mp
