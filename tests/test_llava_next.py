@@ -176,6 +176,7 @@ def test_attribution_runs_and_its_clean_logprobs_equal_the_forward(next_llama):
   np.testing.assert_allclose(full_clean, clean, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_chair_end_to_end(next_llama, tmp_path, capsys):
   import json
   import os

@@ -31,6 +31,7 @@ def sharded_result(tmp_path_factory):
   return json.loads(lines[-1][len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_weights_are_split_megatron_style(sharded_result):
   r = sharded_result
   assert r["devices"] == 8
@@ -41,6 +42,7 @@ def test_weights_are_split_megatron_style(sharded_result):
   assert r["fc1_shard"][1] == 64 // 4  # the vision tower is split too
 
 
+@pytest.mark.slow
 def test_sharded_logits_and_head_gate_equal_one_device(sharded_result):
   r = sharded_result
   assert r["logits_plain_maxdiff"] < 1e-5
@@ -48,6 +50,7 @@ def test_sharded_logits_and_head_gate_equal_one_device(sharded_result):
   assert r["head_gate_effect"] > 1e-3  # the gate matters, so equality means something
 
 
+@pytest.mark.slow
 def test_sharded_greedy_and_air_tokens_equal_one_device(sharded_result):
   r = sharded_result
   assert r["greedy_tokens_equal"] and r["air_star_tokens_equal"]
