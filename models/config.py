@@ -71,6 +71,12 @@ class TextConfig:
   bos_token_id: int | None = 1
   eos_token_id: tuple[int, ...] = (2,)
   pad_token_id: int | None = None
+  # Decoder variants beyond Llama (defaults = Llama). qkv_bias: biases on q/k/v only (Qwen2); qk_norm: RMSNorm of
+  # each head's q and k over head_dim before RoPE (Qwen3); mrope_section: multimodal RoPE, the half head_dim split
+  # into (temporal, height, width) sections read from positions [3, B, T] (Qwen2-VL / Qwen2.5-VL).
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  mrope_section: tuple[int, ...] | None = None
   sliding_window: int | None = None  # Mistral: a query sees keys at most sliding_window - 1 slots back
   model_type: str = "llama"
 
@@ -80,7 +86,8 @@ class TextConfig:
 
     return DecoderDims(num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
                        num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
-                       hidden_size=self.hidden_size, vocab_size=self.vocab_size, eos_token_id=self.eos_token_id)
+                       hidden_size=self.hidden_size, vocab_size=self.vocab_size, eos_token_id=self.eos_token_id,
+                       max_position_embeddings=self.max_position_embeddings)
 
 
 @dataclasses.dataclass(frozen=True)

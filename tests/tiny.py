@@ -60,6 +60,7 @@ def make_tiny_llava(
     vision_act: str = "quick_gelu",
     seed: int = 0,
     save: bool = True,
+    max_positions: int = 128,
 ):
   """Builds, saves (model + processor) and returns (torch model, processor) for a tiny random LLaVA."""
   import torch
@@ -74,7 +75,8 @@ def make_tiny_llava(
                         patch_size=patch_size, projection_dim=16, hidden_act=vision_act)
   tc_kwargs = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=text_layers,
                    num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                   max_position_embeddings=64, attention_bias=attention_bias, tie_word_embeddings=tie_word_embeddings,
+                   max_position_embeddings=max_positions, attention_bias=attention_bias,
+                   tie_word_embeddings=tie_word_embeddings,
                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
   if rope_parameters is not None:
