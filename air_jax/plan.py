@@ -49,6 +49,7 @@ class Plan:
   workspace: int
   device_memory: float | None
   headroom: float
+  replicated_note: str = ""
 
   @property
   def total(self) -> int:
@@ -65,7 +66,7 @@ class Plan:
             ("total", self.total)]
     lines = [f"mesh (data={self.data}, model={self.model}) over {self.devices} devices, {self.dtype}, "
              f"{self.num_params / 1e9:.2f} B params; batch {self.batch}, {self.prompt_tokens} prompt + "
-             f"{self.new_tokens} new tokens", "per device:"]
+             f"{self.new_tokens} new tokens"] + ([self.replicated_note] if self.replicated_note else []) + ["per device:"]
     lines += [f"  {name:<22}{b / GB:9.2f} GB" for name, b in rows]
     if self.device_memory is not None:
       budget = self.device_memory * (1.0 - self.headroom)
@@ -110,7 +111,8 @@ def plan(path: str, devices: int, dtype="bfloat16", *, model_parallel: int | Non
   for leaf in jax.tree.leaves(state.cache):
     # [L, B, S, K, D] (Llama layout): batch over data; the KV-head axis over model when divisible.
     spec = [None] * leaf.ndim
-    spec[list(leaf.shape).index(b)] = DATA
+    if b in leaf.shape and b % dp == 0:
+      spec[list(leaf.shape).index(b)] = DATA
     if d.num_key_value_heads in leaf.shape and d.num_key_value_heads % mp == 0:
       spec[len(leaf.shape) - 1 - list(leaf.shape)[::-1].index(d.num_key_value_heads)] = MODEL
     kv_bytes += per_device_bytes(leaf.shape, leaf.dtype.itemsize, PartitionSpec(*spec), mesh_shape)
@@ -123,14 +125,18 @@ def plan(path: str, devices: int, dtype="bfloat16", *, model_parallel: int | Non
   work += 4 * bl * t * d.hidden_size * dt.itemsize  # residual, normed input, attention output, q/k/v slice
   work += bl * d.vocab_size * 4
   vision = getattr(config, "vision", None)
-  if vision is not None:
+  if vision is not None:  # vision configs differ by family: read what is there, fall back to the image tokens
     tiles = bl * fam.max_vision_tiles(config)
-    n = vision.num_patches + 1
-    work += 2 * tiles * math.ceil(vision.num_attention_heads / mp) * n * n * 4
-    work += 4 * tiles * n * vision.intermediate_size * dt.itemsize // mp
+    n = int(getattr(vision, "num_patches", 0) or fam.max_image_tokens(config)) + 1
+    v_heads = int(getattr(vision, "num_attention_heads", 1))
+    v_inter = int(getattr(vision, "intermediate_size", 4 * getattr(vision, "hidden_size", d.hidden_size)))
+    work += 2 * tiles * math.ceil(v_heads / mp) * n * n * 4
+    work += 4 * tiles * n * v_inter * dt.itemsize // mp
   return Plan(devices=devices, data=dp, model=mp, dtype=str(dt), batch=b, prompt_tokens=t, new_tokens=new_tokens,
               num_params=num_params, params=param_bytes, kv_cache=kv_bytes, workspace=work,
-              device_memory=device_memory, headroom=headroom)
+              device_memory=device_memory, headroom=headroom,
+              replicated_note="" if rules or mp == 1 else f"note: the {fam.name} family has no tensor-parallel "
+              "rules (Family.partition_rules): every device holds all params")
 
 
 def main(argv=None) -> int:
