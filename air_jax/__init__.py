@@ -9,6 +9,7 @@ from air_jax.detectors import Detection, Detector, GroundingDinoDetector, OwlDet
 from air_jax.generate import Generation, generate, generate_inputs, generate_sweep
 from air_jax.images import ImageError, load_image
 from air_jax.loading import LoadedModel, load_pretrained
+from air_jax.sharding import make_mesh
 from air_jax import methods  # noqa: E402  (decoding methods: registry and interface)
 from air_jax import analysis  # noqa: E402 -- the seed's analyses (air_jax.analysis.*)
 
@@ -16,5 +17,5 @@ __all__ = [
     "AIRConfig", "Attributor", "Detection", "Detector", "Generation", "GroundingDinoDetector", "HeadStats",
     "ImageError", "LLAVA15_13B_HAL_HEADS", "LLAVA15_7B_HAL_HEADS", "LoadedModel", "OwlDetector", "SampleResult",
     "analysis", "beam_search_tokens", "generate", "generate_inputs", "generate_sweep", "head_logprobs",
-    "load_image", "load_pretrained", "methods", "read_heads_file", "select_heads", "write_heads_file",
+    "load_image", "load_pretrained", "make_mesh", "methods", "read_heads_file", "select_heads", "write_heads_file",
 ]

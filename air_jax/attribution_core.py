@@ -88,8 +88,10 @@ def current_token_logprobs(params, config: LlavaConfig, input_ids, pixel_values,
   def one(g, i):
     p = positions[i]
     spec = RectificationSpec(head_gate=ablation_gate(g, nl, nh, dtype))
+    # Text after the last image advances the position offset by one per slot (1-D and multimodal RoPE alike), so
+    # slot p - 1 sits t - (p - 1) steps before the offset prefill left for slot t.
     st = state.replace(write_index=(p - 1).astype(jnp.int32),
-                       next_position=jnp.reshape(p - 1, (1,)).astype(jnp.int32))
+                       next_position=(state.next_position - (t - (p - 1))).astype(jnp.int32))
     token = jax.lax.dynamic_slice_in_dim(input_ids[0], p - 1, 1)
     logits, _, _ = decoding.decode_step(params, config, st, token, spec, write_cache=False)
     return jax.nn.log_softmax(logits[0])[targets[i]]

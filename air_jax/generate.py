@@ -213,7 +213,9 @@ def _run(params: LoadedModel, run, method, ids, mask, pixels, devices, *, do_sam
   sv = decoding.SamplingValues.make(seed, temperature, top_k, top_p)
   kw = dict(max_new_tokens=max_new_tokens, sampling=decoding.Sampling(greedy=not do_sample), eos_ids=eos,
             pad_id=pad_id, output_scores=output_scores, output_stats=output_stats)
-  mesh = data_mesh(devices)
+  from air_jax.sharding import params_mesh
+
+  mesh = params_mesh(params.params) or data_mesh(devices)  # sharded params: their (data, model) mesh
   p = _place_params(params.params, mesh, config)
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
   out = run(p, config, shard(ids), shard(mask), shard(pixels), method, sv, **kw)

@@ -74,7 +74,14 @@ Model functions (pure, jit/vmap-able; `params` is the whole param tree, `vision`
   - `per_layer_params(params)`: params with the decoder layers as a tuple of per-layer trees (XLA:CPU decodes
     faster); the decoder must accept both layouts.
   - `partition_rules(config)` (sharded inference, see `air_jax.sharding`): ((regex over the dotted param path,
-    PartitionSpec of the per-layer tensor), ...), the first match wins, unmatched params are replicated.
+    axis names of the per-layer tensor, e.g. ("model", None) for a column-parallel [out, in] weight), ...), the
+    first match wins, unmatched params are replicated; stacked layer axes are added by `air_jax.sharding`.
+    Heads must be split on the model axis through q/k/v rows and o_proj columns so the sites see whole heads.
+  - `map_pixels(vision, fn)`: the vision input with `fn` applied to its pixel arrays (e.g. a decoding method's
+    noised-image view); the default handles a bare array and a dict's "pixel_values". `vision=None` (a
+    text-only view) must be accepted by `embed`.
+  - `max_image_tokens(config)`, `max_vision_tiles(config)`: the largest image's feature count and the images
+    (tiles) one example sends through the vision tower; `air_jax.plan` sizes its memory plan with them.
 
 Helpers here build the prompt context and a full forward from these pieces, for every family alike.
 """
@@ -209,6 +216,19 @@ class Family:
 
   def partition_rules(self, config) -> tuple:
     return ()
+
+  def map_pixels(self, vision, fn):
+    if vision is None:
+      return None
+    if isinstance(vision, dict):
+      return dict(vision, pixel_values=fn(vision["pixel_values"]))
+    return fn(vision)
+
+  def max_image_tokens(self, config) -> int:
+    return int(getattr(config, "num_image_tokens", 0))
+
+  def max_vision_tiles(self, config) -> int:
+    return 1 if hasattr(config, "vision") else 0
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")

@@ -252,6 +252,12 @@ class LlavaNextFamily(llava.LlavaFamily):
   def embed(self, params, config, input_ids, attention_mask, vision):
     return embed(params, config, input_ids, vision)
 
+  def max_image_tokens(self, config):
+    return max(num_image_tokens(config, (h, w)) for h, w in config.image_grid_pinpoints)
+
+  def max_vision_tiles(self, config):
+    return max(num_tiles(config, (h, w)) for h, w in config.image_grid_pinpoints)
+
 
 FAMILY = family_lib.register(LlavaNextFamily())
 

@@ -176,6 +176,7 @@ def test_attribution_runs_and_its_clean_logprobs_equal_the_forward(next_llama):
   np.testing.assert_allclose(full_clean, clean, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_chair_end_to_end(next_llama, tmp_path, capsys):
   import json
   import os
@@ -194,3 +195,22 @@ def test_eval_chair_end_to_end(next_llama, tmp_path, capsys):
     assert len((tmp_path / f"{method}_captions.jsonl").read_text().splitlines()) == 3
     result = json.loads((tmp_path / f"{method}_chair.json").read_text())
     assert len(result["sentences"]) + len(result["skipped"]) == 3
+
+
+@pytest.mark.parametrize("layout", ["legacy", "4.5x"])
+def test_other_key_layouts_load_identically(next_llama, layout, tmp_path):
+  import os
+
+  from convert.checkpoint import load_params
+  from convert.safetensors_io import read_safetensors
+  from tests.test_convert import _as_layout, _copy_with
+
+  path, _, _, ours = next_llama
+  tensors = read_safetensors(os.path.join(path, "model.safetensors"))
+  renamed = {_as_layout(k, layout): v for k, v in tensors.items()}
+  assert ("model.image_newline" in renamed) == (layout == "4.5x")
+  _copy_with(path, str(tmp_path), renamed)
+  got = load_params(str(tmp_path), ours.config)
+  import jax
+
+  jax.tree.map(np.testing.assert_array_equal, got, jax.tree.map(np.asarray, ours.params))
