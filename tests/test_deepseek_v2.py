@@ -199,3 +199,43 @@ def test_head_gate_ablates_the_per_head_value_mix():
   hook.remove()
   valid = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(got)[valid], ref.numpy()[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_mha_variant_equals_llama_attention_in_deepseek_layers():
+  """use_mla = False (DeepSeek-VL2-Tiny): the official code builds transformers' LlamaAttention in each layer."""
+  from transformers import LlamaConfig
+  from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+  model = make_tiny(num_key_value_heads=2, first_k_dense_replace=1)
+  lcfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     max_position_embeddings=64, rope_theta=500.0)
+  lcfg._attn_implementation = "eager"
+
+  class OfficialMHA(LlamaAttention):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kw):
+      kw.pop("cache", None)
+      kw.pop("use_cache", None)
+      return super().forward(hidden_states, rot(hidden_states, position_ids), attention_mask, **kw)
+
+  rot = LlamaRotaryEmbedding(lcfg)
+  torch.manual_seed(3)
+  for i, layer in enumerate(model.model.layers):
+    layer.self_attn = OfficialMHA(lcfg, i)
+    with torch.no_grad():
+      for p in layer.self_attn.parameters():
+        p.normal_(0.0, 0.15)
+  raw = dict(model.config.to_dict(), use_mla=False, num_key_value_heads=2, head_dim=8,
+             rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+  cfg = deepseek_v2_config_from_dict(raw)
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  params = jax.tree.map(jnp.asarray, hf_deepseek_v2.from_state_dict(sd, cfg))
+  assert sum(int(x.size) for x in jax.tree.leaves(params)) == sum(p.numel() for p in model.parameters())
+  ids, mask = batch()
+  pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+                output_attentions=True)
+  logits, ex = forward(params, cfg, jnp.asarray(ids), jnp.asarray(mask), output_attentions=True)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[valid], ref.logits.numpy()[valid], atol=1e-5, rtol=1e-5)
+  assert deepseek_v2.init_cache(cfg, 2, 5, jnp.float32)[0]["k"].shape == (2, 5, 2, 8)

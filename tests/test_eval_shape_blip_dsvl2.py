@@ -72,8 +72,35 @@ def test_deepseek_vl2_small():
   assert out["logits"].shape == (1, 628, 102400)
 
 
-def test_deepseek_vl2_tiny_multi_head_attention_variant_is_refused_by_name():
-  raw = json.load(open(os.path.join(FIXTURES, "deepseek-vl2-small.json")))
-  raw["language_config"] = dict(raw["language_config"], use_mla=False)
-  with pytest.raises(ValueError, match="use_mla is false"):
-    deepseek_vl2.config_from_dict(raw)
+def test_deepseek_vl2_tiny_multi_head_attention_variant():
+  """use_mla = False: each layer is transformers' LlamaAttention (the official code imports it) + DeepSeek MoE."""
+  from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, LlamaConfig, SiglipVisionConfig, SiglipVisionModel
+  from transformers.models.llama.modeling_llama import LlamaAttention
+
+  raw = json.load(open(os.path.join(FIXTURES, "deepseek-vl2-tiny.json")))
+  config = deepseek_vl2.config_from_dict(raw)
+  t = config.text
+  params = abstract(deepseek_vl2.param_shapes(config))
+  lang = {k: v for k, v in raw["language_config"].items()
+          if k not in ("use_mla", "architectures", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                       "v_head_dim")}
+  v = config.vision
+  with torch.device("meta"):
+    lm = DeepseekV2ForCausalLM(DeepseekV2Config(**lang))
+    mha = LlamaAttention(LlamaConfig(hidden_size=t.hidden_size, num_attention_heads=t.num_attention_heads,
+                                     num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim), 0)
+    vision = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+        vision_use_head=False))
+  no_attn = sum(p.numel() for n, p in lm.named_parameters() if ".self_attn." not in n)
+  want = (no_attn + t.num_hidden_layers * sum(p.numel() for p in mha.parameters())
+          + sum(p.numel() for p in vision.parameters())
+          + sum(o * i + o for o, i in config.projector.linear_shapes()) + 2 * t.hidden_size)
+  assert count(params) == want
+  ids = jnp.concatenate([jnp.ones((1, 2), jnp.int32), jnp.full((1, config.num_image_tokens(1, 1)),
+                                                               config.image_token_id)], 1)
+  out = jax.eval_shape(lambda p, x: deepseek_vl2.forward(p, config, ids, x, spatial_crops=[(1, 1)],
+                                                         output_attentions=True),
+                       params, jax.ShapeDtypeStruct((2, 3, 384, 384), jnp.float32))
+  assert out["attentions"].shape[:3] == (12, 1, 10)
