@@ -6,7 +6,10 @@ have different shapes, so they are not stacked) with input_layernorm, self_attn.
 q_b_proj}, self_attn.{kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}, post_attention_layernorm and
 mlp.{gate_proj, up_proj, down_proj} (dense) or mlp.{gate, experts, shared_experts} (MoE); norm.weight;
 lm_head.weight unless tied.
-Cache: a tuple of per-layer {"ckv": [B, S, R], "kpe": [B, S, Dr]} (see models.mla). Same decoder signature as
+With use_mla = False (DeepSeek-VL2-Tiny) each layer's attention is transformers' LlamaAttention instead
+(self_attn.{q,k,v,o}_proj, GQA, rotate-half RoPE): a head is then an ordinary Llama head.
+Cache: a tuple of per-layer {"ckv": [B, S, R], "kpe": [B, S, Dr]} (see models.mla), or {"k", "v"} [B, S, K, D]
+without MLA. Same decoder signature as
 models.llama.decoder, so the decoding loop and attribution drive it unchanged.
 """
 
