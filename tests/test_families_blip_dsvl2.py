@@ -51,6 +51,9 @@ def test_instructblip_generate_matches_transformers(blip):
   batch = fam.prepare_inputs(model.processor, model.config, pil_images(), PROMPTS, 0)
   assert not batch["attention_mask"][1].all() and batch["attention_mask"][1, :6].all()  # the gap after queries
   assert batch["vision"]["qformer_attention_mask"][1, -1] == 0  # Q-Former instruction right padded
+  tok = model.processor.tokenizer
+  real = batch["input_ids"][0][batch["attention_mask"][0] == 1][6:]
+  assert real.tolist() == tok(PROMPTS[0])["input_ids"]  # the raw prompt: no chat template, no LLaVA fallback
   out = air_jax.generate(model, None, pil_images(), PROMPTS, max_new_tokens=32, bucket=0)
   v = batch["vision"]
   with torch.no_grad():
