@@ -8,7 +8,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import pytest
 import torch
 
 from models import deepseek_vl2, instructblip
