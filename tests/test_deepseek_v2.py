@@ -239,3 +239,36 @@ def test_mha_variant_equals_llama_attention_in_deepseek_layers():
   valid = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[valid], ref.logits.numpy()[valid], atol=1e-5, rtol=1e-5)
   assert deepseek_v2.init_cache(cfg, 2, 5, jnp.float32)[0]["k"].shape == (2, 5, 2, 8)
+
+
+def official_gate(x, weight, bias, cfg):
+  """The official DeepSeek MoEGate (deepseek-ai/DeepSeek-VL2 modeling_deepseek.py) in torch, for the gating modes
+  transformers' DeepseekV2 lacks: sigmoid scoring, noaux_tc with e_score_correction_bias, norm_topk_prob."""
+  logits = torch.nn.functional.linear(x.float(), weight.float())
+  scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+  n, g = scores.shape[0], cfg.n_group
+  choice = scores + bias[None]
+  group_scores = choice.view(n, g, -1).topk(2, dim=-1)[0].sum(-1)
+  keep = torch.zeros_like(group_scores).scatter_(1, torch.topk(group_scores, cfg.topk_group, dim=-1)[1], 1)
+  mask = keep.unsqueeze(-1).expand(n, g, cfg.n_routed_experts // g).reshape(n, -1)
+  idx = torch.topk(choice.masked_fill(~mask.bool(), 0.0), cfg.num_experts_per_tok, dim=-1)[1]
+  w = scores.gather(1, idx)
+  if cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob:
+    w = w / (w.sum(-1, keepdim=True) + 1e-20)
+  return w * cfg.routed_scaling_factor, idx
+
+
+def test_official_noaux_tc_sigmoid_normalised_gating():
+  raw = dict(make_tiny().config.to_dict(), topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
+             n_group=4, topk_group=2, routed_scaling_factor=2.5)
+  cfg = deepseek_v2_config_from_dict(raw)
+  gen = torch.Generator().manual_seed(4)
+  weight, bias = torch.randn(8, 32, generator=gen) * 0.3, torch.randn(8, generator=gen) * 0.1
+  x = torch.randn(40, 32, generator=gen)
+  w_ref, i_ref = official_gate(x, weight, bias, cfg)
+  w, idx = moe.route(cfg, {"weight": jnp.asarray(weight.numpy()), "e_score_correction_bias": jnp.asarray(bias.numpy())},
+                     jnp.asarray(x.numpy()))
+  for a, b, wa, wb in zip(i_ref.tolist(), np.asarray(idx).tolist(), w_ref.tolist(), np.asarray(w).tolist()):
+    assert sorted(a) == sorted(b)
+    np.testing.assert_allclose(sorted(wa), sorted(wb), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(w).sum(-1), 2.5, rtol=1e-5)  # normalised, then scaled
