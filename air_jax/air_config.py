@@ -12,6 +12,24 @@ Presets (`AIRConfig.preset(name, heads=..., **overrides)`):
               all heads, beta 0.1, every row; zero-trace + rescale in prefill only).
   "adhh"      conditional AD-HH alone on the sensitive heads, threshold 0.5 (the AD-HH setting the paper uses).
 
+Readings of the `air` preset's variance-constrained projection (the paper gives formulas for whole matrices; a
+causal decoder edits one row at a time). Each choice below is the default; the alternative is one field away:
+  (a) QK spectral rescale, factor sqrt(mean_heads(E) / E_h) per head:
+      - clamp: `qk_clamp` = (0.8, 1.25), the official code's bounds (its comment: wider factors collapse the
+        softmax into empty generations); the paper states no clamp: `qk_clamp=None` applies the factor unclamped.
+      - energy E_h: `qk_energy` = "row", the squared logits of the edited row over its visible keys (in decoding this
+        is exactly the official block, which is then one row); "block": of every real row j <= i (the head's
+        causal logit block, prefill). `official_compat` uses the official whole block, future rows included.
+  (b) zero-trace: the self weight of the row loses the causal block's trace / L (clipped at 0), in prefill only;
+      decoding rows have no square block, as in the official code.
+  (c) rescale: `projection_rescale` = "mass", the row is scaled back to its mass (it stays a distribution);
+      "energy": scaled to keep the Frobenius energy of the truncated causal block (the formula's literal reading;
+      rows stop being distributions).
+  (d) shrinkage towards the row's mean over its visible keys (uniform), beta = 0.3; `official_compat` shrinks
+      towards the whole matrix's mean, masked entries included.
+  The projection edits the last query row (`projection_rows` = "last": the last prompt row and every decoding
+  row); "all" edits every row (causal either way).
+
 Sensitive heads: `heads` is a list of (layer, head) pairs, a path to a heads file in the official JSON format
 `{"hal_heads": [[layer, head], ...], "non_hal_heads": [...]}` (its `hal_heads` are used), or the string "all"
 (every head of every layer counts as sensitive: meant for experiments and tiny test models). An enabled op that
@@ -54,6 +72,15 @@ REF_LAYERS = 32
 LLAVA15_7B_HAL_HEADS = (
     (16, 29), (26, 9), (13, 31), (15, 10), (20, 12), (30, 9), (19, 18), (17, 0), (18, 9), (26, 28),
     (19, 27), (18, 26), (15, 25), (14, 16), (31, 26), (15, 24), (31, 3), (22, 20), (27, 29), (17, 28),
+)
+
+# Official top-35 hallucination heads of liuhaotian/llava-v1.5-13b (layer, head), from the AIR repository's
+# eval_scripts/eval_pope_air.py (the list its CHAIR/POPE runs of the 13B model use).
+LLAVA15_13B_HAL_HEADS = (
+    (0, 8), (29, 27), (23, 18), (20, 11), (36, 26), (19, 37), (22, 16), (22, 34), (21, 31), (20, 34),
+    (37, 11), (17, 25), (35, 10), (17, 5), (15, 26), (0, 22), (19, 5), (19, 0), (14, 1), (23, 20),
+    (21, 6), (30, 24), (26, 27), (21, 32), (15, 28), (15, 31), (19, 30), (20, 8), (19, 14), (14, 9),
+    (39, 26), (25, 1), (18, 32), (17, 27), (39, 32),
 )
 
 Heads = tuple[tuple[int, int], ...]
@@ -143,7 +170,8 @@ class AIRConfig:
   official_compat: bool = False
   # QK spectral-energy rescale (scores).
   qk_rescale: bool = False
-  qk_clamp: tuple[float, float] = (0.8, 1.25)
+  qk_clamp: tuple[float, float] | None = (0.8, 1.25)  # None: unclamped (the paper's formula)
+  qk_energy: str = "row"  # "row" | "block" (causal block of rows <= i); see the module docstring
   qk_target_scale: float = 1.0
   qk_layers: LayerRange = (5, 18)
   qk_heads: str = "all"
@@ -182,6 +210,7 @@ class AIRConfig:
   projection_layers: LayerRange = (5, 18)
   projection_heads: str = "all"
   projection_rows: str = "all"
+  projection_rescale: str = "mass"  # "mass" (rows stay distributions) | "energy" (keep the causal block's energy)
 
   _OPS = ("qk", "rebalance", "lens", "adhh", "realloc", "projection")
   _ENABLE = {"qk": "qk_rescale"}
@@ -195,7 +224,8 @@ class AIRConfig:
     object.__setattr__(self, "heads", heads)
     self._validate()
     # Lists given by users become tuples so that configs stay hashable.
-    object.__setattr__(self, "qk_clamp", tuple(float(x) for x in self.qk_clamp))
+    if self.qk_clamp is not None:
+      object.__setattr__(self, "qk_clamp", tuple(float(x) for x in self.qk_clamp))
     for op in self._OPS:
       r = getattr(self, f"{op}_layers")
       if r is not None:
@@ -218,14 +248,18 @@ class AIRConfig:
     for f in ("visual_factor", "text_factor", "image_gain", "system_gain", "lens_alpha", "qk_target_scale",
               "adhh_threshold"):
       number(f)
-    clamp = self.qk_clamp
+    clamp = (0.0, math.inf) if self.qk_clamp is None else self.qk_clamp
     if not (isinstance(clamp, (tuple, list)) and len(clamp) == 2):
       raise ValueError(f"AIRConfig.qk_clamp must be a (lo, hi) pair, got {clamp!r}")
     lo, hi = clamp
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in clamp):
+    finite = clamp if self.qk_clamp is not None else ()
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in finite):
       raise ValueError(f"AIRConfig.qk_clamp must hold finite numbers, got {clamp!r}")
     if lo < 0 or hi < lo:
       raise ValueError(f"AIRConfig.qk_clamp must satisfy 0 <= lo <= hi, got {clamp!r}")
+    for f, allowed in (("qk_energy", ("row", "block")), ("projection_rescale", ("mass", "energy"))):
+      if getattr(self, f) not in allowed:
+        raise ValueError(f"AIRConfig.{f} must be one of {allowed}, got {getattr(self, f)!r}")
     for f in ("official_compat", "renormalize") + tuple(self._enable(op) for op in self._OPS):
       if not isinstance(getattr(self, f), bool):
         raise ValueError(f"AIRConfig.{f} must be a bool, got {getattr(self, f)!r}")
@@ -239,11 +273,13 @@ class AIRConfig:
       if getattr(self, target) not in HEAD_TARGETS:
         raise ValueError(f"AIRConfig.{target} must be one of {HEAD_TARGETS}, got {getattr(self, target)!r}")
       self._check_range(rng, ref)
-      if getattr(self, self._enable(op)) and getattr(self, target) == "sensitive" and self.heads is None:
+      if getattr(self, self._enable(op)) and getattr(self, target) == "sensitive" and not self.heads:
+        # An empty list would silently run plain decoding under the method's name.
+        what = "is required" if self.heads is None else "is empty"
         raise ValueError(
-            f"AIRConfig.heads is required: {self._enable(op)} is on and targets the sensitive heads "
-            f"({target}='sensitive') of preset {self.name!r}; pass heads=[(layer, head), ...], a heads file path, "
-            "or heads='all'")
+            f"AIRConfig.heads {what}: {self._enable(op)} is on and targets the sensitive heads "
+            f"({target}='sensitive') of preset {self.name!r}; pass heads=[(layer, head), ...], a heads file path "
+            "with a non-empty 'hal_heads' list, or heads='all'")
 
   def _check_range(self, field: str, limit: int | None) -> None:
     r = getattr(self, field)
@@ -338,9 +374,11 @@ class AIRConfig:
       return dict(heads=arr(heads), last_row_only=per_layer(rows == "last"), text_rows_only=per_layer(rows == "text"))
 
     compat = per_layer(self.official_compat)
+    clamp = (0.0, math.inf) if self.qk_clamp is None else self.qk_clamp
     ops = AIROps(
-        qk_rescale=QKRescaleOp(clamp_lo=per_layer(self.qk_clamp[0]), clamp_hi=per_layer(self.qk_clamp[1]),
+        qk_rescale=QKRescaleOp(clamp_lo=per_layer(clamp[0]), clamp_hi=per_layer(clamp[1]),
                                target_scale=per_layer(self.qk_target_scale), official_compat=compat,
+                               causal_block=per_layer(1.0) if self.qk_energy == "block" else None,
                                **common("qk")) if self.qk_rescale else None,
         rebalance=RebalanceOp(image_gain=per_layer(self.image_gain), system_gain=per_layer(self.system_gain),
                               **common("rebalance")) if self.rebalance else None,
@@ -351,6 +389,7 @@ class AIRConfig:
                           text_factor=per_layer(self.text_factor), renormalize=per_layer(self.renormalize),
                           **common("realloc")) if self.realloc else None,
         projection=ProjectionOp(beta=per_layer(self.beta), official_compat=compat,
+                                energy_rescale=per_layer(1.0) if self.projection_rescale == "energy" else None,
                                 **common("projection")) if self.projection else None,
     )
     return RectificationSpec(head_gate=jnp.ones((n_layers, n_heads), dtype), ops=ops)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.checkpoint import load_params
+from air_jax.config_checks import check_config_dict, check_param_memory
 from models.family import family_for_config_dict, family_of
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -83,6 +83,7 @@ def read_config_json(path: str) -> tuple[dict, str]:
 def load_config(path: str):
   """(config, family) of a checkpoint directory: the family is chosen from config.json's model_type/architectures."""
   raw, file = read_config_json(path)
+  check_config_dict(raw, file)
   fam = family_for_config_dict(raw, file)
   try:
     return fam.parse_config(raw), fam
@@ -105,7 +106,9 @@ def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True) 
   path = os.fspath(path)
   config, fam = load_config(path)
   np_dtype = np.dtype(resolve_dtype(dtype))
+  check_param_memory(fam.param_shapes(config), np_dtype.itemsize, os.path.join(path, "config.json"))
+  # The processor first: a missing tokenizer should not wait for gigabytes of weights to load.
+  processor = fam.load_processor(path) if with_processor else None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   params = fam.load_params(path, config, np_dtype, sharding=lambda parts, shape: device)
-  processor = fam.load_processor(path) if with_processor else None
   return LoadedModel(params=params, config=config, processor=processor, path=path)

@@ -20,6 +20,20 @@ from models.spec import AttnContext, RectificationSpec
 NEG = jnp.finfo(jnp.float32).min  # the additive mask value transformers uses in float32
 
 
+def _extra_ops(spec_l, site: str, x: jax.Array, ctx: AttnContext) -> jax.Array:
+  """Method-contributed ops (`spec_l.extra`) at one site, in order; an op without that site is skipped.
+
+  Sites: `edit_scores` (pre-mask logits, like rectify.edit_scores), `edit_masked` (logits after the mask, where
+  masked entries hold NEG: an op may give them a finite value, e.g. attention registers) and `edit_pattern`
+  (probabilities after softmax and the AIR pattern ops).
+  """
+  for op in getattr(spec_l, "extra", None) or ():
+    fn = getattr(op, site, None)
+    if fn is not None:
+      x = fn(x, ctx)
+  return x
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -56,9 +70,16 @@ def attend(
     at_slot = jnp.arange(scores.shape[-1]) == slot  # [S]
     scores = jnp.where(at_slot, own_score.reshape(b, h, t, 1).astype(jnp.float32), scores)
   scores = rectify.edit_scores(scores, spec_l, ctx)
-  scores = jnp.where(ctx.mask[:, None], scores, NEG)
+  scores = _extra_ops(spec_l, "edit_scores", scores, ctx)
+  # Unwritten cache slots get -inf, masked written keys NEG: a row with no visible key (left padding) is then
+  # uniform over the written keys, as in transformers' eager attention, whatever the cache size. Real rows are
+  # unaffected (exp(NEG - max) is already 0).
+  unwritten = jnp.arange(scores.shape[-1]) > ctx.query_slot[-1]
+  scores = jnp.where(ctx.mask[:, None], scores, jnp.where(unwritten, -jnp.inf, NEG))
+  scores = _extra_ops(spec_l, "edit_masked", scores, ctx)
   pattern = jax.nn.softmax(scores, axis=-1)
   pattern = rectify.edit_pattern(pattern, spec_l, ctx)
+  pattern = _extra_ops(spec_l, "edit_pattern", pattern, ctx)
   p5 = pattern.astype(v.dtype).reshape(b, kv, g, t, -1)
   if own is None:
     z = jnp.einsum("bkgts,bskd->btkgd", p5, v).reshape(b, t, h, dv)

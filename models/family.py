@@ -54,7 +54,8 @@ Model functions (pure, jit/vmap-able; `params` is the whole param tree, `vision`
     `image_token_id`.
   - `embed_tokens(params, config, ids [B, t]) -> [B, t, E]` (decoding steps feed tokens only).
   - `decoder(params, config, embeds, positions, ctx, *, spec=None, cache=None, write_index=0,
-    output_attentions=False, output_stats=False, cache_write=True) -> (hidden [B, T, E], cache, extras)`, as
+    output_attentions=False, output_stats=False, cache_write=True[, output_hidden_layers=()]) -> (hidden [B, T, E],
+    cache, extras)`, as
     `models.llama.decoder`: attention through `models.attention.attend` (sites scores / pattern / z, spec
     sliced per layer with `models.spec.layer_slice`), `ctx` a `models.spec.AttnContext` (mask [B, T, S] is
     causal + padding; a decoder may narrow it, e.g. a sliding window, before handing it to `attend`, so the
@@ -67,7 +68,9 @@ Model functions (pure, jit/vmap-able; `params` is the whole param tree, `vision`
     decoder; the only rule is that slot s of every cache array holds the token at column s of
     [prompt | generated], so `write_index` and the key segments index it. Choose the layout (stacked vs
     per-layer) from `params` (see `per_layer_params`).
-  - `logits(params, config, hidden [..., E]) -> [..., V]` float32.
+  - `logits(params, config, hidden [..., E]) -> [..., V]` float32; `exit_logits(params, config, hidden [K, B, E],
+    final_norm)` the early-exit readout of the residual streams `output_hidden_layers` asked the decoder for
+    (extras "hidden_states" [K, B, T, E]); optional, for early-exit methods (DoLa).
   - `per_layer_params(params)`: params with the decoder layers as a tuple of per-layer trees (XLA:CPU decodes
     faster); the decoder must accept both layouts.
   - `partition_rules(config)` (sharded inference, see `air_jax.sharding`): ((regex over the dotted param path,
@@ -90,7 +93,8 @@ from models import segments as seg_lib
 from models.spec import AttnContext
 
 # Modules that define (and register) the built-in families; imported on the first registry lookup.
-FAMILY_MODULES = ("models.llava", "models.instructblip", "models.deepseek_vl2")
+FAMILY_MODULES = ("models.llava", "models.llava_next", "models.qwen2_5_vl", "models.internvl", "models.instructblip",
+                  "models.deepseek_vl2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +108,7 @@ class DecoderDims:
   hidden_size: int
   vocab_size: int
   eos_token_id: tuple[int, ...] = ()
+  max_position_embeddings: int | None = None  # None: no limit is known (generation then checks memory only)
 
 
 class Family:
@@ -146,6 +151,7 @@ class Family:
   def load_processor(self, path: str):
     from transformers import AutoProcessor  # deferred: transformers import is slow
 
+    require_tokenizer_files(path)
     try:
       return AutoProcessor.from_pretrained(path)
     except Exception as e:  # transformers raises many types here; name the directory
@@ -186,11 +192,38 @@ class Family:
   def logits(self, params, config, hidden):
     raise NotImplementedError
 
+  def exit_logits(self, params, config, hidden, final_norm: bool):
+    """Early-exit readout (DoLa): residual streams hidden [K, B, E] -> logits [K, B, V] float32, through the final
+    norm when `final_norm`. Families whose decoder supports `output_hidden_layers` implement it."""
+    raise NotImplementedError(f"the {self.name} family has no early-exit readout (needed by early-exit methods "
+                              "such as DoLa)")
+
   def per_layer_params(self, params):
     return params
 
+  def supports_layer_reuse(self, config) -> bool:
+    """True when the decoder is a plain pre-norm Llama stack (models.llama_parts: 1-D RoPE, no sliding window,
+    params under `language_model`), so head attribution may reuse the clean run layer by layer
+    (air_jax.attribution_reuse). Other families get the plain (whole-model) ablation path."""
+    return False
+
   def partition_rules(self, config) -> tuple:
     return ()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def require_tokenizer_files(path: str) -> None:
+  """Raises a ValueError naming the files expected when a checkpoint directory holds no tokenizer at all.
+
+  (Without this check transformers falls through its loaders and ends with advice to install sentencepiece.)
+  """
+  import os
+
+  if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    raise ValueError(f"{path} holds no tokenizer: expected one of {', '.join(TOKENIZER_FILES)} (with "
+                     "tokenizer_config.json) beside config.json; copy the tokenizer files of the checkpoint there")
 
 
 def _tied(config) -> bool:

@@ -51,9 +51,26 @@ def inv_frequencies(cfg: TextConfig, positions: jax.Array) -> jax.Array:
 
 
 def cos_sin(cfg: TextConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """cos, sin of shape [B, T, head_dim] for integer positions [B, T] (computed in float32)."""
+  """cos, sin of shape [B, T, head_dim] for integer positions [B, T] (computed in float32).
+
+  With `cfg.mrope_section` (multimodal RoPE), positions are [3, B, T] (temporal, height, width; [B, T] means all
+  three equal) and frequency section i of the half head_dim reads position row i % 3, as transformers does.
+  """
+  if cfg.mrope_section is not None:
+    return _mrope_cos_sin(cfg, positions, dtype)
   inv = inv_frequencies(cfg, positions)
   freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _mrope_cos_sin(cfg: TextConfig, positions: jax.Array, dtype):
+  if positions.ndim == 2:
+    positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
+  inv = inv_frequencies(cfg, positions)
+  freqs = positions.astype(jnp.float32)[..., None] * inv  # [3, B, T, D/2]
+  bounds = np.cumsum((0,) + tuple(cfg.mrope_section))
+  freqs = jnp.concatenate([freqs[i % 3, ..., bounds[i]:bounds[i + 1]] for i in range(len(cfg.mrope_section))], -1)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 

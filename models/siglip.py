@@ -16,7 +16,7 @@ import dataclasses
 import jax
 
 from models.blip_vision import patchify
-from models.clip import _encoder_layer
+from models.clip import encoder_layer as _encoder_layer
 from models.layers import layer_norm
 
 

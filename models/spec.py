@@ -65,6 +65,7 @@ class QKRescaleOp:
   official_compat: jax.Array  # [L] 0/1
   last_row_only: jax.Array  # [L] 0/1
   text_rows_only: jax.Array  # [L] 0/1
+  causal_block: jax.Array | None = None  # [L] 0/1: E_h over the causal block of rows <= i (None: 0, the row)
 
 
 @flax.struct.dataclass
@@ -127,6 +128,7 @@ class ProjectionOp:
   official_compat: jax.Array  # [L] 0/1
   last_row_only: jax.Array  # [L] 0/1
   text_rows_only: jax.Array  # [L] 0/1
+  energy_rescale: jax.Array | None = None  # [L] 0/1: steps (b)-(c) keep the Frobenius energy (None: 0, the mass)
 
 
 @flax.struct.dataclass
@@ -150,10 +152,14 @@ class RectificationSpec:
   """Per-layer intervention arrays. `head_gate[L, H]` multiplies each head's output `z` (0 ablates it).
 
   `ops` is None or an `AIROps` of optional op groups (see models.rectify); each group's leaves also lead with L.
+  `extra` holds method-contributed ops (a tuple, empty by default; see models.attention for the hooks).
   """
 
   head_gate: jax.Array
   ops: Any = None
+  # Ops contributed by decoding methods (air_jax.methods), applied after the AIR ops of each site. Each is a pytree
+  # whose leaves lead with L and that may define edit_scores / edit_masked / edit_pattern (see models.attention).
+  extra: tuple = ()
 
   @property
   def num_layers(self) -> int:

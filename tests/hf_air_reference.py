@@ -62,11 +62,11 @@ class _Call:
       vis = (mask[:, 0] == 0).cpu().numpy()
     self.visible = vis & (seg != PAD)[:, None, :]
 
-  def rows(self, cfg, op: str, b: int) -> list[int]:
+  def rows(self, cfg, op: str, b: int, include_pad: bool = False) -> list[int]:
     rule = getattr(cfg, f"{op}_rows")
     out = []
     for i in range(len(self.q_pos)):
-      if self.query_seg[b, i] == PAD:
+      if self.query_seg[b, i] == PAD and not include_pad:
         continue
       if rule == "last" and i != len(self.q_pos) - 1:
         continue
@@ -87,8 +87,13 @@ def _scores_edits(s: torch.Tensor, cfg, call: _Call, layer: int, nl: int, nh: in
       for i in call.rows(cfg, "qk", b):
         vis = torch.from_numpy(call.visible[b, i])
         energy = block[b] if cfg.official_compat else s[b, :, i][:, vis].pow(2).sum(-1)
+        if not cfg.official_compat and cfg.qk_energy == "block" and call.prefill:
+          prior = [j for j in range(i + 1) if call.query_seg[b, j] != PAD]
+          energy = sum(s[b, :, j][:, torch.from_numpy(call.visible[b, j])].pow(2).sum(-1) for j in prior)
         target = cfg.qk_target_scale * energy.mean()
-        factor = torch.sqrt(target / (energy + EPS)).clamp(cfg.qk_clamp[0], cfg.qk_clamp[1])
+        factor = torch.sqrt(target / (energy + EPS))
+        if cfg.qk_clamp is not None:
+          factor = factor.clamp(cfg.qk_clamp[0], cfg.qk_clamp[1])
         for h in heads:
           new[b, h, i] = s[b, h, i] * factor[h]
     s = new
@@ -114,10 +119,14 @@ def _scores_edits(s: torch.Tensor, cfg, call: _Call, layer: int, nl: int, nh: in
   return s
 
 
-def _project_default(p: torch.Tensor, call: _Call, b: int, i: int, beta: float) -> torch.Tensor:
-  """Row i of one head: the last row of the official projection of the chunk truncated after row i."""
-  row = p[i].clone()
+def _project_energy(p: torch.Tensor, call: _Call, b: int, i: int, beta: float) -> torch.Tensor:
+  """projection_rescale="energy": row i is the last row of the official zero-trace + Frobenius rescale of the
+  causal block truncated after it, then shrunk towards its mean over visible keys."""
   vis = torch.from_numpy(call.visible[b, i])
+  out = p[i].clone()
+  if int(vis.sum()) < 2:
+    return out
+  row = p[i].clone()
   if call.prefill:
     rows = [j for j in range(i + 1) if call.query_seg[b, j] != PAD]
     idx = torch.tensor(rows)
@@ -127,9 +136,27 @@ def _project_default(p: torch.Tensor, call: _Call, b: int, i: int, beta: float) 
     a_tilde = a_hat * torch.sqrt(a.pow(2).sum() / (a_hat.pow(2).sum() + EPS))
     row = torch.zeros_like(row)
     row[idx] = a_tilde[-1]
-  mean = row[vis].mean()
+  out[vis] = (1 - beta) * row[vis] + beta * row[vis].mean()
+  return out
+
+
+def _project_default(p: torch.Tensor, call: _Call, b: int, i: int, beta: float) -> torch.Tensor:
+  """Row i of one head, kept a distribution: self-weight zero-trace and mass rescale (prefill), then shrinkage."""
+  vis = torch.from_numpy(call.visible[b, i])
   out = p[i].clone()
-  out[vis] = (1 - beta) * row[vis] + beta * mean
+  if int(vis.sum()) < 2:
+    return out
+  row = p[i].clone()
+  m = row[vis].sum()
+  if call.prefill:
+    slot = call.q_pos[i]
+    rows = [j for j in range(i + 1) if call.query_seg[b, j] != PAD]
+    c = torch.stack([p[j, call.q_pos[j]] for j in rows]).mean()  # trace / L of the truncated causal block
+    hat = row.clone()
+    hat[slot] = hat[slot] - torch.minimum(c, row[slot])
+    if hat[vis].sum() > 0:
+      row = hat * (m / hat[vis].sum())
+  out[vis] = (1 - beta) * row[vis] + beta * m / vis.sum()
   return out
 
 
@@ -182,8 +209,13 @@ def _pattern_edits(p: torch.Tensor, cfg, call: _Call, layer: int, nl: int, nh: i
     for b in range(nb):
       for h in heads:
         whole = _project_official(p[b, h], call.prefill, cfg.beta) if cfg.official_compat else None
-        for i in call.rows(cfg, "projection", b):
-          new[b, h, i] = whole[i] if cfg.official_compat else _project_default(p[b, h], call, b, i, cfg.beta)
+        # the official code projects every row of the matrix, left-padding rows included
+        for i in call.rows(cfg, "projection", b, include_pad=bool(cfg.official_compat)):
+          if cfg.official_compat:
+            new[b, h, i] = whole[i]
+          else:
+            proj = _project_energy if cfg.projection_rescale == "energy" else _project_default
+            new[b, h, i] = proj(p[b, h], call, b, i, cfg.beta)
     p = new
   return p
 
