@@ -100,3 +100,17 @@ class TreeFiller:
         lines.append(f"  shape mismatches ({len(self.mismatched)}): {self.mismatched[:50]}")
       raise ValueError("\n".join(lines))
     return out
+
+
+def place(tree, sharding):
+  """A filled numpy tree as is (sharding None), or as jax arrays put where `sharding(parts, shape)` says (the
+  callback convention of convert.checkpoint.load_params; parts are the dict keys / tuple indices of the leaf)."""
+  if sharding is None:
+    return tree
+  import jax
+
+  def put(kp, x):
+    parts = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in kp)
+    return jax.device_put(x, sharding(parts, x.shape))
+
+  return jax.tree_util.tree_map_with_path(put, tree)

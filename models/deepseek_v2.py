@@ -6,7 +6,10 @@ have different shapes, so they are not stacked) with input_layernorm, self_attn.
 q_b_proj}, self_attn.{kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}, post_attention_layernorm and
 mlp.{gate_proj, up_proj, down_proj} (dense) or mlp.{gate, experts, shared_experts} (MoE); norm.weight;
 lm_head.weight unless tied.
-Cache: a tuple of per-layer {"ckv": [B, S, R], "kpe": [B, S, Dr]} (see models.mla). Same decoder signature as
+With use_mla = False (DeepSeek-VL2-Tiny) each layer's attention is transformers' LlamaAttention instead
+(self_attn.{q,k,v,o}_proj, GQA, rotate-half RoPE): a head is then an ordinary Llama head.
+Cache: a tuple of per-layer {"ckv": [B, S, R], "kpe": [B, S, Dr]} (see models.mla), or {"k", "v"} [B, S, K, D]
+without MLA. Same decoder signature as
 models.llama.decoder, so the decoding loop and attribution drive it unchanged.
 """
 
@@ -15,17 +18,40 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models import mla, moe
+from models import mla, moe, rope
+from models.attention import attend
 from models.deepseek_v2_config import DeepseekV2TextConfig
-from models.layers import rms_norm
+from models.layers import linear, rms_norm
 from models.llama import embed_tokens, lm_head  # noqa: F401  (same embedding and head as Llama)
 from models.spec import AttnContext, RectificationSpec, layer_slice
 
 
+def mha_attention(cfg: DeepseekV2TextConfig, a: dict, y, cos, sin, ctx, spec_l, cache, write_index, want_pattern,
+                  want_stats, cache_write=True):
+  """The use_mla = False variant: transformers' LlamaAttention (GQA, rotate-half RoPE); cache {"k", "v"} [B, S, K, D]."""
+  b, t, _ = y.shape
+  h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  q = rope.apply_rope(linear(a["q_proj"], y).reshape(b, t, h, d), cos, sin)
+  k = rope.apply_rope(linear(a["k_proj"], y).reshape(b, t, kv, d), cos, sin)
+  v = linear(a["v_proj"], y).reshape(b, t, kv, d)
+  own = None
+  if cache is not None and cache_write:
+    ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), write_index, axis=1)
+    cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), write_index, axis=1)
+    cache = {"k": ck, "v": cv}
+    k, v = ck.astype(y.dtype), cv.astype(y.dtype)
+  elif cache is not None:
+    own = (k, v, write_index)
+    k, v = cache["k"].astype(y.dtype), cache["v"].astype(y.dtype)
+  z, extras = attend(q, k, v, ctx, spec_l, want_pattern=want_pattern, want_stats=want_stats, own=own)
+  return linear(a["o_proj"], z.reshape(b, t, h * d)), cache, extras
+
+
 def _layer(cfg, li, p, x, cos, sin, ctx, spec_l, cache, write_index, want_pattern, want_stats, cache_write):
   y = rms_norm(p["input_layernorm"], x, cfg.rms_norm_eps)
-  a, cache, extras = mla.attention(cfg, p["self_attn"], y, cos, sin, ctx, spec_l, cache, write_index, want_pattern,
-                                   want_stats, cache_write)
+  attn = mla.attention if cfg.use_mla else mha_attention
+  a, cache, extras = attn(cfg, p["self_attn"], y, cos, sin, ctx, spec_l, cache, write_index, want_pattern,
+                          want_stats, cache_write)
   x = x + a
   y = rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps)
   y = moe.moe(cfg, p["mlp"], y) if cfg.is_moe(li) else moe.mlp(cfg, p["mlp"], y)
@@ -47,7 +73,10 @@ def decoder(
     cache_write: bool = True,
 ):
   """All layers on embeds [B, T, E] at positions [B, T]; returns (normed hidden, cache, extras) like llama.decoder."""
-  cos, sin = mla.cos_sin(cfg, positions)
+  if cfg.use_mla:
+    cos, sin = mla.cos_sin(cfg, positions)
+  else:
+    cos, sin = rope.cos_sin(cfg.llama_view, positions, embeds.dtype)
   x, new_cache, per_layer = embeds, [], []
   for li, p in enumerate(params["layers"]):
     c = None if cache is None else cache[li]
@@ -65,8 +94,12 @@ def decoder(
 
 
 def init_cache(cfg: DeepseekV2TextConfig, batch: int, size: int, dtype, per_layer: bool = True):
-  """Zeros: a tuple of L {"ckv": [B, S, R], "kpe": [B, S, Dr]} (always per layer)."""
+  """Zeros: a tuple of L {"ckv": [B, S, R], "kpe": [B, S, Dr]} (MLA; always per layer), or {"k", "v"} [B, S, K, D]
+  for the use_mla = False variant."""
   del per_layer
+  if not cfg.use_mla:
+    shape = (batch, size, cfg.num_key_value_heads, cfg.head_dim)
+    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers))
   return tuple({"ckv": jnp.zeros((batch, size, cfg.kv_lora_rank), dtype),
                 "kpe": jnp.zeros((batch, size, cfg.qk_rope_head_dim), dtype)} for _ in range(cfg.num_hidden_layers))
 
@@ -88,12 +121,17 @@ def param_shapes(cfg: DeepseekV2TextConfig) -> dict:
 
   layers = []
   for li in range(cfg.num_hidden_layers):
-    attn = {"kv_a_proj_with_mqa": lin(r + dr, e, cfg.attention_bias), "kv_a_layernorm": {"weight": (r,)},
-            "kv_b_proj": lin(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), r),
-            "o_proj": lin(e, h * cfg.v_head_dim, cfg.attention_bias)}
-    if cfg.q_lora_rank is None:
-      attn["q_proj"] = lin(h * qk, e)
+    ab = cfg.attention_bias
+    if not cfg.use_mla:
+      d, kv = cfg.head_dim, cfg.num_key_value_heads
+      attn = {"q_proj": lin(h * d, e, ab), "k_proj": lin(kv * d, e, ab), "v_proj": lin(kv * d, e, ab),
+              "o_proj": lin(e, h * d, ab)}
     else:
+      attn = {"kv_a_proj_with_mqa": lin(r + dr, e, ab), "kv_a_layernorm": {"weight": (r,)},
+              "kv_b_proj": lin(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), r), "o_proj": lin(e, h * cfg.v_head_dim, ab)}
+    if cfg.use_mla and cfg.q_lora_rank is None:
+      attn["q_proj"] = lin(h * qk, e)
+    elif cfg.use_mla:
       attn.update(q_a_proj=lin(cfg.q_lora_rank, e, cfg.attention_bias), q_a_layernorm={"weight": (cfg.q_lora_rank,)},
                   q_b_proj=lin(h * qk, cfg.q_lora_rank))
     if cfg.is_moe(li):

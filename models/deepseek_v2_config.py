@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from models.config import _ACTIVATIONS, _check
+from models.config import _ACTIVATIONS, RopeConfig, TextConfig, _check, _rope_from_dict
 
 _TOPK = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -69,6 +69,12 @@ class DeepseekV2TextConfig:
   bos_token_id: int | None = 1
   eos_token_id: tuple[int, ...] = (2,)
   pad_token_id: int | None = None
+  # use_mla = False (official DeepSeek-VL2-Tiny): plain GQA attention, transformers' LlamaAttention with q/k/v/o
+  # projections, rotate-half RoPE over the whole head (Llama rope types) and kv_heads key/value heads.
+  use_mla: bool = True
+  kv_heads: int | None = None
+  mha_head_dim: int | None = None
+  mha_rope: RopeConfig = RopeConfig()
 
   @property
   def qk_head_dim(self) -> int:
@@ -77,11 +83,19 @@ class DeepseekV2TextConfig:
   @property
   def head_dim(self) -> int:
     """The query/key head width (what an attention score reads)."""
-    return self.qk_head_dim
+    return self.qk_head_dim if self.use_mla else self.mha_head_dim
 
   @property
   def num_key_value_heads(self) -> int:
-    return self.num_attention_heads  # after the latent up-projection every head has its own key and value
+    # MLA: after the latent up-projection every head has its own key and value.
+    return self.num_attention_heads if self.use_mla else self.kv_heads
+
+  @property
+  def llama_view(self) -> TextConfig:
+    """The MHA variant's attention as a Llama TextConfig (for models.rope)."""
+    return TextConfig(hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
+                      num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                      max_position_embeddings=self.max_position_embeddings, rope=self.mha_rope)
 
   def is_moe(self, layer: int) -> bool:
     return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
@@ -168,9 +182,7 @@ def deepseek_v2_config_from_dict(d: dict, field: str = "language_config") -> Dee
   """Parses a transformers DeepseekV2 config dict or the official DeepSeek-VL2 `language_config`."""
   mt = d.get("model_type", "deepseek_v2")
   _check(mt == "deepseek_v2", f"{field}.model_type", mt, "'deepseek_v2'")
-  if d.get("use_mla", True) is False:
-    raise ValueError(f"config field {field}.use_mla is false (plain multi-head attention, as in deepseek-vl2-tiny); "
-                     "air-jax implements the multi-head latent attention variant only")
+  use_mla = d.get("use_mla", True) is not False
   act = d.get("hidden_act", "silu")
   _check(act in _ACTIVATIONS, f"{field}.hidden_act", act, f"one of {_ACTIVATIONS}")
   topk = d.get("topk_method", "greedy")
@@ -184,7 +196,10 @@ def deepseek_v2_config_from_dict(d: dict, field: str = "language_config") -> Dee
     _check(topk_group and int(topk_group) <= int(n_group), f"{field}.topk_group", topk_group, f"<= n_group={n_group}")
   heads = int(d.get("num_attention_heads", 32))
   kvh = d.get("num_key_value_heads") or heads
-  _check(int(kvh) == heads, f"{field}.num_key_value_heads", kvh, f"equal to num_attention_heads={heads} (MLA)")
+  if use_mla:
+    _check(int(kvh) == heads, f"{field}.num_key_value_heads", kvh, f"equal to num_attention_heads={heads} (MLA)")
+  else:
+    _check(heads % int(kvh) == 0, f"{field}.num_key_value_heads", kvh, f"a divisor of num_attention_heads={heads}")
   max_pos = int(d.get("max_position_embeddings", 2048))
   eos = d.get("eos_token_id", 2)
   eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -194,7 +209,7 @@ def deepseek_v2_config_from_dict(d: dict, field: str = "language_config") -> Dee
       intermediate_size=int(d.get("intermediate_size", 11008)),
       moe_intermediate_size=int(d.get("moe_intermediate_size", 1407)),
       num_hidden_layers=int(d.get("num_hidden_layers", 30)), num_attention_heads=heads,
-      q_lora_rank=None if q_lora is None else int(q_lora), kv_lora_rank=int(d.get("kv_lora_rank", 512)),
+      q_lora_rank=None if q_lora is None else int(q_lora), kv_lora_rank=int(d.get("kv_lora_rank") or 0) if not use_mla else int(d.get("kv_lora_rank") or 512),
       qk_nope_head_dim=int(d.get("qk_nope_head_dim", 128)), qk_rope_head_dim=int(d.get("qk_rope_head_dim", 64)),
       v_head_dim=int(d.get("v_head_dim", 128)), n_routed_experts=int(n_exp),
       n_shared_experts=int(d.get("n_shared_experts") or 0), num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
@@ -204,5 +219,9 @@ def deepseek_v2_config_from_dict(d: dict, field: str = "language_config") -> Dee
       norm_topk_prob=bool(d.get("norm_topk_prob", False)), scoring_func=scoring, hidden_act=act,
       rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), max_position_embeddings=max_pos,
       attention_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
-      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), rope=_rope(d, max_pos),
+      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+      rope=_rope(d, max_pos) if use_mla else DeepseekRope(),
+      use_mla=use_mla, kv_heads=int(kvh),
+      mha_head_dim=int(d.get("head_dim") or int(d.get("hidden_size", 4096)) // heads),
+      mha_rope=RopeConfig() if use_mla else _rope_from_dict(d, 10000.0, max_pos),
       bos_token_id=d.get("bos_token_id", 1), eos_token_id=eos, pad_token_id=d.get("pad_token_id"))

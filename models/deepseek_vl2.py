@@ -278,12 +278,13 @@ def _dims(self):
 
   t = self.text
   return DecoderDims(num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                     num_key_value_heads=t.num_attention_heads, head_dim=t.qk_head_dim, hidden_size=t.hidden_size,
+                     num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, hidden_size=t.hidden_size,
                      vocab_size=t.vocab_size, eos_token_id=t.eos_token_id)
 
 
 DeepseekVL2Config.dims = property(_dims, doc="The decoder's dims (MLA: one key/value head per query head after "
-                                             "the latent up-projection, head_dim = qk_nope + qk_rope).")
+                                             "the latent up-projection, head_dim = qk_nope + qk_rope; the "
+                                             "use_mla = False variant: its GQA heads).")
 
 
 @dataclasses.dataclass
@@ -291,18 +292,6 @@ class DeepseekVL2Processor:
   """What air-jax needs of the official processor: the tokenizer (tiling and tokens: models.deepseek_vl2_processing)."""
 
   tokenizer: object
-
-
-def place(tree, sharding):
-  """numpy tree -> itself (sharding None) or jax arrays placed by `sharding(parts, shape)` (convert.checkpoint)."""
-  if sharding is None:
-    return tree
-
-  def put(kp, x):
-    parts = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in kp)
-    return jax.device_put(x, sharding(parts, x.shape))
-
-  return jax.tree_util.tree_map_with_path(put, tree)
 
 
 def _family():
@@ -326,6 +315,7 @@ def _family():
 
     def load_params(self, path, config, dtype, sharding=None):
       from convert.hf_deepseek_vl2 import load_params, tokenizer_image_token_id
+      from convert.tree_fill import place
 
       tok_id = tokenizer_image_token_id(path)
       if tok_id is not None and tok_id != config.image_token_id:

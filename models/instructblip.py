@@ -153,7 +153,6 @@ InstructBlipConfig.dims = property(lambda self: self.text.dims, doc="The Vicuna 
 def _family():
   from models import chat
   from models import family as family_lib
-  from models.deepseek_vl2 import place
 
   class InstructBlipFamily(family_lib.Family):
     """InstructBLIP (Vicuna): BLIP ViT -> Q-Former with the instruction -> Q query tokens -> Llama decoder.
@@ -177,6 +176,7 @@ def _family():
 
     def load_params(self, path, config, dtype, sharding=None):
       from convert.hf_instructblip import load_params
+      from convert.tree_fill import place
 
       return place(load_params(path, config, dtype), sharding)
 

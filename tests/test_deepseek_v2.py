@@ -199,3 +199,76 @@ def test_head_gate_ablates_the_per_head_value_mix():
   hook.remove()
   valid = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(got)[valid], ref.numpy()[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_mha_variant_equals_llama_attention_in_deepseek_layers():
+  """use_mla = False (DeepSeek-VL2-Tiny): the official code builds transformers' LlamaAttention in each layer."""
+  from transformers import LlamaConfig
+  from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+  model = make_tiny(num_key_value_heads=2, first_k_dense_replace=1)
+  lcfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     max_position_embeddings=64, rope_theta=500.0)
+  lcfg._attn_implementation = "eager"
+
+  class OfficialMHA(LlamaAttention):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kw):
+      kw.pop("cache", None)
+      kw.pop("use_cache", None)
+      return super().forward(hidden_states, rot(hidden_states, position_ids), attention_mask, **kw)
+
+  rot = LlamaRotaryEmbedding(lcfg)
+  torch.manual_seed(3)
+  for i, layer in enumerate(model.model.layers):
+    layer.self_attn = OfficialMHA(lcfg, i)
+    with torch.no_grad():
+      for p in layer.self_attn.parameters():
+        p.normal_(0.0, 0.15)
+  raw = dict(model.config.to_dict(), use_mla=False, num_key_value_heads=2, head_dim=8,
+             rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+  cfg = deepseek_v2_config_from_dict(raw)
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  params = jax.tree.map(jnp.asarray, hf_deepseek_v2.from_state_dict(sd, cfg))
+  assert sum(int(x.size) for x in jax.tree.leaves(params)) == sum(p.numel() for p in model.parameters())
+  ids, mask = batch()
+  pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+                output_attentions=True)
+  logits, ex = forward(params, cfg, jnp.asarray(ids), jnp.asarray(mask), output_attentions=True)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[valid], ref.logits.numpy()[valid], atol=1e-5, rtol=1e-5)
+  assert deepseek_v2.init_cache(cfg, 2, 5, jnp.float32)[0]["k"].shape == (2, 5, 2, 8)
+
+
+def official_gate(x, weight, bias, cfg):
+  """The official DeepSeek MoEGate (deepseek-ai/DeepSeek-VL2 modeling_deepseek.py) in torch, for the gating modes
+  transformers' DeepseekV2 lacks: sigmoid scoring, noaux_tc with e_score_correction_bias, norm_topk_prob."""
+  logits = torch.nn.functional.linear(x.float(), weight.float())
+  scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+  n, g = scores.shape[0], cfg.n_group
+  choice = scores + bias[None]
+  group_scores = choice.view(n, g, -1).topk(2, dim=-1)[0].sum(-1)
+  keep = torch.zeros_like(group_scores).scatter_(1, torch.topk(group_scores, cfg.topk_group, dim=-1)[1], 1)
+  mask = keep.unsqueeze(-1).expand(n, g, cfg.n_routed_experts // g).reshape(n, -1)
+  idx = torch.topk(choice.masked_fill(~mask.bool(), 0.0), cfg.num_experts_per_tok, dim=-1)[1]
+  w = scores.gather(1, idx)
+  if cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob:
+    w = w / (w.sum(-1, keepdim=True) + 1e-20)
+  return w * cfg.routed_scaling_factor, idx
+
+
+def test_official_noaux_tc_sigmoid_normalised_gating():
+  raw = dict(make_tiny().config.to_dict(), topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
+             n_group=4, topk_group=2, routed_scaling_factor=2.5)
+  cfg = deepseek_v2_config_from_dict(raw)
+  gen = torch.Generator().manual_seed(4)
+  weight, bias = torch.randn(8, 32, generator=gen) * 0.3, torch.randn(8, generator=gen) * 0.1
+  x = torch.randn(40, 32, generator=gen)
+  w_ref, i_ref = official_gate(x, weight, bias, cfg)
+  w, idx = moe.route(cfg, {"weight": jnp.asarray(weight.numpy()), "e_score_correction_bias": jnp.asarray(bias.numpy())},
+                     jnp.asarray(x.numpy()))
+  for a, b, wa, wb in zip(i_ref.tolist(), np.asarray(idx).tolist(), w_ref.tolist(), np.asarray(w).tolist()):
+    assert sorted(a) == sorted(b)
+    np.testing.assert_allclose(sorted(wa), sorted(wb), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(w).sum(-1), 2.5, rtol=1e-5)  # normalised, then scaled
