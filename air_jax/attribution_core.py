@@ -84,12 +84,16 @@ def current_token_logprobs(params, config: LlavaConfig, input_ids, pixel_values,
   mask = jnp.ones_like(input_ids)
   _, state, _ = decoding.prefill(params, config, input_ids, mask, pixel_values, None, cache_size=t)
   dtype = _param_dtype(params, config)
+  # RoPE position of each slot (a text token's is the same on every axis of a multimodal RoPE, e.g. Qwen2.5-VL,
+  # where it differs from the slot index after an image).
+  rope_pos = family_of(config).positions(config, input_ids, mask, pixel_values)
+  rope_pos = rope_pos.reshape((-1,) + input_ids.shape)[0, 0]  # [T]
 
   def one(g, i):
     p = positions[i]
     spec = RectificationSpec(head_gate=ablation_gate(g, nl, nh, dtype))
     st = state.replace(write_index=(p - 1).astype(jnp.int32),
-                       next_position=jnp.reshape(p - 1, (1,)).astype(jnp.int32))
+                       next_position=jnp.reshape(rope_pos[p - 1], (1,)).astype(jnp.int32))
     token = jax.lax.dynamic_slice_in_dim(input_ids[0], p - 1, 1)
     logits, _, _ = decoding.decode_step(params, config, st, token, spec, write_cache=False)
     return jax.nn.log_softmax(logits[0])[targets[i]]
