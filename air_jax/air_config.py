@@ -239,11 +239,13 @@ class AIRConfig:
       if getattr(self, target) not in HEAD_TARGETS:
         raise ValueError(f"AIRConfig.{target} must be one of {HEAD_TARGETS}, got {getattr(self, target)!r}")
       self._check_range(rng, ref)
-      if getattr(self, self._enable(op)) and getattr(self, target) == "sensitive" and self.heads is None:
+      if getattr(self, self._enable(op)) and getattr(self, target) == "sensitive" and not self.heads:
+        # An empty list would silently run plain decoding under the method's name.
+        what = "is required" if self.heads is None else "is empty"
         raise ValueError(
-            f"AIRConfig.heads is required: {self._enable(op)} is on and targets the sensitive heads "
-            f"({target}='sensitive') of preset {self.name!r}; pass heads=[(layer, head), ...], a heads file path, "
-            "or heads='all'")
+            f"AIRConfig.heads {what}: {self._enable(op)} is on and targets the sensitive heads "
+            f"({target}='sensitive') of preset {self.name!r}; pass heads=[(layer, head), ...], a heads file path "
+            "with a non-empty 'hal_heads' list, or heads='all'")
 
   def _check_range(self, field: str, limit: int | None) -> None:
     r = getattr(self, field)

@@ -14,12 +14,53 @@ def _umask() -> int:
   return mask
 
 
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by someone else
+    return True
+  return True
+
+
+def clean_stale_temps(path: str | os.PathLike) -> list[str]:
+  """Removes temp files that an earlier, killed writer of `path` left behind; returns their paths.
+
+  Temp names carry the writer's pid (`.<name>.<pid>.<random>.tmp`); a temp whose pid no longer runs can only
+  be left over from a kill. Temps of live processes (a concurrent writer) are kept.
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  prefix = f".{os.path.basename(path)}."
+  removed = []
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return removed
+  for name in names:
+    if not (name.startswith(prefix) and name.endswith(".tmp")):
+      continue
+    pid = name[len(prefix):].split(".", 1)[0]
+    if pid.isdigit() and not _pid_alive(int(pid)):
+      try:
+        os.unlink(os.path.join(directory, name))
+        removed.append(os.path.join(directory, name))
+      except OSError:
+        pass
+  return removed
+
+
 def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> None:
-  """Calls `save(tmp_path)` (any writer that takes a path), then renames tmp_path over `path`."""
+  """Calls `save(tmp_path)` (any writer that takes a path), then renames tmp_path over `path`.
+
+  Temps left by a writer that was killed mid-write are removed first (`clean_stale_temps`).
+  """
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+  clean_stale_temps(path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=directory)
   os.close(fd)
   try:
     save(tmp)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from air_jax.attribution_core import SCORES, SEMANTICS, delta_scores, head_logprobs
+from air_jax.attribution_screen import screen_deltas, screen_logprobs
 from air_jax.attribution_stats import HeadStats, rank_heads, select_heads, summary_arrays
 from air_jax.attribution_words import ScoredToken, caption_tokens, scored_tokens
 from air_jax.generate import _load_image, eos_token_ids, pad_token_id, prepare_inputs
@@ -44,18 +45,23 @@ class SampleResult:
   caption_ids: list[int]
   scored: list[ScoredToken]
   clean_logprob: np.ndarray
-  ablated_logprob: np.ndarray
+  ablated_logprob: np.ndarray | None
   semantics: str
+  screen_grad: np.ndarray | None = None  # [P, L, H] dP/dg of the gradient screen (Attributor.screen)
 
   def deltas(self, score: str = "prob") -> np.ndarray:
-    """Delta P_h [P, L, H] (see attribution_core.delta_scores)."""
+    """Delta P_h [P, L, H] (see attribution_core.delta_scores); NaN for heads not ablated."""
     return delta_scores(self.clean_logprob, self.ablated_logprob, score)
 
-  def accumulate(self, stats: HeadStats, score: str = "prob") -> None:
-    """Adds this caption's scored tokens to `stats`, each to its set."""
+  def screen_deltas(self, score: str = "prob") -> np.ndarray:
+    """First-order Delta P_h [P, L, H] of the gradient screen (see attribution_screen.screen_deltas)."""
+    return screen_deltas(self.clean_logprob, self.screen_grad, score)
+
+  def accumulate(self, stats: HeadStats, score: str = "prob", screen: bool = False) -> None:
+    """Adds this caption's scored tokens to `stats`, each to its set (the screen's estimates with `screen`)."""
     if not self.scored:
       return
-    d = self.deltas(score)
+    d = self.screen_deltas(score) if screen else self.deltas(score)
     sets = np.array([t.set for t in self.scored])
     for name in ("H", "N"):
       if (sets == name).any():
@@ -102,8 +108,8 @@ class Attributor:
       backend: "cpu" | "gpu" | "tpu" (default: JAX's default); the first device is used.
       bucket: sequence-length bucket (fewer compilations).
       layout: "stacked" (scan over layers), "per_layer" (one buffer per layer: faster on CPU, where XLA reads
-        slices of stacked weights slowly; holds a second copy of the decoder weights) or "auto" (per_layer on
-        CPU, stacked elsewhere).
+        slices of stacked weights slowly; holds a second copy of the decoder weights) or "auto" (per_layer for
+        current_token on CPU, stacked otherwise).
     """
     from air_jax.backend import select_devices
 
@@ -117,7 +123,9 @@ class Attributor:
     self.device = select_devices(backend)[0]
     params = model.params
     if layout == "auto":
-      layout = "per_layer" if self.device.platform == "cpu" else "stacked"
+      # full_sequence picks layers by dynamic index (attribution_reuse), which needs the stacked layout.
+      cpu_decode = self.device.platform == "cpu" and semantics == "current_token"
+      layout = "per_layer" if cpu_decode else "stacked"
     if layout == "per_layer":
       params = family_of(model.config).per_layer_params(params)
     elif layout != "stacked":
@@ -165,8 +173,17 @@ class Attributor:
       ids = list(token_ids)
     return caption, ids, offsets
 
+  def _prepare(self, image, sentence, caption, token_ids, match):
+    caption = sentence["caption"] if caption is None else caption
+    caption, ids, offsets = self.caption_inputs(caption, token_ids)
+    scored = scored_tokens(sentence, caption, self.processor.tokenizer, ids, offsets, match=match)
+    prompt_ids, pixels = self.prompt_inputs(image)
+    seq = np.concatenate([prompt_ids, np.asarray(ids, np.int32)]).astype(np.int32)
+    positions = [len(prompt_ids) + t.token_index for t in scored]
+    return caption, len(prompt_ids), ids, scored, seq, pixels, positions
+
   def attribute(self, image, sentence: Mapping[str, Any], *, caption: str | None = None,
-                token_ids: Sequence[int] | None = None, match: str = "span") -> SampleResult:
+                token_ids: Sequence[int] | None = None, match: str = "span", heads=None) -> SampleResult:
     """Delta P of every head at the object tokens of one caption (teacher-forced).
 
     Args:
@@ -175,22 +192,31 @@ class Attributor:
       caption: the text (default sentence["caption"]).
       token_ids: the generated ids of the caption, when known (see `caption_inputs`).
       match: "span" or "token" (see attribution_words).
+      heads: optional flat head ids (layer * H + head) to ablate; the others are NaN (see `screen`).
     """
-    caption = sentence["caption"] if caption is None else caption
-    caption, ids, offsets = self.caption_inputs(caption, token_ids)
-    scored = scored_tokens(sentence, caption, self.processor.tokenizer, ids, offsets, match=match)
-    prompt_ids, pixels = self.prompt_inputs(image)
+    caption, tp, ids, scored, seq, pixels, positions = self._prepare(image, sentence, caption, token_ids, match)
     nl, nh = self.num_layers, self.num_heads
     if not scored:
-      return SampleResult(caption, len(prompt_ids), ids, [], np.zeros(0), np.zeros((0, nl, nh)), self.semantics)
-    seq = np.concatenate([prompt_ids, np.asarray(ids, np.int32)]).astype(np.int32)
-    positions = [len(prompt_ids) + t.token_index for t in scored]
+      return SampleResult(caption, tp, ids, [], np.zeros(0), np.zeros((0, nl, nh)), self.semantics)
     with jax.default_device(self.device):
       clean, ablated = head_logprobs(self.params, self.config, seq, pixels, positions, semantics=self.semantics,
-                                     chunk=self.chunk, bucket=self.bucket, pad_id=self.pad_id)
-    return SampleResult(caption, len(prompt_ids), ids, scored, clean, ablated, self.semantics)
+                                     chunk=self.chunk, bucket=self.bucket, pad_id=self.pad_id, heads=heads)
+    return SampleResult(caption, tp, ids, scored, clean, ablated, self.semantics)
+
+  def screen(self, image, sentence: Mapping[str, Any], *, caption: str | None = None,
+             token_ids: Sequence[int] | None = None, match: str = "span") -> SampleResult:
+    """The gradient screen of one caption: dP/dg of every head at every scored token, one backward pass
+    (air_jax.attribution_screen); `ablated_logprob` is None, `screen_grad` [P, L, H] holds the derivatives."""
+    caption, tp, ids, scored, seq, pixels, positions = self._prepare(image, sentence, caption, token_ids, match)
+    nl, nh = self.num_layers, self.num_heads
+    if not scored:
+      return SampleResult(caption, tp, ids, [], np.zeros(0), None, self.semantics, np.zeros((0, nl, nh)))
+    with jax.default_device(self.device):
+      clean, grad = screen_logprobs(self.params, self.config, seq, pixels, positions, semantics=self.semantics,
+                                    bucket=self.bucket, pad_id=self.pad_id)
+    return SampleResult(caption, tp, ids, scored, clean, None, self.semantics, grad)
 
 
 __all__ = ["Attributor", "DEFAULT_PROMPT", "HeadStats", "SCORES", "SEMANTICS", "SampleResult", "ScoredToken",
-           "delta_scores", "head_logprobs", "rank_heads", "scored_tokens", "select_heads",
+           "delta_scores", "head_logprobs", "rank_heads", "screen_deltas", "screen_logprobs", "scored_tokens", "select_heads",
            "summary_arrays"]

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from air_jax import decoding
+from air_jax import attribution_reuse, decoding
 from models.config import LlavaConfig
 from models.family import family_of, prompt_pieces
 from models.spec import RectificationSpec
@@ -84,16 +84,14 @@ def current_token_logprobs(params, config: LlavaConfig, input_ids, pixel_values,
   mask = jnp.ones_like(input_ids)
   _, state, _ = decoding.prefill(params, config, input_ids, mask, pixel_values, None, cache_size=t)
   dtype = _param_dtype(params, config)
-  # RoPE position of each slot (a text token's is the same on every axis of a multimodal RoPE, e.g. Qwen2.5-VL,
-  # where it differs from the slot index after an image).
-  rope_pos = family_of(config).positions(config, input_ids, mask, pixel_values)
-  rope_pos = rope_pos.reshape((-1,) + input_ids.shape)[0, 0]  # [T]
 
   def one(g, i):
     p = positions[i]
     spec = RectificationSpec(head_gate=ablation_gate(g, nl, nh, dtype))
+    # Text after the last image advances the position offset by one per slot (1-D and multimodal RoPE alike), so
+    # slot p - 1 sits t - (p - 1) steps before the offset prefill left for slot t.
     st = state.replace(write_index=(p - 1).astype(jnp.int32),
-                       next_position=jnp.reshape(rope_pos[p - 1], (1,)).astype(jnp.int32))
+                       next_position=(state.next_position - (t - (p - 1))).astype(jnp.int32))
     token = jax.lax.dynamic_slice_in_dim(input_ids[0], p - 1, 1)
     logits, _, _ = decoding.decode_step(params, config, st, token, spec, write_cache=False)
     return jax.nn.log_softmax(logits[0])[targets[i]]
@@ -132,7 +130,8 @@ def _round_up(n: int, m: int) -> int:
 
 def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, positions, *,
                   semantics: str = "current_token", chunk: int = 256, bucket: int = 32,
-                  pad_id: int = 0, lower: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  pad_id: int = 0, lower: bool = False, reuse: bool = True,
+                  heads=None) -> tuple[np.ndarray, np.ndarray]:
   """Clean and ablated log-probabilities of the tokens at `positions`, for every head.
 
   Args:
@@ -146,6 +145,10 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     bucket: the sequence is cut after the last needed slot and padded to a multiple of this (fewer compiles).
     pad_id: id used for right padding (never attended to by a scored row).
     lower: return the `jax.stages.Lowered` computation instead of running it (to time compilation).
+    reuse: reuse the clean run below the ablated layer (`attribution_reuse`, default); False reruns the whole
+      model per ablation (the plain vmapped reference).
+    heads: optional flat head ids (layer * H + head) to ablate, the others are left NaN (a screened subset;
+      runs the plain vmapped path, whose cost is proportional to the number of heads).
 
   Returns:
     (clean [P] float64, ablated [P, L, H] float64) log-probabilities.
@@ -177,10 +180,29 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
   pos_pad = np.concatenate([pos, np.full(cap - n, pos[-1], np.int32)])
   tgt_pad = np.concatenate([targets, np.full(cap - n, targets[-1], np.int32)])
   nl, nh = config.dims.num_hidden_layers, config.dims.num_attention_heads
-  num_gates = 1 + nl * nh
+  gate_ids = np.arange(-1, nl * nh, dtype=np.int32)
+  if heads is not None:
+    chosen = np.unique(np.asarray(heads, np.int64).reshape(-1))
+    if chosen.size and (chosen.min() < 0 or chosen.max() >= nl * nh):
+      raise ValueError(f"heads must be flat ids in [0, {nl * nh - 1}] (layer * {nh} + head), got {chosen.tolist()}")
+    gate_ids = np.concatenate([[-1], chosen]).astype(np.int32)
+    reuse = False
+  num_gates = gate_ids.size
   chunk = min(chunk, num_gates * cap)
   args = (params, config, jnp.asarray(seq)[None], pixels, jnp.asarray(pos_pad), jnp.asarray(tgt_pad))
-  if semantics == "current_token":
+  reuse = reuse and family_of(config).supports_layer_reuse(config)
+  if reuse and semantics == "current_token":
+    # Positions per group: about `chunk` rows at the last layer; a power of two, so it divides cap.
+    group = 1 << (max(1, min(cap, chunk // (nl * nh))).bit_length() - 1)
+    call = (*args, jnp.int32(n))
+    if lower:
+      return attribution_reuse.current_token_logprobs.lower(*call, group=group)
+    out = np.asarray(attribution_reuse.current_token_logprobs(*call, group=group), np.float64)[:n].T
+  elif reuse:
+    if lower:
+      return attribution_reuse.full_sequence_logprobs.lower(*args, chunk=chunk)
+    out = np.asarray(attribution_reuse.full_sequence_logprobs(*args, chunk=chunk), np.float64)[:n].T
+  elif semantics == "current_token":
     # Items gate-major: (gate -1, every position), (head 0, every position), ...; only the first n_items run.
     n_items = num_gates * n
     # Even chunks: e.g. 129 items at chunk 64 run as 3 x 43, not 64 + 64 + a 64-wide call for one item.
@@ -188,7 +210,7 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     size = _round_up(num_gates * cap, chunk)
     item_gate = np.full(size, -1, np.int32)
     item_pos = np.zeros(size, np.int32)
-    item_gate[:n_items] = np.repeat(np.arange(-1, nl * nh, dtype=np.int32), n)
+    item_gate[:n_items] = np.repeat(gate_ids, n)
     item_pos[:n_items] = np.tile(np.arange(n, dtype=np.int32), num_gates)
     call = (*args, jnp.asarray(item_gate), jnp.asarray(item_pos), jnp.int32(n_items))
     if lower:
@@ -196,11 +218,15 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     out = current_token_logprobs(*call, chunk=chunk)
     out = np.asarray(out, np.float64)[:n_items].reshape(num_gates, n)
   else:
-    gates = jnp.arange(-1, nl * nh, dtype=jnp.int32)
+    gates = jnp.asarray(gate_ids)
     if lower:
       return full_sequence_logprobs.lower(*args, gates, chunk=min(chunk, num_gates))
     out = np.asarray(full_sequence_logprobs(*args, gates, chunk=min(chunk, num_gates)), np.float64)[:, :n]
   clean = out[0]
+  if heads is not None:
+    full = np.full((nl * nh, n), np.nan)
+    full[gate_ids[1:]] = out[1:]
+    out = np.concatenate([out[:1], full])
   ablated = out[1:].T.reshape(n, nl, nh)
   return clean, ablated
 

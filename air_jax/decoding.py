@@ -17,7 +17,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models.config import LlavaConfig
 from models.family import family_of, prompt_pieces
 from models.segments import PAD, TEXT
 from models.spec import AttnContext, RectificationSpec
@@ -50,20 +49,24 @@ class Sampling:
 
 
 def prefill(params, config, input_ids, attention_mask, pixel_values, spec, cache_size: int,
-            output_stats: bool = False):
+            output_stats: bool = False, early_exit: tuple | None = None):
   """Runs the prompt [B, T] and returns (last-row logits [B, V], DecodeState, extras).
 
   Any registered family (models.family): `pixel_values` is the family's vision input (an array or a dict of
   arrays, as `Family.prepare_inputs` makes it), `config` selects the family.
+  early_exit: optional static (layers, final_norm): extras then hold `exit_logits` [K, B, V], the last row's
+  logits read out after each of the K layers (`Family.exit_logits`).
   """
   fam = family_of(config)
   b, t = input_ids.shape
   embeds, positions, ctx = prompt_pieces(params, config, input_ids, attention_mask, pixel_values,
                                          key_slots=cache_size)
   cache = fam.init_cache(params, config, b, cache_size, embeds.dtype)
+  kw = {"output_hidden_layers": early_exit[0]} if early_exit else {}
   hidden, cache, extras = fam.decoder(params, config, embeds, positions, ctx, spec=spec, cache=cache, write_index=0,
-                                      output_stats=output_stats)
+                                      output_stats=output_stats, **kw)
   logits = fam.logits(params, config, hidden[:, -1])
+  extras = _exit_logits(params, config, extras, early_exit)
   state = DecodeState(cache=cache, key_segments=ctx.key_segments,
                       next_position=fam.next_position(config, positions, attention_mask),
                       write_index=jnp.asarray(t, jnp.int32))
@@ -78,8 +81,18 @@ def decode_context(key_segments: jax.Array, write_index: jax.Array) -> AttnConte
                      mask=visible[:, None, :], query_slot=write_index[None], prefill=False)
 
 
-def decode_step(params, config: LlavaConfig, state: DecodeState, tokens: jax.Array, spec,
-                output_stats: bool = False, write_cache: bool = True):
+def _exit_logits(params, config, extras: dict, early_exit) -> dict:
+  """Replaces extras["hidden_states"] [K, B, T, E] by `exit_logits` [K, B, V] of the last row."""
+  if not early_exit:
+    return extras
+  extras = dict(extras)
+  hs = extras.pop("hidden_states")[:, :, -1]
+  extras["exit_logits"] = family_of(config).exit_logits(params, config, hs, early_exit[1])
+  return extras
+
+
+def decode_step(params, config, state: DecodeState, tokens: jax.Array, spec,
+                output_stats: bool = False, write_cache: bool = True, early_exit: tuple | None = None):
   """Feeds tokens [B] at the next slot; returns (logits [B, V], new DecodeState, extras).
 
   write_cache=False scores the row without writing the cache (the returned state keeps the old cache): under
@@ -92,10 +105,12 @@ def decode_step(params, config: LlavaConfig, state: DecodeState, tokens: jax.Arr
   ctx = decode_context(key_segments, state.write_index)
   embeds = fam.embed_tokens(params, config, tokens[:, None])
   positions = fam.decode_positions(config, state.next_position)
+  kw = {"output_hidden_layers": early_exit[0]} if early_exit else {}
   hidden, cache, extras = fam.decoder(params, config, embeds, positions, ctx, spec=spec, cache=state.cache,
                                       write_index=state.write_index, output_stats=output_stats,
-                                      cache_write=write_cache)
+                                      cache_write=write_cache, **kw)
   logits = fam.logits(params, config, hidden[:, 0])
+  extras = _exit_logits(params, config, extras, early_exit)
   new = DecodeState(cache=cache, key_segments=key_segments, next_position=state.next_position + 1,
                     write_index=state.write_index + 1)
   return logits, new, extras
@@ -142,22 +157,80 @@ def _is_eos(tokens, eos_ids: tuple[int, ...]):
   return out
 
 
-def generate_tokens(params, config: LlavaConfig, input_ids, attention_mask, pixel_values,
-                    spec: RectificationSpec | None, sampling_values: SamplingValues, *, max_new_tokens: int,
-                    sampling: Sampling = Sampling(), eos_ids: tuple[int, ...] = (), pad_id: int = 0,
-                    output_scores: bool = False, output_stats: bool = False) -> dict:
+class _Stepper:
+  """What the loop does with a compiled method, whichever it is: views in, one logits row per example out.
+
+  The loop only calls these; every method-specific decision lives in the method's plan (air_jax.methods.base).
+  """
+
+  def __init__(self, method, config, batch: int):
+    from air_jax.methods.base import as_compiled
+
+    self.method = as_compiled(method, config)
+    self.plan, self.values = self.method.plan, self.method.values
+    self.config, self.b, self.v = config, batch, self.plan.num_views
+    layers = tuple(self.plan.early_exit_layers)
+    self.early_exit = (layers, bool(self.plan.early_exit_norm)) if layers else None
+
+  def inputs(self, input_ids, attention_mask, pixel_values):
+    from air_jax.methods.base import ViewInputs
+
+    base = ViewInputs(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    views = self.plan.views(self.values, base, self.config)
+    rows = views.input_ids.shape[0]
+    if rows != self.v * self.b:
+      raise ValueError(f"{type(self.plan).__name__}.views returned {rows} rows; expected num_views x batch = "
+                       f"{self.v} x {self.b}")
+    return base, views
+
+  def spec(self):
+    return self.plan.spec(self.values, self.b, self.config)
+
+  def combine(self, logits, extras, mstate):
+    """logits [V*B, vocab] of every row -> combined [B, vocab] (float32)."""
+    per_view = logits.reshape(self.v, self.b, logits.shape[-1])
+    exits = extras.get("exit_logits")
+    if exits is not None:
+      exits = exits[:, : self.b]  # early exits of the main view
+    return self.plan.combine(self.values, per_view, exits, mstate).astype(jnp.float32)
+
+  def main_rows(self, extras):
+    """Attention statistics of the main view only."""
+    if "segment_mass" in extras:
+      extras = dict(extras, segment_mass=extras["segment_mass"][:, : self.b])
+    return extras
+
+  def tile(self, tok):
+    """The chosen tokens [B] fed to every view's rows [V*B]."""
+    return jnp.tile(tok, self.v) if self.v > 1 else tok
+
+
+def generate_tokens(params, config, input_ids, attention_mask, pixel_values, method,
+                    sampling_values: SamplingValues, *, max_new_tokens: int, sampling: Sampling = Sampling(),
+                    eos_ids: tuple[int, ...] = (), pad_id: int = 0, output_scores: bool = False,
+                    output_stats: bool = False) -> dict:
   """The whole generation (prefill + `lax.while_loop` over steps). Traceable; jit it with static options.
 
+  `method` is a compiled decoding method (`air_jax.methods.CompiledMethod`), a bare `RectificationSpec` or None
+  (plain decoding). The method's views run as extra batch rows of the same prefill and decoding steps; its
+  combiner turns their logits (and early exits) into the one logits row the sampler sees.
+
   Returns {"tokens": [B, N] (pad_id after EOS), "num_tokens": [B] (EOS included), "steps": []} plus
-  "scores" [B, N, V] (raw float32 logits of each step) and "segment_mass" [N, L, B, H, 3] when asked.
-  Rows stop independently at an EOS; the loop ends when every row has stopped or N tokens are out.
+  "scores" [B, N, V] (float32 logits the sampler saw at each step) and "segment_mass" [N, L, B, H, 3] (main
+  view) when asked. Rows stop independently at an EOS; the loop ends when every row has stopped or N tokens are
+  out.
   """
   b = input_ids.shape[0]
   n = max_new_tokens
   cache_size = input_ids.shape[1] + n
   sv = sampling_values
-  logits, state, extras = prefill(params, config, input_ids, attention_mask, pixel_values, spec, cache_size,
-                                  output_stats)
+  st = _Stepper(method, config, b)
+  base, views = st.inputs(input_ids, attention_mask, pixel_values)
+  spec = st.spec()
+  logits, state, extras = prefill(params, config, views.input_ids, views.attention_mask, views.pixel_values, spec,
+                                  cache_size, output_stats, early_exit=st.early_exit)
+  extras = st.main_rows(extras)
+  mstate = st.plan.init_state(st.values, base, config)
   nl, nh = config.dims.num_hidden_layers, config.dims.num_attention_heads
   buf = {
       "tokens": jnp.full((b, n), pad_id, jnp.int32),
@@ -169,7 +242,8 @@ def generate_tokens(params, config: LlavaConfig, input_ids, attention_mask, pixe
   if output_stats:
     buf["segment_mass"] = jnp.zeros((n, nl, b, nh, 3), jnp.float32).at[0].set(extras["segment_mass"])
 
-  def emit(i, logits, buf):
+  def emit(i, logits, extras, mstate, buf):
+    logits = st.combine(logits, extras, mstate)
     tok = sample_token(logits, sampling, jax.random.fold_in(sv.key, i), sv.temperature, sv.top_k, sv.top_p)
     tok = jnp.where(buf["done"], pad_id, tok)
     new = dict(buf)
@@ -178,24 +252,26 @@ def generate_tokens(params, config: LlavaConfig, input_ids, attention_mask, pixe
     new["done"] = buf["done"] | _is_eos(tok, eos_ids)
     if output_scores:
       new["scores"] = jax.lax.dynamic_update_slice(buf["scores"], logits[:, None], (0, i, 0))
-    return tok, new
+    return tok, st.plan.update_state(st.values, mstate, tok), new
 
-  tok, buf = emit(0, logits, buf)
+  tok, mstate, buf = emit(0, logits, extras, mstate, buf)
 
   def cond(carry):
-    i, _, _, buf = carry
+    i, _, _, _, buf = carry
     return (i < n) & ~jnp.all(buf["done"])
 
   def body(carry):
-    i, tok, state, buf = carry
-    logits, state, extras = decode_step(params, config, state, tok, spec, output_stats)
+    i, tok, state, mstate, buf = carry
+    logits, state, extras = decode_step(params, config, state, st.tile(tok), spec, output_stats,
+                                        early_exit=st.early_exit)
+    extras = st.main_rows(extras)
     if output_stats:
       buf = dict(buf, segment_mass=jax.lax.dynamic_update_index_in_dim(buf["segment_mass"],
                                                                          extras["segment_mass"], i, 0))
-    tok, buf = emit(i, logits, buf)
-    return i + 1, tok, state, buf
+    tok, mstate, buf = emit(i, logits, extras, mstate, buf)
+    return i + 1, tok, state, mstate, buf
 
-  steps, _, _, buf = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, state, buf))
+  steps, _, _, _, buf = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, state, mstate, buf))
   out = {"tokens": buf["tokens"], "num_tokens": buf["num_tokens"], "steps": steps}
   for k in ("scores", "segment_mass"):
     if k in buf:
@@ -208,16 +284,17 @@ TRACE_COUNT = {"generate": 0}
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def generate_tokens_jit(params, config, input_ids, attention_mask, pixel_values, spec, sampling_values, **kw):
+def generate_tokens_jit(params, config, input_ids, attention_mask, pixel_values, method, sampling_values, **kw):
   TRACE_COUNT["generate"] += 1  # runs only while tracing: counts compilations
-  return generate_tokens(params, config, input_ids, attention_mask, pixel_values, spec, sampling_values, **kw)
+  return generate_tokens(params, config, input_ids, attention_mask, pixel_values, method, sampling_values, **kw)
 
 
-prefill_jit = jax.jit(prefill, static_argnames=("config", "cache_size", "output_stats"))
-decode_step_jit = jax.jit(decode_step, static_argnames=("config", "output_stats"), donate_argnames=("state",))
+prefill_jit = jax.jit(prefill, static_argnames=("config", "cache_size", "output_stats", "early_exit"))
+decode_step_jit = jax.jit(decode_step, static_argnames=("config", "output_stats", "early_exit"),
+                          donate_argnames=("state",))
 
 
-def generate_tokens_debug(params, config, input_ids, attention_mask, pixel_values, spec, sampling_values, *,
+def generate_tokens_debug(params, config, input_ids, attention_mask, pixel_values, method, sampling_values, *,
                           max_new_tokens: int, sampling: Sampling = Sampling(), eos_ids=(), pad_id: int = 0,
                           output_scores: bool = False, output_stats: bool = False) -> dict:
   """Same result as `generate_tokens`, as a Python loop over the jitted step (inspectable between steps)."""
@@ -226,9 +303,13 @@ def generate_tokens_debug(params, config, input_ids, attention_mask, pixel_value
   n = max_new_tokens
   cache_size = input_ids.shape[1] + n
   sv = sampling_values
-  logits, state, extras = prefill_jit(params, config, input_ids, attention_mask, pixel_values, spec, cache_size,
-                                      output_stats)
   b = input_ids.shape[0]
+  st = _Stepper(method, config, b)
+  base, views = st.inputs(input_ids, attention_mask, pixel_values)
+  spec = st.spec()
+  logits, state, extras = prefill_jit(params, config, views.input_ids, views.attention_mask, views.pixel_values,
+                                      spec, cache_size, output_stats, early_exit=st.early_exit)
+  mstate = st.plan.init_state(st.values, base, config)
   tokens = np.full((b, n), pad_id, np.int32)
   done = np.zeros(b, bool)
   num = np.zeros(b, np.int32)
@@ -236,10 +317,14 @@ def generate_tokens_debug(params, config, input_ids, attention_mask, pixel_value
   steps, tok = 0, None
   for i in range(n):
     if i > 0:
-      logits, state, extras = decode_step_jit(params, config, state, jnp.asarray(tok), spec, output_stats)
+      logits, state, extras = decode_step_jit(params, config, state, st.tile(jnp.asarray(tok)), spec, output_stats,
+                                              early_exit=st.early_exit)
+    extras = st.main_rows(extras)
+    logits = st.combine(logits, extras, mstate)
     tok = np.asarray(sample_token(logits, sampling, jax.random.fold_in(sv.key, i), sv.temperature, sv.top_k,
                                   sv.top_p))
     tok = np.where(done, pad_id, tok)
+    mstate = st.plan.update_state(st.values, mstate, jnp.asarray(tok))
     tokens[:, i] = tok
     num += ~done
     done |= np.isin(tok, eos_ids)
@@ -254,6 +339,6 @@ def generate_tokens_debug(params, config, input_ids, attention_mask, pixel_value
     pad = np.zeros((b, n - steps, scores[0].shape[-1]), np.float32)
     out["scores"] = np.concatenate([np.stack(scores, 1), pad], 1)
   if output_stats:
-    st = np.stack(stats, 0)
-    out["segment_mass"] = np.concatenate([st, np.zeros((n - steps,) + st.shape[1:], np.float32)], 0)
+    st_ = np.stack(stats, 0)
+    out["segment_mass"] = np.concatenate([st_, np.zeros((n - steps,) + st_.shape[1:], np.float32)], 0)
   return out

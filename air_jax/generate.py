@@ -1,4 +1,4 @@
-"""`generate(params, air_cfg, image, prompt)`: chat template, batching, bucketing, sharding, decoding, text."""
+"""`generate(params, method_cfg, image, prompt)`: chat template, batching, bucketing, sharding, decoding, text."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import numpy as np
 
 from air_jax import decoding
 from air_jax.backend import batch_sharding, data_mesh, replicated, select_devices
+from air_jax.images import load_image
+from air_jax.limits import check_lengths, check_max_new_tokens
 from air_jax.loading import LoadedModel
 from models import chat
 from models.chat import LLAVA_15_CHAT_TEMPLATE, LLAVA_15_TEMPLATE  # noqa: F401 (re-exported)
@@ -25,7 +27,7 @@ class Generation:
   """Output of `generate`. Lists follow the input order; `text` is the single string for a single input.
 
   token_ids [B, N] (pad after EOS), num_tokens [B] (EOS included), prompt_ids [B, T] (left padded),
-  scores [B, N, V] raw logits per step (output_scores), segment_mass [B, N, L, H, 3] attention mass of the
+  scores [B, N, V] the logits the sampler saw per step (raw logits, or the method's combined ones; output_scores), segment_mass [B, N, L, H, 3] attention mass of the
   generating row on system / image / text keys per layer and head (output_attention_stats).
   """
 
@@ -42,25 +44,10 @@ class Generation:
     return self.texts[0]
 
 
-def _load_image(img):
-  from PIL import Image
-
+def _load_image(img, name: str = "image"):
   if isinstance(img, (list, tuple)):  # several images in one prompt (Qwen2.5-VL, InternVL)
-    return [_load_image(x) for x in img]
-  if isinstance(img, (str, os.PathLike)):
-    try:
-      with Image.open(img) as im:
-        return im.convert("RGB")
-    except (OSError, ValueError) as e:
-      raise ValueError(f"cannot read image {os.fspath(img)!r}: {e}") from e
-  if isinstance(img, np.ndarray):
-    arr = img
-    if arr.dtype != np.uint8:
-      arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr).convert("RGB")
-  if hasattr(img, "convert"):
-    return img.convert("RGB")
-  raise TypeError(f"image must be a PIL image, a numpy array or a path, not {type(img).__name__}")
+    return [_load_image(x, name) for x in img]
+  return load_image(img, name)
 
 
 format_prompt = chat.format_prompt
@@ -86,12 +73,13 @@ def prepare_inputs(processor, images: Sequence, prompts: Sequence[str], bucket: 
   return batch["input_ids"], batch["attention_mask"], batch["vision"]
 
 
-def _spec_for(air_cfg, config) -> RectificationSpec | None:
-  if air_cfg is None or isinstance(air_cfg, RectificationSpec):
-    return air_cfg
-  if hasattr(air_cfg, "compile"):
-    return air_cfg.compile(config)
-  raise TypeError(f"air_cfg must be None, an AIRConfig or a RectificationSpec, not {type(air_cfg).__name__}")
+def _method_for(method_cfg, config):
+  """Any decoding method (None, a registered name, a method config, an AIRConfig, a spec) -> CompiledMethod."""
+  from air_jax import methods
+
+  if isinstance(method_cfg, str):
+    method_cfg = methods.make(method_cfg)
+  return methods.as_compiled(method_cfg, config)
 
 
 _PLACED: dict = {}
@@ -126,15 +114,17 @@ def _place_params(params, mesh, config=None):
   return placed
 
 
-def generate(params: LoadedModel, air_cfg, image, prompt, *, max_new_tokens: int = 64, do_sample: bool = False,
+def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | jax.Array = 0,
              output_scores: bool = False, output_attention_stats: bool = False, backend: str | None = None,
-             bucket: int = 64, debug: bool = False, devices: Sequence | None = None) -> Generation:
+             bucket: int = 64, debug: bool = False, devices: Sequence | None = None, num_beams: int = 1,
+             length_penalty: float = 1.0, protocol=None) -> Generation:
   """Generates a caption/answer for each (image, prompt) pair.
 
   Args:
     params: the object returned by `air_jax.load_pretrained` (params, config and processor).
-    air_cfg: None (plain decoding), an `AIRConfig`, or a compiled `RectificationSpec`.
+    method_cfg: the decoding method: None (plain decoding), a registered name ("greedy", "vcd", ...), a method
+      config (`air_jax.methods.make(name, **overrides)`), an `AIRConfig`, or a compiled `RectificationSpec`.
     image: a PIL image, an array [H, W, 3], a path, or a list of them (an element may be a list of several
       images for one prompt, with families that take several: Qwen2.5-VL, InternVL).
     prompt: a string or a list (one per image; a single string is used for every image).
@@ -146,25 +136,68 @@ def generate(params: LoadedModel, air_cfg, image, prompt, *, max_new_tokens: int
     bucket: prompt lengths are padded up to a multiple of this, so repeated calls reuse one compilation.
     debug: run a Python loop over the jitted step instead of one compiled while_loop (same result).
     devices: explicit devices to shard the batch over (overrides `backend`).
+    num_beams, length_penalty: beam search when num_beams > 1 (air_jax.beam_search, as transformers'
+      `num_beams` generate), with any method that only edits attention (AIR, AIR*, AD-HH, head ablations).
+    protocol: None, a name ("default", "official-air") or an `air_jax.protocol.Protocol`: the prompt template,
+      image padding and bucket of that protocol (its bucket replaces `bucket`); with `group_by_length` prompts of
+      different lengths run as separate equal-length groups (no padding), results in input order.
 
   Returns:
     A Generation with the decoded texts (special tokens removed), token ids and optional outputs.
   """
   _check_model(params)
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  max_new_tokens = check_max_new_tokens(max_new_tokens)
+  if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+    raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
   config = params.config
   devices = list(devices) if devices is not None else select_devices(backend)
-  ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
-  spec = _spec_for(air_cfg, config)
+  if protocol is not None:
+    from air_jax.protocol import get_protocol
+
+    protocol = get_protocol(protocol)
+    bucket = protocol.bucket
+  ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices, protocol)
+  if protocol is not None and protocol.group_by_length and len(set(mask[:b].sum(1).tolist())) > 1:
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+              top_p=top_p, seed=seed, output_scores=output_scores, output_attention_stats=output_attention_stats,
+              debug=debug, devices=devices, num_beams=num_beams, length_penalty=length_penalty, protocol=protocol)
+    return _generate_groups(params, method_cfg, image, prompt, mask[:b].sum(1), kw)
+  method = _method_for(method_cfg, config)
+  check_lengths(config, ids.shape[0] * method.plan.num_views, ids.shape[1], max_new_tokens, params.dtype.itemsize,
+                devices, real_prompt_len=int(mask.sum(-1).max()))
+  if num_beams != 1:
+    out = _run_beams(params, method, ids, mask, pixels, devices, num_beams=num_beams, length_penalty=length_penalty,
+                     max_new_tokens=max_new_tokens, b=b, sampling=do_sample or output_scores or output_attention_stats)
+    return _to_generation(params, out, ids, mask, b)
   run = decoding.generate_tokens_debug if debug else decoding.generate_tokens_jit
-  out = _run(params, run, spec, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
+  out = _run(params, run, method, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, output_scores=output_scores,
              output_stats=output_attention_stats)
   return _to_generation(params, out, ids, mask, b)
 
 
-def _run(params: LoadedModel, run, spec, ids, mask, pixels, devices, *, do_sample, temperature, top_k, top_p, seed,
+def _generate_groups(params: LoadedModel, method_cfg, image, prompt, lengths, kw) -> Generation:
+  """`generate` over groups of equal prompt length (no padding), merged back into input order."""
+  from air_jax.protocol import length_groups
+
+  images = list(image) if isinstance(image, (list, tuple)) else [image]
+  prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(images)
+  groups = length_groups(lengths)
+  outs = [generate(params, method_cfg, [images[i] for i in g], [prompts[i] for i in g], **kw) for g in groups]
+  order = np.argsort(np.concatenate(groups), kind="stable")
+  t = max(o.prompt_ids.shape[1] for o in outs)
+  pad = pad_token_id(params.processor.tokenizer)
+  left = lambda x, v: np.pad(x, ((0, 0), (t - x.shape[1], 0)), constant_values=v)
+  cat = lambda xs: None if xs[0] is None else np.concatenate(xs)[order]
+  texts = [t_ for o in outs for t_ in o.texts]
+  return Generation(texts=[texts[k] for k in order], token_ids=cat([o.token_ids for o in outs]),
+                    num_tokens=cat([o.num_tokens for o in outs]),
+                    prompt_ids=cat([left(o.prompt_ids, pad) for o in outs]),
+                    prompt_mask=cat([left(o.prompt_mask, 0) for o in outs]),
+                    scores=cat([o.scores for o in outs]), segment_mass=cat([o.segment_mass for o in outs]))
+
+
+def _run(params: LoadedModel, run, method, ids, mask, pixels, devices, *, do_sample, temperature, top_k, top_p, seed,
          max_new_tokens, output_scores, output_stats):
   """Places the (padded) batch on the devices and runs `run` (a decoding.generate_tokens variant)."""
   config, tok = params.config, params.processor.tokenizer
@@ -172,10 +205,42 @@ def _run(params: LoadedModel, run, spec, ids, mask, pixels, devices, *, do_sampl
   sv = decoding.SamplingValues.make(seed, temperature, top_k, top_p)
   kw = dict(max_new_tokens=max_new_tokens, sampling=decoding.Sampling(greedy=not do_sample), eos_ids=eos,
             pad_id=pad_id, output_scores=output_scores, output_stats=output_stats)
+  from air_jax.sharding import params_mesh
+
+  mesh = params_mesh(params.params) or data_mesh(devices)  # sharded params: their (data, model) mesh
+  p = _place_params(params.params, mesh, config)
+  shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
+  out = run(p, config, shard(ids), shard(mask), shard(pixels), method, sv, **kw)
+  return jax.tree.map(np.asarray, out)
+
+
+def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_beams, length_penalty,
+               max_new_tokens, b, sampling):
+  """Beam search (air_jax.beam_search) for methods that only edit attention."""
+  from air_jax import beam_search
+  from air_jax.methods.base import Plan
+
+  if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or \
+      not np.isfinite(length_penalty):
+    raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+  plan = method.plan
+  plain = (plan.num_views == 1 and not plan.early_exit_layers and type(plan).combine is Plan.combine
+           and type(plan).init_state is Plan.init_state)
+  if not plain:
+    raise ValueError(f"num_beams={num_beams}: beam search runs with methods that only edit attention (AIR, AIR*, "
+                     f"AD-HH, head ablations); {type(plan).__name__} adds views or changes the logits")
+  if sampling:
+    raise ValueError("num_beams > 1 is deterministic beam search: do_sample, output_scores and "
+                     "output_attention_stats are not available with it")
+  config, tok = params.config, params.processor.tokenizer
   mesh = data_mesh(devices)
   p = _place_params(params.params, mesh, config)
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
-  out = run(p, config, shard(ids), shard(mask), shard(pixels), spec, sv, **kw)
+  spec = plan.spec(method.values, ids.shape[0], config)
+  out = beam_search.beam_search_jit(p, config, shard(ids), shard(mask), shard(pixels), spec,
+                                    num_beams=int(num_beams), max_new_tokens=max_new_tokens,
+                                    eos_ids=eos_token_ids(config, tok), pad_id=pad_token_id(tok),
+                                    length_penalty=float(length_penalty))
   return jax.tree.map(np.asarray, out)
 
 
@@ -192,7 +257,7 @@ def _to_generation(params: LoadedModel, out: dict, ids, mask, b: int) -> Generat
                     scores=scores, segment_mass=stats)
 
 
-def _prepare(params, image, prompt, bucket, devices):
+def _prepare(params, image, prompt, bucket, devices, protocol=None):
   """Images/prompts -> padded numpy inputs (batch padded to a multiple of the device count) and the real size."""
   images = list(image) if isinstance(image, (list, tuple)) else [image]
   prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(images)
@@ -200,8 +265,15 @@ def _prepare(params, image, prompt, bucket, devices):
     raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
   if not images:
     raise ValueError("no images given")
-  ids, mask, pixels = prepare_inputs(params.processor, [_load_image(i) for i in images], prompts, bucket,
-                                     config=params.config)
+  loaded = [_load_image(im, f"image {k}") for k, im in enumerate(images)]
+  if protocol is None:
+    ids, mask, pixels = prepare_inputs(params.processor, loaded, prompts, bucket, config=params.config)
+  else:
+    from air_jax import protocol as protocols
+
+    ids, mask, pixels = protocols.prepare_inputs(params.processor, loaded, prompts, protocol,
+                                                 params.config.image_token_id,
+                                                 pad_token_id(params.processor.tokenizer), bucket)
   b = ids.shape[0]
   extra = (-b) % len(devices)  # copies of row 0, dropped afterwards
   if extra:
@@ -228,32 +300,45 @@ _SWEEP_STATIC = ("config", "max_new_tokens", "sampling", "eos_ids", "pad_id", "o
 
 
 @functools.partial(jax.jit, static_argnames=_SWEEP_STATIC)
-def _sweep_jit(params, config, ids, mask, pixels, specs, sv, **kw):
-  one = lambda spec: decoding.generate_tokens(params, config, ids, mask, pixels, spec, sv, **kw)
-  return jax.vmap(one)(specs)
+def _sweep_jit(params, config, ids, mask, pixels, methods, sv, **kw):
+  one = lambda method: decoding.generate_tokens(params, config, ids, mask, pixels, method, sv, **kw)
+  return jax.vmap(one)(methods)
 
 
 def generate_sweep(params: LoadedModel, air_cfgs: Sequence, image, prompt, *, max_new_tokens: int = 64,
                    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    seed: int | jax.Array = 0, bucket: int = 64, backend: str | None = None) -> list[Generation]:
-  """One compiled, vmapped call for several AIR configs (a hyperparameter sweep, e.g. 8 values of lambda).
+  """One compiled, vmapped call for several method configs (a hyperparameter sweep, e.g. 8 values of lambda).
 
-  Every config must switch on the same ops (values may differ). Returns one Generation per config, equal to
-  calling `generate` with each config in turn.
+  Every config must compile to one structure (same method, same ops switched on; values may differ). Returns
+  one Generation per config, equal to calling `generate` with each config in turn.
   """
+  from air_jax import methods
+
   _check_model(params)
   if not air_cfgs:
     raise ValueError("air_cfgs is empty")
   devices = select_devices(backend)
-  specs = stack_specs([_spec_for(c, params.config) for c in air_cfgs])
+  max_new_tokens = check_max_new_tokens(max_new_tokens)
+  specs = methods.stack_methods([_method_for(c, params.config) for c in air_cfgs])
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
+  check_lengths(params.config, ids.shape[0] * len(air_cfgs), ids.shape[1], max_new_tokens, params.dtype.itemsize,
+                devices, real_prompt_len=int(mask.sum(-1).max()))
   out = _run(params, _sweep_jit, specs, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, output_scores=False,
              output_stats=False)
   return [_to_generation(params, jax.tree.map(lambda x, i=i: x[i], out), ids, mask, b) for i in range(len(air_cfgs))]
 
 
-def generate_inputs(params: LoadedModel, image, prompt, bucket: int = 64):
-  """The (input_ids, attention_mask, pixel_values) numpy arrays `generate` feeds the model (one device)."""
-  ids, mask, pixels, _ = _prepare(params, image, prompt, bucket, devices=[None])
+def generate_inputs(params: LoadedModel, image, prompt, bucket: int = 64, protocol=None):
+  """The (input_ids, attention_mask, pixel_values) numpy arrays `generate` feeds the model (one device).
+
+  With a protocol, its bucket replaces `bucket` (groups of equal length are not split here).
+  """
+  if protocol is not None:
+    from air_jax.protocol import get_protocol
+
+    protocol = get_protocol(protocol)
+    bucket = protocol.bucket
+  ids, mask, pixels, _ = _prepare(params, image, prompt, bucket, devices=[None], protocol=protocol)
   return ids, mask, pixels

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.checkpoint import load_params
+from air_jax.config_checks import check_config_dict, check_param_memory
 from models.family import family_for_config_dict, family_of
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -83,6 +83,7 @@ def read_config_json(path: str) -> tuple[dict, str]:
 def load_config(path: str):
   """(config, family) of a checkpoint directory: the family is chosen from config.json's model_type/architectures."""
   raw, file = read_config_json(path)
+  check_config_dict(raw, file)
   fam = family_for_config_dict(raw, file)
   try:
     return fam.parse_config(raw), fam
@@ -90,22 +91,34 @@ def load_config(path: str):
     raise ValueError(f"{file}: {e}") from e
 
 
-def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True) -> LoadedModel:
+def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True, mesh=None) -> LoadedModel:
   """Loads a local Hugging Face checkpoint directory of any registered family (LLaVA-1.5, LLaVA-NeXT, ...).
 
   Args:
     path: directory with config.json, *.safetensors (sharded or not) and processor files.
     dtype: "float32" or "bfloat16" (params and compute dtype; softmax is always float32).
     with_processor: also load the transformers processor (needed by `generate`).
+    mesh: optional (data, model) `jax.sharding.Mesh` (`air_jax.sharding.make_mesh`): the params are then
+      tensor-parallel (Megatron split over "model", the family's `partition_rules`), each device's slice read
+      from the files on its own; `generate` then splits the batch over "data".
 
   Returns:
-    A LoadedModel whose `params` are jax arrays (streamed from the files one parameter at a time onto the
-    default device; see `air_jax.sharding.load_sharded` for a device mesh).
+    A LoadedModel whose `params` are jax arrays, streamed from the files one parameter (one device slice) at a
+    time, so the model is never held twice in host memory.
   """
   path = os.fspath(path)
   config, fam = load_config(path)
   np_dtype = np.dtype(resolve_dtype(dtype))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  params = load_params(path, config, np_dtype, family=fam, sharding=lambda parts, shape: device)
+  if mesh is None:  # a mesh spreads the params over its devices; the host holds one slice at a time
+    check_param_memory(fam.param_shapes(config), np_dtype.itemsize, os.path.join(path, "config.json"))
+  # The processor first: a missing tokenizer should not wait for gigabytes of weights to load.
   processor = fam.load_processor(path) if with_processor else None
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sharding = lambda parts, shape: device
+  else:
+    from air_jax.sharding import param_shardings
+
+    sharding = param_shardings(config, mesh)
+  params = fam.load_params(path, config, np_dtype, sharding=sharding)
   return LoadedModel(params=params, config=config, processor=processor, path=path)

@@ -2,11 +2,11 @@
 
 Usage: python -m bench.attribution [--chunk 256] [--torch-full-heads 16] [--layout per_layer|stacked]
 
-current_token: ours = one clean prefill of the sequence + all L*H ablated decode steps vmapped (`chunk` per
-call); transformers = the official mechanism: a clean cached prefix, then one cached decode step per head with
-an o_proj forward pre-hook zeroing the head's slice. full_sequence: ours = vmapped full forwards over the
-gates (vision tower once); transformers = a full re-forward per head with the hook (timed on a few heads and
-extrapolated). Both sides also compute the clean probability. Compile time is reported separately.
+current_token: ours = one clean forward of the sequence (kept per layer) + every head's ablation from its own
+layer up (air_jax.attribution_reuse); transformers = the official mechanism: a clean cached prefix, then one
+cached decode step per head with an o_proj forward pre-hook zeroing the head's slice. full_sequence: ours =
+the clean run reused below each ablated layer; transformers = a full re-forward per head with the hook (timed
+on a few heads and extrapolated). Both sides also compute the clean probability. Compile time is reported separately.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def torch_current_token(model, ids, pixels, p: int, heads: list[tuple[int, int]]
 
 
 def ours_prefill_s(loaded, ids, pixels, p: int, layout: str, repeats: int = 2) -> float:
-  """Seconds of our clean prefill over the sequence head_logprobs runs (cut after p, padded to a bucket of 32)."""
-  from air_jax import decoding
+  """Seconds of our clean run as head_logprobs runs it (cut after p, padded to a bucket of 32; the last layer
+  at the scored row only) with the clean log-probability."""
+  from air_jax.attribution_reuse import _target_logprob, clean_run
   from models.llama import unstack_layers
 
   params = loaded.params
@@ -74,13 +75,19 @@ def ours_prefill_s(loaded, ids, pixels, p: int, layout: str, repeats: int = 2) -
   length = -(-p // 32) * 32
   seq = np.zeros((1, length), np.int32)
   seq[0, : min(length, ids.shape[1])] = ids[0, :length]
-  args = (params, loaded.config, jnp.asarray(seq), jnp.ones((1, length), jnp.int32), jnp.asarray(pixels),
-          None, length)
-  jax.block_until_ready(decoding.prefill_jit(*args))
+  rows, tgt = jnp.array([p - 1], jnp.int32), jnp.array([int(ids[0, p])], jnp.int32)
+
+  @jax.jit
+  def run(params, seq, pixels):
+    _, hidden, _, _ = clean_run(params, loaded.config, seq, pixels, rows)
+    return _target_logprob(params["language_model"], params.get("lm_head"), hidden, tgt)
+
+  args = (params, jnp.asarray(seq), jnp.asarray(pixels))
+  jax.block_until_ready(run(*args))
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
-    jax.block_until_ready(decoding.prefill_jit(*args))
+    jax.block_until_ready(run(*args))
     best = min(best, time.perf_counter() - t)
   return best
 

@@ -66,3 +66,41 @@ def table(rows: list[tuple], header: tuple) -> str:
   fmt = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"
   sep = "|" + "|".join("-" * (x + 2) for x in w) + "|"
   return "\n".join([fmt(header), sep] + [fmt(r) for r in cols[1:]])
+
+
+NEXT_PINPOINTS = [[224, 448], [448, 224], [448, 448], [672, 224], [224, 672]]
+
+
+def build_next(path: str | None = None, seed: int = 0):
+  """A LLaVA-NeXT-shaped mid model (the decoder and tower of `build`, anyres 224 px tiles) and a 5-tile prompt.
+
+  A 448 x 448 image picks the 448 x 448 pinpoint: 2 x 2 tiles + the base tile, 256 + 32 * 32 + 32 = 1312 image
+  tokens. Returns (torch model, our LoadedModel, input_ids [1, T], our vision dict, torch extra kwargs).
+  """
+  import torch
+  from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+  import air_jax
+  from models.llava_next import num_image_tokens, num_tiles, vision_inputs
+
+  torch.manual_seed(seed)
+  vc = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                        image_size=224, patch_size=14, projection_dim=256)
+  tc = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                   num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096)
+  cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN, image_seq_length=256,
+                        image_grid_pinpoints=NEXT_PINPOINTS)
+  model = LlavaNextForConditionalGeneration(cfg).eval()
+  model.config._attn_implementation = "eager"
+  path = path or tempfile.mkdtemp(prefix="air_bench_next_")
+  model.save_pretrained(path)
+  ours = air_jax.load_pretrained(path, with_processor=False)
+  size = (448, 448)
+  tiles, n_img = num_tiles(ours.config, size), num_image_tokens(ours.config, size)
+  assert tiles == 5
+  rng = np.random.default_rng(seed)
+  ids = np.concatenate([[1], rng.integers(3, 31000, 7), [IMAGE_TOKEN] * n_img, rng.integers(3, 31000, 32)])
+  pixels = rng.standard_normal((1, tiles, 3, 224, 224)).astype(np.float32)
+  vision = vision_inputs(ours.config, pixels, np.asarray([size]), [1])
+  extra = {"image_sizes": torch.as_tensor([size])}
+  return model, ours, ids[None].astype(np.int32), vision, {"pixels": pixels, **extra}

@@ -1,6 +1,7 @@
 """Decode speed: air-jax vs transformers (torch, 2 threads, its own KV-cached greedy loop), same model, one run.
 
-Usage: python -m bench.decode [--new-tokens 32] [--methods greedy,air,air_star,adhh]
+Usage: python -m bench.decode [--new-tokens 32] [--methods greedy,air,air_star,adhh] [--model llava|next]
+(--model next: the LLaVA-NeXT-shaped mid model of bench.common.build_next, anyres with 5 tiles)
 Prints prefill time, decode ms/token (best of several runs on both sides), compile time, ours/theirs, and the
 memory-bandwidth bound
 (bytes of weights + KV cache read per decode step / measured read bandwidth).
@@ -18,19 +19,20 @@ import numpy as np
 from bench.common import build, machine, read_bandwidth_gbs, table
 
 
-def torch_decode(model, ids, pixels, n: int, repeats: int = 3):
-  """transformers' own KV-cached greedy loop; best of `repeats` runs after a warm-up."""
+def torch_decode(model, ids, pixels, n: int, repeats: int = 3, extra: dict | None = None):
+  """transformers' own KV-cached greedy loop; best of `repeats` runs after a warm-up (extra: prefill kwargs)."""
   import torch
 
   torch.set_num_threads(2)
   input_ids = torch.as_tensor(ids, dtype=torch.long)
   pv = torch.as_tensor(pixels)
+  extra = extra or {}
   best_pre, best_dec = float("inf"), float("inf")
   with torch.no_grad():
-    model(input_ids=input_ids, pixel_values=pv, use_cache=True)  # warm-up
+    model(input_ids=input_ids, pixel_values=pv, use_cache=True, **extra)  # warm-up
     for _ in range(repeats):
       t0 = time.perf_counter()
-      out = model(input_ids=input_ids, pixel_values=pv, use_cache=True)
+      out = model(input_ids=input_ids, pixel_values=pv, use_cache=True, **extra)
       t1 = time.perf_counter()
       past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
       tokens = [int(tok)]
@@ -55,7 +57,7 @@ class JaxDecoder:
     gen = jax.jit(lambda p, i, m, x, s: decoding.generate_tokens(p, config, i, m, x, s, sv, **kw))
     pre = jax.jit(lambda p, i, m, x, s: decoding.prefill(p, config, i, m, x, s, ids.shape[1] + n)[0])
     self.n = n
-    self.args = (params, jnp.asarray(ids), jnp.asarray(np.ones_like(ids)), jnp.asarray(pixels), spec)
+    self.args = (params, jnp.asarray(ids), jnp.asarray(np.ones_like(ids)), jax.tree.map(jnp.asarray, pixels), spec)
     t = time.perf_counter()
     self.gen = gen.lower(*self.args).compile()
     self.compile_s = time.perf_counter() - t
@@ -94,17 +96,25 @@ def main(argv=None):
   ap.add_argument("--methods", default="greedy,air,air_star,adhh",
                   help="comma separated; AIR methods need air_jax.AIRConfig")
   ap.add_argument("--rounds", type=int, default=5, help="timed runs per method (best is reported)")
+  ap.add_argument("--model", choices=("llava", "next"), default="llava",
+                  help="llava: the LLaVA-1.5-shaped mid model; next: LLaVA-NeXT-shaped, anyres with 5 tiles")
   args = ap.parse_args(argv)
   n = args.new_tokens
-  model, ours, ids, pixels = build()
-  print(f"machine: {machine()}; jax {jax.__version__} on {jax.devices()[0].platform}; prompt {ids.shape[1]} "
-        f"tokens (256 image), {n} new tokens, float32")
-  ref = torch_decode(model, ids, pixels, n)
+  if args.model == "next":
+    from bench.common import build_next
+
+    model, ours, ids, pixels, torch_in = build_next()
+    torch_pixels, extra = torch_in.pop("pixels"), torch_in
+  else:
+    model, ours, ids, pixels = build()
+    torch_pixels, extra = pixels, {}
+  n_img = int((ids == 32000).sum())
+  print(f"machine: {machine()}; jax {jax.__version__} on {jax.devices()[0].platform}; model {args.model}; prompt "
+        f"{ids.shape[1]} tokens ({n_img} image), {n} new tokens, float32")
+  ref = torch_decode(model, ids, torch_pixels, n, extra=extra)
   bw = read_bandwidth_gbs()
   bound_ms = step_bytes(ours, ids, n) / (bw * 1e9) * 1e3
-  from models.llama import unstack_layers
-
-  params = dict(ours.params, language_model=unstack_layers(ours.params["language_model"]))  # as generate on CPU
+  params = ours.family.per_layer_params(ours.params)  # as generate on CPU
   methods = args.methods.split(",")
   decoders = {}
   for method in methods:

@@ -20,6 +20,35 @@ _DTYPES = {
 }
 
 
+def _check_layout(path: str, header: dict, data_size: int) -> None:
+  """Checks every tensor's dtype, shape and byte range against each other and the file size (before any read).
+
+  A truncated file (an interrupted download of one shard is the common case) or inconsistent offsets would
+  otherwise surface as a reshape error deep inside conversion, or as silently wrong weights.
+  """
+  for key, info in header.items():
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+      raise ValueError(f"{where}: header entry must have dtype, shape and data_offsets, got {info!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPES:
+      raise ValueError(f"{where} has unsupported dtype {dtype!r} (supported: {sorted(_DTYPES)})")
+    ok_shape = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                               for d in shape)
+    ok_offsets = (isinstance(offsets, list) and len(offsets) == 2
+                  and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets))
+    if not ok_shape or not ok_offsets:
+      raise ValueError(f"{where}: malformed shape {shape!r} or data_offsets {offsets!r}")
+    start, end = offsets
+    need = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+    if end < start or end - start != need:
+      raise ValueError(f"{where}: data_offsets {offsets} hold {end - start} bytes but shape {shape} x {dtype} "
+                       f"needs {need}; the file is corrupt, download it again")
+    if end > data_size:
+      raise ValueError(f"{where} ends at byte {end} of the data section but the file holds only {data_size} "
+                       "bytes: the file is truncated (an interrupted download?); download it again")
+
+
 class SafetensorsFile:
   """Lazy access to the tensors of one `.safetensors` file."""
 
@@ -36,9 +65,12 @@ class SafetensorsFile:
         header = json.loads(f.read(n))
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from e
+    if not isinstance(header, dict):
+      raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
     self.metadata = header.pop("__metadata__", {})
     self.header = header
     self._offset = 8 + n
+    _check_layout(path, header, os.path.getsize(path) - self._offset)
     self._file = open(path, "rb")
     size = os.path.getsize(path)
     self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
@@ -62,8 +94,6 @@ class SafetensorsFile:
 
   def get(self, key: str) -> np.ndarray:
     info = self.header[key]
-    if info["dtype"] not in _DTYPES:
-      raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
     buf = self._map[self._offset + start: self._offset + end]
     return np.frombuffer(buf, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])

@@ -39,7 +39,7 @@ SCORES = ("prob", "abs", "logprob")
 STATE = "attribution_state.npz"
 RECORDS = "attribution_records.jsonl"
 # Settings a resumed run must share with the run that wrote the state.
-RESUME_KEYS = ("chair_json", "model", "semantics", "match", "prompt", "all_captions", "generate", "split")
+RESUME_KEYS = ("chair_json", "model", "semantics", "match", "prompt", "all_captions", "generate", "split", "screen")
 
 
 class AttributionError(RuntimeError):
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--synonyms", help="CHAIR vocabulary file for --generate (default: COCO)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--screen", type=int, default=None, metavar="K",
+                 help="gradient screen first (one backward pass per caption estimates Delta P of every head), then "
+                      "exact ablation of the K heads with the largest |estimated S_h| only; the others are NaN "
+                      "in the exact results and never selected")
   p.add_argument("--no-progress", action="store_true")
   return p
 
@@ -86,13 +90,20 @@ class RunState:
     from air_jax.attribution_stats import HeadStats
 
     self.stats = {s: HeadStats.zeros(num_layers, num_heads) for s in SCORES}
+    self.screen_stats = {s: HeadStats.zeros(num_layers, num_heads) for s in SCORES}
     self.done: list[str] = []
+    self.screen_done: list[str] = []
+    self.screen_heads: list[int] | None = None  # flat ids chosen by the screen (phase 2 ablates these)
     self.settings = settings
 
   def save(self, path: Path) -> None:
-    arrays = {"done": np.array(json.dumps(self.done)), "settings": np.array(json.dumps(self.settings))}
+    arrays = {"done": np.array(json.dumps(self.done)), "settings": np.array(json.dumps(self.settings)),
+              "screen_done": np.array(json.dumps(self.screen_done)),
+              "screen_heads": np.array(json.dumps(self.screen_heads))}
     for score, st in self.stats.items():
       arrays.update(st.to_arrays(f"{score}/"))
+    for score, st in self.screen_stats.items():
+      arrays.update(st.to_arrays(f"screen_{score}/"))
     _atomic_savez(path, arrays)
 
   def load(self, path: Path) -> None:
@@ -110,7 +121,12 @@ class RunState:
           raise AttributionError(f"{path} holds statistics of shape {st.shape}, the model has "
                                 f"{self.stats[score].shape} (layers, heads)")
         self.stats[score] = st
+        if f"screen_{score}/count" in z:
+          self.screen_stats[score] = HeadStats.from_arrays(z, f"screen_{score}/")
       self.done = json.loads(str(z["done"]))
+      if "screen_done" in z:
+        self.screen_done = json.loads(str(z["screen_done"]))
+        self.screen_heads = json.loads(str(z["screen_heads"]))
 
 
 def _sync_records(path: Path, done: set[str]) -> None:
@@ -173,11 +189,38 @@ def write_outputs(out: Path, state: RunState, score: str, top_k: int, non_hal: s
     save_heatmap(out / f"heatmap_{key}.png", arrays[key], f"{key}_h ({score}); black: hal, green: non-hal",
                  hal_heads=sel["hal_heads"], non_hal_heads=sel["non_hal_heads"])
     heads[key] = {k: [[l, h, float(arrays[key][l, h])] for l, h in v] for k, v in sel.items()}
-  summary = {"config": state.settings, "score": score, "top_k": top_k, "non_hal": non_hal,
-             "num_samples": len(state.done), "num_tokens_H": int(arrays["count_H"].max(initial=0)),
-             "num_tokens_N": int(arrays["count_N"].max(initial=0)), "heads": heads}
+  summary = {"config": state.settings, "out": str(out), "score": score, "top_k": top_k, "non_hal": non_hal,
+             "num_samples": len(state.done), "num_tokens_H": int(np.nanmax(arrays["count_H"], initial=0)),
+             "num_tokens_N": int(np.nanmax(arrays["count_N"], initial=0)), "heads": heads}
+  if state.screen_heads is not None:
+    summary["screen"] = screen_summary(state, score)
+    extra = {f"screen_{k}": v for k, v in summary_arrays(state.screen_stats[score]).items()}
+    arrays.update(extra)
+    _atomic_savez(out / "attribution.npz", arrays)
   atomic_write_json(out / "summary.json", summary, indent=1)
   return summary
+
+
+def screen_summary(state: RunState, score: str) -> dict[str, Any]:
+  """The screened heads and how the estimate ranks them against exact ablation (Spearman over the K heads)."""
+  from scipy.stats import spearmanr
+
+  est, exact = state.screen_stats[score].s_score().ravel(), state.stats[score].s_score().ravel()
+  ids = np.asarray(state.screen_heads, np.int64)
+  ok = ids[~np.isnan(est[ids]) & ~np.isnan(exact[ids])] if ids.size else ids
+  rho = float(spearmanr(est[ok], exact[ok])[0]) if ok.size > 2 else None
+  nh = state.stats[score].shape[1]
+  return {"k": int(ids.size), "num_samples": len(state.screen_done),
+          "heads": [[int(i // nh), int(i % nh), float(est[i]), float(exact[i])] for i in ids],
+          "spearman_S_estimate_vs_exact": rho}
+
+
+def _choose_screened(state: RunState, score: str, k: int) -> list[int]:
+  """Flat ids of the k heads with the largest |estimated S_h| (NaN never chosen)."""
+  from air_jax.attribution_stats import rank_heads
+
+  est = state.screen_stats[score].s_score()
+  return [l * est.shape[1] + h for l, h in rank_heads(est, k, largest=True, by_abs=True)]
 
 
 def run(argv: Sequence[str] | None = None, on_sample: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -185,8 +228,13 @@ def run(argv: Sequence[str] | None = None, on_sample: Callable[[int], None] | No
   args = build_parser().parse_args(argv)
   if args.top_k < 1 or (args.chunk is not None and args.chunk < 1):
     raise AttributionError(f"--top-k and --chunk must be >= 1, got {args.top_k} and {args.chunk}")
+  if args.screen is not None and args.screen < 1:
+    raise AttributionError(f"--screen must be >= 1, got {args.screen}")
   if not Path(args.model).is_dir():
     raise AttributionError(f"--model {args.model}: not a directory")
+  from eval.cli import check_output_dir
+
+  check_output_dir(args.out)  # before any work
   chair_path = Path(args.chair_json)
   sentences, json_prompt = _load_sentences(chair_path, args.all_captions)
   if args.limit is not None:
@@ -213,22 +261,43 @@ def run(argv: Sequence[str] | None = None, on_sample: Callable[[int], None] | No
   settings = {"chair_json": str(chair_path.resolve()), "model": str(Path(args.model).resolve()),
               "semantics": args.semantics, "match": args.match, "prompt": prompt,
               "all_captions": args.all_captions, "generate": args.generate, "split": args.split,
-              "coco_root": str(args.coco_root), "max_new_tokens": args.max_new_tokens if args.generate else None}
+              "coco_root": str(args.coco_root), "max_new_tokens": args.max_new_tokens if args.generate else None,
+              "screen": args.screen}
   state = RunState(attributor.num_layers, attributor.num_heads, settings)
   state_path, records_path = out / STATE, out / RECORDS
   if state_path.exists():
     state.load(state_path)
     log.info("%s: resuming, %d captions already attributed", state_path, len(state.done))
   _sync_records(records_path, set(state.done))
-  done = set(state.done)
-  todo = [s for s in sentences if json.dumps(s["image_id"]) not in done]
   from tqdm import tqdm
 
+  if args.screen is not None and state.screen_heads is None:
+    # Phase 1: the gradient screen on every caption (stats only), then the K heads to ablate exactly.
+    screened = set(state.screen_done)
+    todo = [s for s in sentences if json.dumps(s["image_id"]) not in screened]
+    bar = tqdm(total=len(sentences), initial=len(sentences) - len(todo), unit="caption", desc="screen",
+               disable=args.no_progress, dynamic_ncols=True)
+    try:
+      for sentence in todo:
+        record = _attribute_one(sentence, images, attributor, chair_scorer, args, screen=True)
+        if "result" in record:
+          for score, st in state.screen_stats.items():
+            record["result"].accumulate(st, score, screen=True)
+        state.screen_done.append(json.dumps(sentence["image_id"]))
+        state.save(state_path)
+        bar.update(1)
+    finally:
+      bar.close()
+    state.screen_heads = _choose_screened(state, args.score, args.screen)
+    state.save(state_path)
+    log.info("screen: exact ablation of %d heads %s", len(state.screen_heads), state.screen_heads)
+  done = set(state.done)
+  todo = [s for s in sentences if json.dumps(s["image_id"]) not in done]
   bar = tqdm(total=len(sentences), initial=len(sentences) - len(todo), unit="caption", desc="attribution",
              disable=args.no_progress, dynamic_ncols=True)
   try:
     for n, sentence in enumerate(todo, 1):
-      record = _attribute_one(sentence, images, attributor, chair_scorer, args)
+      record = _attribute_one(sentence, images, attributor, chair_scorer, args, heads=state.screen_heads)
       for score, st in state.stats.items():
         if "result" in record:
           record["result"].accumulate(st, score)
@@ -259,7 +328,8 @@ def _chair_scorer(args):
   return score
 
 
-def _attribute_one(sentence, images: CocoImages, attributor, chair_scorer, args) -> dict[str, Any]:
+def _attribute_one(sentence, images: CocoImages, attributor, chair_scorer, args, *, screen: bool = False,
+                   heads=None) -> dict[str, Any]:
   raw_id = sentence["image_id"]
   image_id = match_image_id(raw_id, images.file_names)
   record: dict[str, Any] = {"image_id": raw_id}
@@ -278,7 +348,10 @@ def _attribute_one(sentence, images: CocoImages, attributor, chair_scorer, args)
     sentence = chair_scorer(image_id, text)
     if not args.all_captions and not sentence["mscoco_hallucinated_words"]:
       return {**record, "caption": text, "skipped": "regenerated caption has no hallucination"}
-  result = attributor.attribute(image, sentence, token_ids=token_ids, match=args.match)
+  if screen:
+    result = attributor.screen(image, sentence, token_ids=token_ids, match=args.match)
+  else:
+    result = attributor.attribute(image, sentence, token_ids=token_ids, match=args.match, heads=heads)
   if not result.scored:
     return {**record, "caption": result.caption, "skipped": "no object token could be located"}
   return {**record, "result": result}
@@ -286,16 +359,17 @@ def _attribute_one(sentence, images: CocoImages, attributor, chair_scorer, args)
 
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; returns the exit status (2 on a user error)."""
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  try:
+  from eval.cli import run_cli, where_results_are
+
+  def body() -> int:
     summary = run(argv)
-  except (AttributionError, AnnotationError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"{summary['num_samples']} captions, {summary['num_tokens_H']} hallucinated and "
-        f"{summary['num_tokens_N']} correct object tokens; top heads by S_h: "
-        f"{summary['heads']['S']['hal_heads'][:5]}")
-  return 0
+    print(f"{summary['num_samples']} captions, {summary['num_tokens_H']} hallucinated and "
+          f"{summary['num_tokens_N']} correct object tokens; top heads by S_h: "
+          f"{summary['heads']['S']['hal_heads'][:5]}")
+    print(where_results_are(summary["out"]))
+    return 0
+
+  return run_cli(body, (AttributionError, AnnotationError))
 
 
 if __name__ == "__main__":

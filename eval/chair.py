@@ -14,6 +14,7 @@ Sampling and ground truth: see ``eval.coco``; the metric: see ``eval.chair_metri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import sys
@@ -21,17 +22,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from eval import chair_splits
 from eval.captions_io import CaptionRecord, CaptionsFormatError, CaptionsWriter, load_captions, \
   read_jsonl_records
 from eval.chair_metric import STYLES, Vocabulary, compute_chair
+from eval.cli import check_output_dir
 from eval.coco import AnnotationError, CocoImages, GroundTruth, atomic_write_json, match_image_id
 
 log = logging.getLogger("eval.chair")
 
-METHODS = ("greedy", "air", "air_star", "adhh")
+# Decoding methods come from the air_jax.methods registry (`known_methods`); this list is for the help text.
+METHODS = ("greedy", "air", "air_star", "adhh", "vcd", "dola", "pai", "farsight")
 DEFAULT_PROMPT = "Please describe this image in detail."
 # Settings a resumed captions file must share with the run that appends to it.
-RESUME_KEYS = ("method", "prompt", "max_new_tokens")
+RESUME_KEYS = ("method", "prompt", "max_new_tokens", "protocol")
 
 Captioner = Callable[[list, list[str]], list[str]]
 
@@ -55,14 +59,21 @@ def check_backend(backend: str) -> list:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_model(model_dir: str):
+def _load_model(model_dir: str, dtype: str = "float32"):
   import air_jax
 
-  return air_jax.load_pretrained(model_dir, dtype="float32")
+  return air_jax.load_pretrained(model_dir, dtype=dtype)
+
+
+def known_methods() -> tuple[str, ...]:
+  """The registered decoding methods (air_jax.methods)."""
+  from air_jax import methods
+
+  return methods.names()
 
 
 def read_air_config(path: str | None) -> dict[str, dict[str, Any]]:
-  """Per-method AIRConfig overrides from a JSON file {method: {field: value}} (keys starting with _ ignored)."""
+  """Per-method config overrides from a JSON file {method: {field: value}} (keys starting with _ ignored)."""
   if path is None:
     return {}
   import json
@@ -80,8 +91,9 @@ def read_air_config(path: str | None) -> dict[str, dict[str, Any]]:
   for method, overrides in data.items():
     if method.startswith("_"):
       continue
-    if method not in METHODS or method == "greedy":
-      raise EvalError(f"--air-config {path}: unknown method {method!r}; expected one of {', '.join(METHODS[1:])}")
+    known = [m for m in known_methods() if m != "greedy"]
+    if method not in known:
+      raise EvalError(f"--air-config {path}: unknown method {method!r}; expected one of {', '.join(known)}")
     if not isinstance(overrides, dict):
       raise EvalError(f"--air-config {path}: the entry of {method!r} must be an object of AIRConfig fields")
     out[method] = overrides
@@ -89,29 +101,47 @@ def read_air_config(path: str | None) -> dict[str, dict[str, Any]]:
 
 
 def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: int, backend: str | None,
-                   heads: str | None = None, overrides: dict[str, Any] | None = None) -> Captioner:
+                   heads: str | None = None, overrides: dict[str, Any] | None = None,
+                   batch_size: int | None = None, protocol=None) -> Captioner:
   """The generation backend: ``captioner(images, file_names) -> texts`` over air_jax's public API.
 
   Args:
     model_dir: Converted model directory (``air_jax.load_pretrained``); loaded once per process.
-    method: "greedy" (no intervention) or an ``air_jax.AIRConfig`` preset name.
+    method: a registered decoding method (``air_jax.methods.names()``: greedy, air, vcd, dola, ...).
     prompt: The instruction asked for every image.
     max_new_tokens: Generation budget.
     backend: "cpu", "gpu", "tpu" or None (JAX's default).
-    heads: Optional heads JSON for the preset.
-    overrides: AIRConfig field overrides for the preset (see --air-config).
+    heads: Optional heads JSON for the methods that take sensitive heads (the AIR family).
+    overrides: config field overrides for the method's preset (see --air-config).
+    batch_size: the run's batch size: a smaller (last) batch is padded to it with copies of its first image and
+      the padding captions dropped, so every batch reuses one compiled graph (not under a protocol that groups
+      prompts by length, whose batches must stay as the official run has them).
+    protocol: an ``air_jax.protocol.Protocol`` (None: the default protocol): prompt template, padding, model
+      dtype and layer-range reading.
+
+  The captioner's ``hyperparameters`` attribute holds the method's resolved settings (written into results).
   """
   import air_jax  # lazily: the CLI also scores captions files without the library's model code
+  from air_jax.protocol import get_protocol
 
-  model = _load_model(model_dir)
-  air_cfg = None if method == "greedy" else air_jax.AIRConfig.preset(method, heads=heads, **(overrides or {}))
+  protocol = get_protocol(protocol)
+  model = _load_model(model_dir, protocol.dtype)
+  base = air_jax.methods.make(method, run_options={"heads": heads}, **(overrides or {}))
+  # The protocol fixes fields of the methods that have them (the AIR family: layer reading, official_compat).
+  fields = {f.name for f in dataclasses.fields(base)} if dataclasses.is_dataclass(base) else set()
+  fixed = {k: v for k, v in protocol.air_overrides().items() if k in fields and k not in (overrides or {})}
+  method_cfg = base.replace(**fixed) if fixed else base
+  pad_batches = batch_size is not None and not protocol.group_by_length
 
   def captioner(images: list, file_names: list[str]) -> list[str]:
     del file_names  # the model only sees pixels
-    out = air_jax.generate(model, air_cfg, images, [prompt] * len(images), max_new_tokens=max_new_tokens,
-                           backend=backend)
-    return list(out.texts)
+    n = len(images)
+    padded = list(images) + [images[0]] * max(0, batch_size - n) if pad_batches else list(images)
+    out = air_jax.generate(model, method_cfg, padded, [prompt] * len(padded), max_new_tokens=max_new_tokens,
+                           backend=backend, protocol=protocol)
+    return list(out.texts)[:n]
 
+  captioner.hyperparameters = air_jax.methods.hyperparameters(method_cfg)
   return captioner
 
 
@@ -282,11 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"{'|'.join(METHODS)}; repeat or comma-separate to compare (default greedy). With "
                       "--captions: the label of each file")
   p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--batch-size", type=int, default=None, help="default: the protocol's (8; 4 for official-air)")
+  p.add_argument("--protocol", default="default",
+                 help="default | official-air: official-air reproduces the published AIR* run (LLaVA's vicuna_v1 "
+                      "template, no prompt padding, batches of 4 in sample order, absolute layer ranges, "
+                      "float16; see air_jax.protocol). Recorded in every output")
   p.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None)
   p.add_argument("--model", help="converted model directory (needed to generate)")
   p.add_argument("--heads", help="heads JSON for the AIR/AD-HH presets")
-  p.add_argument("--air-config", help="JSON {method: {AIRConfig field: value}} overriding the presets' "
+  p.add_argument("--air-config", help="JSON {method: {config field: value}} overriding the presets' "
                                       "hyperparameters (recorded in the output)")
   p.add_argument("--out", default="results", help="output directory (default results/)")
   p.add_argument("--captions", action="append", default=None,
@@ -302,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "' cheesecake' never match (bit-exact with the published CHAIR code)")
   p.add_argument("--cache-dir", help="ground-truth cache directory (default <out>/cache)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--splits", type=int, default=1, help="score K samples of --num-images images and report mean and "
+                                                       "std (see eval.chair_splits)")
+  p.add_argument("--split-mode", choices=("disjoint", "seeded"), default="disjoint",
+                 help="disjoint samples (default; the first is the usual one) or seeds seed..seed+K-1")
+  p.add_argument("--compile-cache", metavar="DIR",
+                 help="JAX persistent compilation cache: repeated runs load compiled graphs from DIR")
   return p
 
 
@@ -324,6 +364,21 @@ def _methods(values: list[str] | None) -> list[str]:
   return methods
 
 
+def _protocol(args: argparse.Namespace) -> dict[str, Any]:
+  """Resolves --protocol (and the batch size it implies); returns the protocol as a dict (what is recorded)."""
+  from air_jax.protocol import PROTOCOLS
+
+  if args.protocol not in PROTOCOLS:
+    raise EvalError(f"unknown --protocol {args.protocol!r}; expected one of {', '.join(sorted(PROTOCOLS))}")
+  protocol = PROTOCOLS[args.protocol]
+  if args.batch_size is None:
+    args.batch_size = protocol.batch_size
+  elif protocol.name == "official-air" and args.batch_size != protocol.batch_size:
+    raise EvalError(f"--protocol official-air runs batches of {protocol.batch_size} (its AD-HH trigger sums over "
+                    f"the batch); drop --batch-size {args.batch_size}")
+  return protocol.to_dict()
+
+
 def _label_for(path: Path) -> str:
   stem = path.stem
   return stem[:-len("_captions")] if stem.endswith("_captions") else stem
@@ -336,8 +391,17 @@ def run(argv: Sequence[str] | None = None,
   apply_defaults(args)
   if args.backend is not None:
     check_backend(args.backend)  # before any work: a wrong platform should fail at once
+  if args.compile_cache:
+    from air_jax.compile_cache import enable_compile_cache
+
+    try:
+      enable_compile_cache(args.compile_cache)
+    except ValueError as e:
+      raise EvalError(str(e)) from e
   methods = _methods(args.method)
   out_dir = Path(args.out)
+  check_output_dir(out_dir)  # before any work: a bad --out must not cost a captioning run
+  protocol = None if args.captions else _protocol(args)  # score-only runs import no library code
   if args.captions:
     if methods and len(methods) != len(args.captions):
       raise EvalError(f"{len(args.captions)} --captions file(s) but {len(methods)} --method label(s)")
@@ -347,9 +411,9 @@ def run(argv: Sequence[str] | None = None,
       raise EvalError(f"two captions files share a label {labels}; name them with --method")
   else:
     methods = methods or ["greedy"]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in known_methods()]
     if unknown:
-      raise EvalError(f"unknown --method {unknown}; expected {', '.join(METHODS)}")
+      raise EvalError(f"unknown --method {unknown}; expected {', '.join(known_methods())}")
     if captioner_factory is None:
       if not args.model:
         raise EvalError("--model DIR is required to generate captions (or pass --captions FILE to score)")
@@ -368,10 +432,15 @@ def run(argv: Sequence[str] | None = None,
     images = CocoImages(args.coco_root, args.split)
     gt = GroundTruth(args.coco_root, args.split, vocab, cache_dir=args.cache_dir or out_dir / "cache")
     sample = None if args.captions else images.sample(args.num_images, args.seed)
+    split_ids = None
+    if sample is not None and args.splits != 1:
+      split_ids = chair_splits.make_splits(images.ids, args.num_images, args.splits, args.seed, args.split_mode)
+      sample = chair_splits.union(split_ids)
     if sample is not None and captioner_factory is None:
       def captioner_factory(method: str) -> Captioner:
         return make_captioner(args.model, method, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                              backend=args.backend, heads=args.heads, overrides=air_overrides.get(method))
+                              backend=args.backend, heads=args.heads, overrides=air_overrides.get(method),
+                              batch_size=args.batch_size, protocol=protocol["name"])
     # every method's captioner before any generation, so a bad preset fails before hours of work
     captioners = {label: captioner_factory(label) for label, _ in jobs} if sample is not None else {}
   except ValueError as e:
@@ -382,7 +451,8 @@ def run(argv: Sequence[str] | None = None,
     gen_skipped: list[dict] = []
     started = time.time()
     if sample is not None:
-      meta = {"method": label, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens}
+      meta = {"method": label, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+              "protocol": protocol["name"]}
       gen_skipped = generate_captions(sample, images, captioners[label], captions_path, meta=meta,
                                       batch_size=args.batch_size, progress=not args.no_progress)
       records = read_jsonl_records(captions_path)
@@ -390,32 +460,45 @@ def run(argv: Sequence[str] | None = None,
       records = load_captions(captions_path)
     result = score_records(records, images, gt, vocab, source=str(captions_path), sample=sample)
     result["skipped"] = gen_skipped + result["skipped"]
+    if split_ids is not None:
+      def score_split(ids, records=records, captions_path=captions_path):
+        wanted = set(ids)
+        return score_records([r for r in records if r.image_id in wanted], images, gt, vocab,
+                             source=str(captions_path), sample=ids)
+      result["splits"] = chair_splits.score_splits(score_split, split_ids, args.split_mode)
     result["config"] = {
-      "label": label, "captions_file": str(captions_path), "coco_root": str(args.coco_root),
+      "label": label, "captions_file": str(captions_path), "out": str(out_dir), "coco_root": str(args.coco_root),
       "split": args.split, "num_images": None if sample is None else args.num_images,
       "seed": None if sample is None else args.seed, "prompt": args.prompt if sample is not None else None,
       "max_new_tokens": args.max_new_tokens if sample is not None else None, "model": args.model,
       "heads": args.heads, "air_config": air_overrides.get(label), "backend": args.backend,
+      "method_hyperparameters": getattr(captioners.get(label), "hyperparameters", None),
       "synonyms": str(args.synonyms or "default (COCO)"),
       "vocab_rules": args.vocab_rules, "reference_split": args.reference_split, "style": vocab.style,
       "vocab_sha256": vocab.digest(),
       "ground_truth_key": gt.key, "seconds": round(time.time() - started, 3),
+      "protocol": protocol, "batch_size": args.batch_size if sample is not None else None,
     }
     atomic_write_json(out_dir / f"{label}_chair.json", result, indent=1)
+    if sample is not None:
+      chair_splits.write_manifest(out_dir, label, args, sample, images.file_names, split_ids, air_overrides.get(label))
     results[label] = result
   return results
 
 
 def main(argv: Sequence[str] | None = None, captioner_factory: Callable[[str], Captioner] | None = None) -> int:
   """CLI entry point: prints the table, returns the exit status (2 on a user error)."""
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  try:
+  from eval.cli import run_cli, where_results_are
+
+  def body() -> int:
     results = run(argv, captioner_factory)
-  except (EvalError, AnnotationError, CaptionsFormatError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(format_table(results))
-  return 0
+    print(format_table(results))
+    if any("splits" in r for r in results.values()):
+      print(chair_splits.format_summary(results))
+    print(where_results_are(*sorted({r["config"]["out"] for r in results.values()})))
+    return 0
+
+  return run_cli(body, (EvalError, AnnotationError, CaptionsFormatError))
 
 
 if __name__ == "__main__":

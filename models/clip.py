@@ -35,7 +35,8 @@ def embed(params: dict, cfg: VisionConfig, pixel_values: jax.Array) -> jax.Array
   return x + emb["position_embedding"]["weight"].astype(dtype)[None]
 
 
-def _encoder_layer(cfg: VisionConfig, p: dict, x: jax.Array) -> jax.Array:
+def encoder_layer(cfg, p: dict, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """One pre-norm CLIP encoder layer on x [B, N, E]; `mask` [B, 1, N, N] is added to the scores (text side)."""
   b, n, e = x.shape
   nh, hd = cfg.num_attention_heads, cfg.head_dim
   h = layer_norm(p["layer_norm1"], x, cfg.layer_norm_eps)
@@ -44,6 +45,8 @@ def _encoder_layer(cfg: VisionConfig, p: dict, x: jax.Array) -> jax.Array:
   k = linear(a["k_proj"], h).reshape(b, n, nh, hd)
   v = linear(a["v_proj"], h).reshape(b, n, nh, hd)
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd**-0.5)
+  if mask is not None:
+    scores = scores.astype(jnp.float32) + mask
   probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
   o = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, e)
   x = x + linear(a["out_proj"], o)
@@ -59,11 +62,12 @@ def forward(params: dict, cfg: VisionConfig, pixel_values: jax.Array, num_layers
   `num_layers` smaller than the config's, the remaining layers are skipped (they cannot affect the result).
   """
   n = cfg.num_hidden_layers if num_layers is None else num_layers
-  x = layer_norm(params["pre_layrnorm"], embed(params, cfg, pixel_values), cfg.layer_norm_eps)
+  pre = params["pre_layrnorm"] if "pre_layrnorm" in params else params["pre_layernorm"]  # CLIP's typo vs OWL's
+  x = layer_norm(pre, embed(params, cfg, pixel_values), cfg.layer_norm_eps)
   layers = jax.tree.map(lambda w: w[:n], params["encoder"]["layers"])
 
   def step(h, p):
-    h = _encoder_layer(cfg, p, h)
+    h = encoder_layer(cfg, p, h)
     return h, h
 
   _, hs = jax.lax.scan(step, x, layers)

@@ -86,7 +86,8 @@ class TextConfig:
 
     return DecoderDims(num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
                        num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
-                       hidden_size=self.hidden_size, vocab_size=self.vocab_size, eos_token_id=self.eos_token_id)
+                       hidden_size=self.hidden_size, vocab_size=self.vocab_size, eos_token_id=self.eos_token_id,
+                       max_position_embeddings=self.max_position_embeddings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +174,8 @@ def text_config_from_dict(d: dict, tie_default: bool = False) -> TextConfig:
   _check(model_type in ("llama", "mistral"), "text_config.model_type", model_type, "'llama' or 'mistral'")
   act = d.get("hidden_act", "silu")
   _check(act in _ACTIVATIONS, "text_config.hidden_act", act, f"one of {_ACTIVATIONS}")
+  if model_type == "mistral":  # MistralConfig's defaults for fields a partial config.json leaves out
+    d = {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32, **d}
   hidden = int(d.get("hidden_size", 4096))
   heads = int(d.get("num_attention_heads", 32))
   kv = d.get("num_key_value_heads") or heads
@@ -206,8 +209,9 @@ def text_config_from_dict(d: dict, tie_default: bool = False) -> TextConfig:
 
 
 def _sliding_window(d: dict, model_type: str) -> int | None:
-  # transformers' Llama has no sliding window; Mistral applies `sliding_window` when it is set (null: none).
-  w = d.get("sliding_window") if model_type == "mistral" else None
+  # transformers' Llama has no sliding window; Mistral applies `sliding_window` when it is set (null: none; a
+  # missing field takes MistralConfig's default, 4096).
+  w = d.get("sliding_window", 4096) if model_type == "mistral" else None
   if w is None:
     return None
   _check(isinstance(w, int) and w > 0, "text_config.sliding_window", w, "a positive int or null")

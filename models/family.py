@@ -54,7 +54,8 @@ Model functions (pure, jit/vmap-able; `params` is the whole param tree, `vision`
     `image_token_id`.
   - `embed_tokens(params, config, ids [B, t]) -> [B, t, E]` (decoding steps feed tokens only).
   - `decoder(params, config, embeds, positions, ctx, *, spec=None, cache=None, write_index=0,
-    output_attentions=False, output_stats=False, cache_write=True) -> (hidden [B, T, E], cache, extras)`, as
+    output_attentions=False, output_stats=False, cache_write=True[, output_hidden_layers=()]) -> (hidden [B, T, E],
+    cache, extras)`, as
     `models.llama.decoder`: attention through `models.attention.attend` (sites scores / pattern / z, spec
     sliced per layer with `models.spec.layer_slice`), `ctx` a `models.spec.AttnContext` (mask [B, T, S] is
     causal + padding; a decoder may narrow it, e.g. a sliding window, before handing it to `attend`, so the
@@ -67,11 +68,20 @@ Model functions (pure, jit/vmap-able; `params` is the whole param tree, `vision`
     decoder; the only rule is that slot s of every cache array holds the token at column s of
     [prompt | generated], so `write_index` and the key segments index it. Choose the layout (stacked vs
     per-layer) from `params` (see `per_layer_params`).
-  - `logits(params, config, hidden [..., E]) -> [..., V]` float32.
+  - `logits(params, config, hidden [..., E]) -> [..., V]` float32; `exit_logits(params, config, hidden [K, B, E],
+    final_norm)` the early-exit readout of the residual streams `output_hidden_layers` asked the decoder for
+    (extras "hidden_states" [K, B, T, E]); optional, for early-exit methods (DoLa).
   - `per_layer_params(params)`: params with the decoder layers as a tuple of per-layer trees (XLA:CPU decodes
     faster); the decoder must accept both layouts.
   - `partition_rules(config)` (sharded inference, see `air_jax.sharding`): ((regex over the dotted param path,
-    PartitionSpec of the per-layer tensor), ...), the first match wins, unmatched params are replicated.
+    axis names of the per-layer tensor, e.g. ("model", None) for a column-parallel [out, in] weight), ...), the
+    first match wins, unmatched params are replicated; stacked layer axes are added by `air_jax.sharding`.
+    Heads must be split on the model axis through q/k/v rows and o_proj columns so the sites see whole heads.
+  - `map_pixels(vision, fn)`: the vision input with `fn` applied to its pixel arrays (e.g. a decoding method's
+    noised-image view); the default handles a bare array and a dict's "pixel_values". `vision=None` (a
+    text-only view) must be accepted by `embed`.
+  - `max_image_tokens(config)`, `max_vision_tiles(config)`: the largest image's feature count and the images
+    (tiles) one example sends through the vision tower; `air_jax.plan` sizes its memory plan with them.
 
 Helpers here build the prompt context and a full forward from these pieces, for every family alike.
 """
@@ -90,7 +100,8 @@ from models import segments as seg_lib
 from models.spec import AttnContext
 
 # Modules that define (and register) the built-in families; imported on the first registry lookup.
-FAMILY_MODULES = ("models.llava", "models.qwen2_5_vl", "models.internvl")
+FAMILY_MODULES = ("models.llava", "models.llava_next", "models.qwen2_5_vl", "models.internvl", "models.instructblip",
+                  "models.deepseek_vl2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +115,7 @@ class DecoderDims:
   hidden_size: int
   vocab_size: int
   eos_token_id: tuple[int, ...] = ()
+  max_position_embeddings: int | None = None  # None: no limit is known (generation then checks memory only)
 
 
 class Family:
@@ -129,6 +141,13 @@ class Family:
     """Canonical names to drop silently (default: a stored lm_head when embeddings are tied)."""
     return name == "lm_head.weight" and _tied(config)
 
+  def load_params(self, path: str, config, dtype, sharding=None) -> dict:
+    """The validated param tree of checkpoint `path` (default: the generic prefix-table loader,
+    convert.checkpoint). Families whose keys need more than a rename (fused tensors, per-layer trees) override."""
+    from convert.checkpoint import load_params
+
+    return load_params(path, config, dtype, family=self, sharding=sharding)
+
   def canonical_key(self, key: str) -> str | None:
     for old, new in self.key_prefixes:
       if key.startswith(old):
@@ -139,6 +158,7 @@ class Family:
   def load_processor(self, path: str):
     from transformers import AutoProcessor  # deferred: transformers import is slow
 
+    require_tokenizer_files(path)
     try:
       return AutoProcessor.from_pretrained(path)
     except Exception as e:  # transformers raises many types here; name the directory
@@ -179,11 +199,51 @@ class Family:
   def logits(self, params, config, hidden):
     raise NotImplementedError
 
+  def exit_logits(self, params, config, hidden, final_norm: bool):
+    """Early-exit readout (DoLa): residual streams hidden [K, B, E] -> logits [K, B, V] float32, through the final
+    norm when `final_norm`. Families whose decoder supports `output_hidden_layers` implement it."""
+    raise NotImplementedError(f"the {self.name} family has no early-exit readout (needed by early-exit methods "
+                              "such as DoLa)")
+
   def per_layer_params(self, params):
     return params
 
+  def supports_layer_reuse(self, config) -> bool:
+    """True when the decoder is a plain pre-norm Llama stack (models.llama_parts: 1-D RoPE, no sliding window,
+    params under `language_model`), so head attribution may reuse the clean run layer by layer
+    (air_jax.attribution_reuse). Other families get the plain (whole-model) ablation path."""
+    return False
+
   def partition_rules(self, config) -> tuple:
     return ()
+
+  def map_pixels(self, vision, fn):
+    if vision is None:
+      return None
+    if isinstance(vision, dict):
+      return dict(vision, pixel_values=fn(vision["pixel_values"]))
+    return fn(vision)
+
+  def max_image_tokens(self, config) -> int:
+    return int(getattr(config, "num_image_tokens", 0))
+
+  def max_vision_tiles(self, config) -> int:
+    return 1 if hasattr(config, "vision") else 0
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def require_tokenizer_files(path: str) -> None:
+  """Raises a ValueError naming the files expected when a checkpoint directory holds no tokenizer at all.
+
+  (Without this check transformers falls through its loaders and ends with advice to install sentencepiece.)
+  """
+  import os
+
+  if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    raise ValueError(f"{path} holds no tokenizer: expected one of {', '.join(TOKENIZER_FILES)} (with "
+                     "tokenizer_config.json) beside config.json; copy the tokenizer files of the checkpoint there")
 
 
 def _tied(config) -> bool:

@@ -73,6 +73,7 @@ def decoder(
     output_attentions: bool = False,
     output_stats: bool = False,
     cache_write: bool = True,
+    output_hidden_layers: tuple[int, ...] = (),
 ) -> tuple[jax.Array, dict | None, dict]:
   """Runs all layers on embeds [B, T, E] at positions [B, T] (Llama, or Mistral with its sliding window; Qwen2/3
   options, see TextConfig). With multimodal RoPE, positions are [3, B, T] (see models.rope).
@@ -80,9 +81,17 @@ def decoder(
   With `cache_write=False` (one query row), the cache is only read: the row attends to the cached slots before
   `write_index` and to its own key at `write_index`, and the cache is returned unchanged.
 
+  `output_hidden_layers` (static, indices in [0, L]) asks for the residual stream after that many layers (0 = the
+  embeddings, L = the last layer's output before the final norm), e.g. for early-exit methods (DoLa).
+
   Returns final normed hidden states [B, T, E], the updated cache (or None) and extras stacked over layers:
-  `attentions` [L, B, H, T, S] and/or `segment_mass` [L, B, H, 3].
+  `attentions` [L, B, H, T, S] and/or `segment_mass` [L, B, H, 3]; `hidden_states` [K, B, T, E] for the K
+  requested layers, in the order asked.
   """
+  n_layers = cfg.num_hidden_layers
+  for i in output_hidden_layers:
+    if not 0 <= i <= n_layers:
+      raise ValueError(f"output_hidden_layers: layer {i} is outside [0, {n_layers}] for this {n_layers}-layer model")
   cos, sin = rope.cos_sin(cfg, positions, embeds.dtype)
   if cfg.sliding_window is not None:
     # Mistral: key slot k is visible to the query in slot q only if k > q - sliding_window (transformers' overlay).
@@ -92,17 +101,20 @@ def decoder(
   if isinstance(layers, (list, tuple)):
     # Per-layer buffers (see `unstack_layers`): a Python loop. XLA:CPU reads separate buffers much faster than
     # slices of one stacked array, which matters for bandwidth-bound decoding steps.
-    x, new_cache, per_layer = embeds, [], []
+    x, new_cache, per_layer, hidden = embeds, [], [], [embeds]
     for li, p in enumerate(layers):
       spec_l = layer_slice(spec, li)
       cache_kv = None if cache is None else (cache[li]["k"], cache[li]["v"])
       x, cache_kv, extras = _layer(cfg, p, x, cos, sin, ctx, spec_l, cache_kv, write_index, output_attentions,
                                    output_stats, cache_write)
       per_layer.append(extras)
+      hidden.append(x)
       if cache is not None:
         new_cache.append({"k": cache_kv[0], "v": cache_kv[1]})
     extras = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer[0] else {}
     cache = None if cache is None else tuple(new_cache)
+    if output_hidden_layers:
+      extras = dict(extras, hidden=jnp.stack([hidden[i] for i in output_hidden_layers]))
   else:
     def step(carry, xs):
       x, cache_c = carry
@@ -114,16 +126,31 @@ def decoder(
                                    output_stats, cache_write)
       if cache_c is not None and cache_write:
         cache_c = {"k": cache_c["k"].at[li].set(cache_kv[0]), "v": cache_c["v"].at[li].set(cache_kv[1])}
+      if output_hidden_layers:
+        extras = dict(extras, hidden=x)  # the output of layer li (the residual stream after li + 1 layers)
       return (x, cache_c), extras
 
     layer_ids = jnp.arange(cfg.num_hidden_layers)
     (x, cache), extras = jax.lax.scan(step, (embeds, cache), (layers, spec, layer_ids))
+    if output_hidden_layers:
+      after = jnp.concatenate([embeds[None], extras["hidden"]])  # [L + 1, B, T, E]
+      extras = dict(extras, hidden=after[jnp.asarray(output_hidden_layers)])
   out = {}
   if output_attentions:
     out["attentions"] = extras["pattern"]
   if output_stats:
     out["segment_mass"] = extras["segment_mass"]
+  if output_hidden_layers:
+    out["hidden_states"] = extras["hidden"]
   return rms_norm(params["norm"], x, cfg.rms_norm_eps), cache, out
+
+
+def early_exit_logits(params: dict, lm_params: dict | None, cfg: TextConfig, hidden: jax.Array,
+                      final_norm: bool = True) -> jax.Array:
+  """Logits (float32) of intermediate hidden states [..., E] through the LM head, with or without the final norm."""
+  if final_norm:
+    hidden = rms_norm(params["norm"], hidden, cfg.rms_norm_eps)
+  return lm_head(params, lm_params, hidden)
 
 
 def unstack_layers(params: dict) -> dict:

@@ -172,8 +172,31 @@ class LlavaFamily(family_lib.Family):
   def logits(self, params, config, hidden):
     return llama.lm_head(params["language_model"], params.get("lm_head"), hidden)
 
+  def supports_layer_reuse(self, config) -> bool:
+    return getattr(config.text, "sliding_window", None) is None and config.text.rope.rope_type != "dynamic"
+
+  def exit_logits(self, params, config, hidden, final_norm: bool):
+    return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
+
   def per_layer_params(self, params):
     return dict(params, language_model=llama.unstack_layers(params["language_model"]))
+
+  def partition_rules(self, config):
+    # Megatron split over the "model" mesh axis (see air_jax.sharding); specs of the per-layer [out, in] tensors.
+    col, row, col_b = ("model", None), (None, "model"), ("model",)
+    return (
+        (r"^language_model\.layers\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.weight$", col),
+        (r"^language_model\.layers\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.bias$", col_b),
+        (r"^language_model\.layers\.(self_attn\.o_proj|mlp\.down_proj)\.weight$", row),
+        (r"^language_model\.embed_tokens\.weight$", col),
+        (r"^lm_head\.weight$", col),
+        (r"^vision_tower\.encoder\.layers\.(self_attn\.(q|k|v)_proj|mlp\.fc1)\.weight$", col),
+        (r"^vision_tower\.encoder\.layers\.(self_attn\.(q|k|v)_proj|mlp\.fc1)\.bias$", col_b),
+        (r"^vision_tower\.encoder\.layers\.(self_attn\.out_proj|mlp\.fc2)\.weight$", row),
+        (r"^multi_modal_projector\.linear_1\.weight$", col),
+        (r"^multi_modal_projector\.linear_1\.bias$", col_b),
+        (r"^multi_modal_projector\.linear_2\.weight$", row),
+    )
 
 
 FAMILY = family_lib.register(LlavaFamily())

@@ -25,7 +25,10 @@ pattern site (post-softmax weights A):
               Per example by default; batch_sum = 1 sums m over the batch like the official trigger.
   realloc     if text mass > tau_text: image weights *= visual_factor (lambda), text weights *= text_factor
               (gamma); with renormalize = 1 the row is divided by its new sum over visible keys.
-  projection  variance-constrained projection with shrinkage beta; see `_projection` for both semantics.
+  projection  variance-constrained projection with shrinkage beta. Default: row by row, every edited row stays a
+              distribution over its visible keys (self-weight zero-trace, mass-restoring rescale, shrinkage
+              towards uniform; single-key rows untouched). official_compat: the official whole-matrix formula,
+              future leak and padding rows included. See `_projection` for both semantics.
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ def _on(flag: jax.Array) -> jax.Array:
   return flag > 0.5
 
 
-def _rows(op, ctx: AttnContext) -> jax.Array:
-  """[B, T] bool: the query rows the op edits (real rows filtered by the op's row rule)."""
+def _rows(op, ctx: AttnContext, include_pad: bool = False) -> jax.Array:
+  """[B, T] bool: the query rows the op edits (real rows, or all rows with include_pad, by the op's row rule)."""
   qseg = ctx.query_segments
   last = ctx.last_row[None, :]
-  return (qseg != PAD) & (~_on(op.last_row_only) | last) & (~_on(op.text_rows_only) | (qseg == TEXT))
+  real = jnp.ones_like(qseg, bool) if include_pad else qseg != PAD
+  return real & (~_on(op.last_row_only) | last) & (~_on(op.text_rows_only) | (qseg == TEXT))
 
 
 def _edited(op, ctx: AttnContext) -> jax.Array:
@@ -106,82 +110,76 @@ def _realloc(pattern: jax.Array, op, ctx: AttnContext) -> jax.Array:
   return jnp.where(_edited(op, ctx) & (mass > op.tau_text), scaled, pattern)
 
 
-def _prefix_moments(count: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Running (n, mean, sum of squared deviations) of x over axis 2, weights count in {0, 1} (parallel Welford)."""
-
-  def combine(a, b):
-    na, ma, qa = a
-    nb, mb, qb = b
-    n = na + nb
-    w = jnp.where(n > 0, nb / jnp.maximum(n, 1.0), 0.0)
-    delta = mb - ma
-    return n, ma + delta * w, qa + qb + jnp.square(delta) * na * w
-
-  return jax.lax.associative_scan(combine, (count, x * count, jnp.zeros_like(x)), axis=2)
-
-
 def _projection(pattern: jax.Array, op, ctx: AttnContext) -> jax.Array:
   """Variance-constrained projection of the rows the op edits.
+
+  Default (causal, `official_compat` = 0): a map of each edited row onto itself that keeps it a distribution.
+  Row i of head h, with visible keys V_i (n_i of them), weights a (mass m = sum over V_i of a, 1 for a softmax
+  row; less only if an earlier op such as AD-HH removed weight without renormalising):
+    n_i = 1: the row is left as it is.
+    (b) zero-trace, prefill only: c_i = mean of the diagonal weights a_jj over the real rows j <= i (the trace
+        over L of the causal block truncated after row i); the self weight loses d_i = min(c_i, a_ii):
+        a' = a - d_i e_{slot(i)}  (never negative).
+    (c) rescale, prefill only: a'' = a' * m / sum(a'), which restores the row's mass (for a probability row the
+        mass is the invariant; its Frobenius energy cannot be kept together with a unit sum). A row whose whole
+        mass was its self weight (sum(a') = 0) skips (b)-(c).
+    (d) shrinkage towards the row's mean over its visible keys, m / n_i (uniform for a distribution):
+        a* = (1 - beta) a'' + beta m / n_i on V_i; masked keys stay 0.
+  So a* >= 0, sum(a*) = m, and the variance of the row over V_i is (1 - beta)^2 that of a''. In decoding (T = 1)
+  steps (b)-(c) are skipped, as in the official code (no square matrix). Nothing reads a later row or key.
 
   Official code (`official_compat` = 1, exact): per example and head, on the whole [T, written keys] matrix A,
   masked entries included. In prefill: A_hat = A - tr(A)/L on the diagonal (key slot ctx.query_slot[i] of row i,
   every row, L = number of keys), A_tilde = A_hat * sqrt(||A||_F^2 / (||A_hat||_F^2 + eps)) with both norms over
   the whole matrix; always: A* = (1 - beta) A_tilde + beta * mean(A_tilde), the mean over all T x L entries, added
   to every entry. The mean lands on masked (future and padding) positions: in prefill earlier tokens attend to
-  later ones (a future leak), and the zero-trace / rescale statistics read future rows too. Rows with no visible
-  key (left padding) count as uniform over the written keys (what eager attention gives them).
-
-  Default (causal, `official_compat` = 0): row i is edited as the official code would edit the last row of the
-  chunk truncated after row i, with the shrinkage kept inside the row's visible keys. In prefill, with n_i real
-  rows j <= i, c_i = (sum of their diagonal weights) / n_i, E_i = sum of their squared visible weights:
-  A_hat_i = A_i - c_i e_{slot(i)}, A_tilde_i = A_hat_i * sqrt(E_i / (E_i - n_i c_i^2 + eps)) (E_i - n_i c_i^2 is
-  the truncated block's ||A_hat||^2). In decoding (T = 1) A_tilde = A. Shrinkage: A*_i = (1 - beta) A_tilde_i +
-  beta * (mean of A_tilde_i over its visible keys) on visible keys, masked entries stay 0. Nothing reads a later
-  row or key, and for the last prompt row (no padding) the zero-trace and rescale equal the official ones.
-  Neither semantics renormalises: after zero-trace rows need not sum to one and diagonals can be negative.
+  later ones (a future leak), padding keys reach real rows, and the statistics read future rows too. Left-padding
+  rows count as uniform over the written keys (what eager attention gives them) and are projected like any
+  other row when the row rule selects them ("all"), as the official code does. Rows need not sum to one and
+  diagonal weights can be negative.
   """
-  _, _, t, s = pattern.shape
   visible = ctx.mask[:, None]  # [B, 1, T, S]
-  diag = jnp.arange(s)[None, :] == ctx.query_slot[:, None]  # [T, S]
+  diag = jnp.arange(pattern.shape[-1])[None, :] == ctx.query_slot[:, None]  # [T, S]
   beta = op.beta
+  compat = _on(op.official_compat)
 
-  # Default: causal prefix statistics.
+  # Default: row-wise, distribution-preserving.
+  count = jnp.sum(visible, axis=-1, keepdims=True)  # [B, 1, T, 1]
+  mass = jnp.sum(jnp.where(visible, pattern, 0.0), axis=-1, keepdims=True)  # [B, H, T, 1]
+  tilde = pattern
   if ctx.prefill:
     real = (ctx.query_segments != PAD)[:, None, :, None]  # [B, 1, T, 1]
-    d = jnp.where(real, jnp.sum(jnp.where(diag, pattern, 0.0), axis=-1, keepdims=True), 0.0)
-    off = jnp.where(real, jnp.sum(jnp.where(visible & ~diag, jnp.square(pattern), 0.0), -1, keepdims=True), 0.0)
-    n, c, dev = _prefix_moments(jnp.broadcast_to(real, d.shape).astype(d.dtype), d)
-    # ||A||^2 = off-diagonal + sum d_j^2; ||A_hat||^2 = off-diagonal + sum (d_j - c)^2, the latter from a stable
-    # running-moment scan (E - n c^2 cancels badly when early rows attend mostly to themselves).
-    off = jnp.cumsum(off, axis=2)
-    energy = off + jnp.cumsum(jnp.square(d), axis=2)
-    tilde = (pattern - jnp.where(diag, c, 0.0)) * jnp.sqrt(energy / (off + dev + EPS))
-  else:
-    tilde = pattern
-  count = jnp.sum(visible, axis=-1, keepdims=True)
-  row_mean = jnp.sum(jnp.where(visible, tilde, 0.0), axis=-1, keepdims=True) / jnp.maximum(count, 1)
-  causal = jnp.where(visible, (1.0 - beta) * tilde + beta * row_mean, pattern)
+    self_w = jnp.sum(jnp.where(diag, pattern, 0.0), axis=-1, keepdims=True)  # [B, H, T, 1]
+    n_real = jnp.cumsum(jnp.broadcast_to(real, self_w.shape).astype(pattern.dtype), axis=2)
+    c = jnp.cumsum(jnp.where(real, self_w, 0.0), axis=2) / jnp.maximum(n_real, 1.0)
+    hat = pattern - jnp.where(diag & visible, jnp.minimum(c, self_w), 0.0)
+    rest = jnp.sum(jnp.where(visible, hat, 0.0), axis=-1, keepdims=True)
+    ok = rest > 0
+    tilde = jnp.where(ok, hat * (mass / jnp.where(ok, rest, 1.0)), pattern)
+  shrunk = (1.0 - beta) * tilde + beta * mass / jnp.maximum(count, 1)
+  causal = jnp.where(visible & (count > 1), shrunk, pattern)
 
   # Official: whole-matrix statistics over written key slots, masked entries included. Rows without any visible
   # key (left padding) enter as uniform over the written keys, as eager attention with an additive mask gives
   # them, whatever the cache size.
+  t = pattern.shape[2]
   written = _written(ctx)
   n_keys = jnp.sum(written).astype(pattern.dtype)
   keyless = ~jnp.any(ctx.mask, axis=-1)[:, None, :, None]
   pattern_o = jnp.where(keyless, written / n_keys, pattern)
   if ctx.prefill:
     trace = jnp.sum(jnp.where(diag, pattern_o, 0.0), axis=(-2, -1), keepdims=True)  # [B, H, 1, 1]
-    hat = pattern_o - jnp.where(diag, trace / n_keys, 0.0)
+    hat_o = pattern_o - jnp.where(diag, trace / n_keys, 0.0)
     fro = jnp.sum(jnp.where(written, jnp.square(pattern_o), 0.0), axis=(-2, -1), keepdims=True)
-    fro_hat = jnp.sum(jnp.where(written, jnp.square(hat), 0.0), axis=(-2, -1), keepdims=True)
-    tilde_o = hat * jnp.sqrt(fro / (fro_hat + EPS))
+    fro_hat = jnp.sum(jnp.where(written, jnp.square(hat_o), 0.0), axis=(-2, -1), keepdims=True)
+    tilde_o = hat_o * jnp.sqrt(fro / (fro_hat + EPS))
   else:
     tilde_o = pattern_o
   mean_o = jnp.sum(jnp.where(written, tilde_o, 0.0), axis=(-2, -1), keepdims=True) / (t * n_keys)
-  official = jnp.where(written, (1.0 - beta) * tilde_o + beta * mean_o, pattern)
+  official = jnp.where(written, (1.0 - beta) * tilde_o + beta * mean_o, pattern_o)
 
-  new = jnp.where(_on(op.official_compat), official, causal)
-  return jnp.where(_edited(op, ctx), new, pattern)
+  edited_o = _on(op.heads)[None, :, None, None] & _rows(op, ctx, include_pad=True)[:, None, :, None]
+  return jnp.where(compat, jnp.where(edited_o, official, pattern), jnp.where(_edited(op, ctx), causal, pattern))
 
 
 def edit_scores(scores: jax.Array, spec_l: RectificationSpec | None, ctx: AttnContext) -> jax.Array:

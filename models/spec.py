@@ -150,10 +150,14 @@ class RectificationSpec:
   """Per-layer intervention arrays. `head_gate[L, H]` multiplies each head's output `z` (0 ablates it).
 
   `ops` is None or an `AIROps` of optional op groups (see models.rectify); each group's leaves also lead with L.
+  `extra` holds method-contributed ops (a tuple, empty by default; see models.attention for the hooks).
   """
 
   head_gate: jax.Array
   ops: Any = None
+  # Ops contributed by decoding methods (air_jax.methods), applied after the AIR ops of each site. Each is a pytree
+  # whose leaves lead with L and that may define edit_scores / edit_masked / edit_pattern (see models.attention).
+  extra: tuple = ()
 
   @property
   def num_layers(self) -> int:

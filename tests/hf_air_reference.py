@@ -62,11 +62,11 @@ class _Call:
       vis = (mask[:, 0] == 0).cpu().numpy()
     self.visible = vis & (seg != PAD)[:, None, :]
 
-  def rows(self, cfg, op: str, b: int) -> list[int]:
+  def rows(self, cfg, op: str, b: int, include_pad: bool = False) -> list[int]:
     rule = getattr(cfg, f"{op}_rows")
     out = []
     for i in range(len(self.q_pos)):
-      if self.query_seg[b, i] == PAD:
+      if self.query_seg[b, i] == PAD and not include_pad:
         continue
       if rule == "last" and i != len(self.q_pos) - 1:
         continue
@@ -115,21 +115,22 @@ def _scores_edits(s: torch.Tensor, cfg, call: _Call, layer: int, nl: int, nh: in
 
 
 def _project_default(p: torch.Tensor, call: _Call, b: int, i: int, beta: float) -> torch.Tensor:
-  """Row i of one head: the last row of the official projection of the chunk truncated after row i."""
-  row = p[i].clone()
+  """Row i of one head, kept a distribution: self-weight zero-trace and mass rescale (prefill), then shrinkage."""
   vis = torch.from_numpy(call.visible[b, i])
-  if call.prefill:
-    rows = [j for j in range(i + 1) if call.query_seg[b, j] != PAD]
-    idx = torch.tensor(rows)
-    a = p[idx][:, idx]  # square: prefill key slot j is row j
-    n = a.shape[0]
-    a_hat = a - torch.eye(n) * (torch.trace(a) / n)
-    a_tilde = a_hat * torch.sqrt(a.pow(2).sum() / (a_hat.pow(2).sum() + EPS))
-    row = torch.zeros_like(row)
-    row[idx] = a_tilde[-1]
-  mean = row[vis].mean()
   out = p[i].clone()
-  out[vis] = (1 - beta) * row[vis] + beta * mean
+  if int(vis.sum()) < 2:
+    return out
+  row = p[i].clone()
+  m = row[vis].sum()
+  if call.prefill:
+    slot = call.q_pos[i]
+    rows = [j for j in range(i + 1) if call.query_seg[b, j] != PAD]
+    c = torch.stack([p[j, call.q_pos[j]] for j in rows]).mean()  # trace / L of the truncated causal block
+    hat = row.clone()
+    hat[slot] = hat[slot] - torch.minimum(c, row[slot])
+    if hat[vis].sum() > 0:
+      row = hat * (m / hat[vis].sum())
+  out[vis] = (1 - beta) * row[vis] + beta * m / vis.sum()
   return out
 
 
@@ -182,7 +183,8 @@ def _pattern_edits(p: torch.Tensor, cfg, call: _Call, layer: int, nl: int, nh: i
     for b in range(nb):
       for h in heads:
         whole = _project_official(p[b, h], call.prefill, cfg.beta) if cfg.official_compat else None
-        for i in call.rows(cfg, "projection", b):
+        # the official code projects every row of the matrix, left-padding rows included
+        for i in call.rows(cfg, "projection", b, include_pad=bool(cfg.official_compat)):
           new[b, h, i] = whole[i] if cfg.official_compat else _project_default(p[b, h], call, b, i, cfg.beta)
     p = new
   return p

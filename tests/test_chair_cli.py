@@ -179,10 +179,10 @@ def test_generation_needs_a_model(tmp_path, capsys):
 def test_make_captioner_uses_the_air_jax_contract(monkeypatch, tmp_path):
   calls = []
 
-  class AIRConfig:
-    @staticmethod
-    def preset(name, heads=None):
-      return ("cfg", name, heads)
+  def make(name, run_options=None):
+    return ("cfg", name, (run_options or {}).get("heads") if name != "greedy" else None)
+
+  fake_methods = types.SimpleNamespace(make=make, hyperparameters=lambda cfg: {"cfg": list(cfg)})
 
   def load_pretrained(path, dtype):
     calls.append(("load", path, dtype))
@@ -192,7 +192,7 @@ def test_make_captioner_uses_the_air_jax_contract(monkeypatch, tmp_path):
     calls.append(("generate", model, air_cfg, len(images), prompts, max_new_tokens, backend))
     return types.SimpleNamespace(texts=[f"caption {n}" for n in range(len(images))])
 
-  fake = types.SimpleNamespace(AIRConfig=AIRConfig, load_pretrained=load_pretrained, generate=generate)
+  fake = types.SimpleNamespace(methods=fake_methods, load_pretrained=load_pretrained, generate=generate)
   monkeypatch.setitem(sys.modules, "air_jax", fake)
   from eval import chair as chair_mod
   chair_mod._load_model.cache_clear()
@@ -204,7 +204,8 @@ def test_make_captioner_uses_the_air_jax_contract(monkeypatch, tmp_path):
   chair_mod._load_model.cache_clear()
   assert calls == [("load", str(tmp_path), "float32"),
                    ("generate", "model", ("cfg", "air_star", "h.json"), 2, ["Describe."] * 2, 7, "cpu"),
-                   ("generate", "model", None, 1, ["Describe."], 7, None)]
+                   ("generate", "model", ("cfg", "greedy", None), 1, ["Describe."], 7, None)]
+  assert cap.hyperparameters == {"cfg": ["cfg", "air_star", "h.json"]}
 
 
 # ---- scoring existing captions files -----------------------------------------------------------------------

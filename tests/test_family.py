@@ -23,7 +23,7 @@ def test_registry_picks_the_family_by_model_type_then_architectures():
   with pytest.raises(ValueError, match="model_type 'qwen9_vl'.*supported model_type"):
     family.family_for_config_dict({"model_type": "qwen9_vl", "architectures": ["Nope"]}, "x/config.json")
   names = {f.name for f in family.families()}
-  assert "llava" in names
+  assert {"llava", "llava_next"} <= names
 
 
 def test_config_exposes_decoder_dims():
@@ -60,3 +60,15 @@ def test_loader_reports_unused_and_unfilled_keys(tiny_dir, tmp_path):
   save_file(tensors, str(tmp_path / "model.safetensors"))
   with pytest.raises(ValueError, match=r"(?s)unused checkpoint keys \(1\).*surprise.weight.*unfilled.*up_proj.*\[1\]"):
     index_checkpoint(str(tmp_path), config)
+
+
+def test_map_pixels_touches_only_pixels():
+  import numpy as np
+
+  fam = family.families()[0]
+  assert fam.map_pixels(None, lambda x: x + 1) is None
+  np.testing.assert_array_equal(fam.map_pixels(np.zeros(2), lambda x: x + 1), np.ones(2))
+  v = {"pixel_values": np.zeros(2), "image_rows": np.arange(3)}
+  out = fam.map_pixels(v, lambda x: x + 1)
+  np.testing.assert_array_equal(out["pixel_values"], np.ones(2))
+  assert out["image_rows"] is v["image_rows"]

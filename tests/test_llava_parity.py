@@ -18,7 +18,7 @@ GRID = {
                              tie_word_embeddings=True),
     # max_position_embeddings is 64 and prompts are ~50 tokens: dynamic scaling engages with the long prompt.
     "rope_dynamic": dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
-                         image_size=56),
+                         image_size=56, max_positions=64),
     "rope_llama3_bias_gelu": dict(
         rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 16, "rope_theta": 10000.0},

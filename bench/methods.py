@@ -1,0 +1,127 @@
+"""Generation time of every decoding method relative to greedy (the AIR paper's supplementary C.3, Figure 2).
+
+Usage: python -m bench.methods [--new-tokens 64] [--rounds 5] [--methods greedy,air,...] [--json PATH]
+
+The mid-size random LLaVA of bench/common.py, one process, float32, batch 1 (as the paper's timing). Per
+method: the whole caption (prefill + N tokens, EOS ignored so every method makes N steps) and the decode cost
+per token ((caption - caption of 1 token) / (N - 1)), best of `rounds` round-robin runs, as ratios to greedy,
+beside the paper's Figure 2 ratios (seconds per sample / greedy's 2.8 s). Writes JSON to --json:
+{"model": str, "methods": {name: {"ms_per_token", "caption_s", "ratio", "paper_ratio"}}} where ratio is the
+caption-time ratio to greedy (the quantity of Figure 2), plus the per-token ratio and settings for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from air_jax.atomic import atomic_write_json
+from bench.common import build, machine, table
+
+# Figure 2 of the AIR supplementary: seconds per sample; greedy 2.8 s.
+PAPER_SECONDS = {"greedy": 2.8, "air": 3.4, "adhh": 3.2, "farsight": 4.1, "dola": 4.2, "vcd": 5.3, "halc": 28.6,
+                 "opera": 25.0}
+DEFAULT_METHODS = "greedy,air,air_star,adhh,vcd,dola,pai,farsight"
+MODEL = ("random LLaVA (bench/common.py): CLIP 224/14 4 layers, Llama 1024 wide, 8 layers x 16 heads, vocab 32064, "
+         "float32")
+
+
+def paper_ratio(name: str) -> float | None:
+  s = PAPER_SECONDS.get(name)
+  return None if s is None else round(s / PAPER_SECONDS["greedy"], 2)
+
+
+def method_config(name: str, config):
+  """The registry preset; the AIR family gets every 4th head of every layer as its sensitive heads."""
+  from air_jax import methods
+
+  t = config.text
+  heads = [(l, h) for l in range(t.num_hidden_layers) for h in range(0, t.num_attention_heads, 4)]
+  return methods.make(name, run_options={"heads": heads})
+
+
+class Timed:
+  """Compiled generations of N tokens and of 1 token for one method."""
+
+  def __init__(self, ours, params, ids, pixels, n: int, cfg):
+    from air_jax import decoding, methods
+
+    config = ours.config
+    compiled = methods.as_compiled(cfg, config)
+    sv = decoding.SamplingValues.make(0)
+    args = (params, jnp.asarray(ids), jnp.asarray(np.ones_like(ids)), jnp.asarray(pixels), compiled)
+
+    def make(steps):
+      fn = jax.jit(lambda p, i, m, x, c: decoding.generate_tokens(p, config, i, m, x, c, sv, max_new_tokens=steps,
+                                                                  eos_ids=(), pad_id=0))
+      return fn.lower(*args).compile()
+
+    t = time.perf_counter()
+    self.full, self.one = make(n), make(1)
+    self.compile_s = time.perf_counter() - t
+    self.args, self.n = args, n
+    out = jax.block_until_ready(self.full(*args))
+    assert int(out["steps"]) == n
+    jax.block_until_ready(self.one(*args))
+    self.best_full = self.best_one = float("inf")
+
+  def time_once(self) -> None:
+    t = time.perf_counter()
+    jax.block_until_ready(self.one(*self.args))
+    self.best_one = min(self.best_one, time.perf_counter() - t)
+    t = time.perf_counter()
+    jax.block_until_ready(self.full(*self.args))
+    self.best_full = min(self.best_full, time.perf_counter() - t)
+
+  @property
+  def ms_per_token(self) -> float:
+    return max(self.best_full - self.best_one, 0.0) / (self.n - 1) * 1e3
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--new-tokens", type=int, default=64)
+  ap.add_argument("--rounds", type=int, default=5, help="timed runs per method (best is reported)")
+  ap.add_argument("--methods", default=DEFAULT_METHODS, help="comma separated registry names (greedy first)")
+  ap.add_argument("--json", default=os.path.join("bench", "results", "methods.json"))
+  args = ap.parse_args(argv)
+  names = [m.strip() for m in args.methods.split(",") if m.strip()]
+  if names[0] != "greedy":
+    names = ["greedy"] + [m for m in names if m != "greedy"]
+  n = args.new_tokens
+  if n < 2:
+    raise SystemExit("--new-tokens must be at least 2")
+  _, ours, ids, pixels = build()
+  print(f"machine: {machine()}; jax {jax.__version__} on {jax.devices()[0].platform}; prompt {ids.shape[1]} "
+        f"tokens (256 image), {n} new tokens, batch 1, float32")
+  from models.llama import unstack_layers
+
+  params = dict(ours.params, language_model=unstack_layers(ours.params["language_model"]))  # as generate on CPU
+  runs = {m: Timed(ours, params, ids, pixels, n, method_config(m, ours.config)) for m in names}
+  for _ in range(args.rounds):  # round robin: machine noise hits every method alike
+    for m in names:
+      runs[m].time_once()
+  g = runs["greedy"]
+  rows, out = [], {}
+  for m in names:
+    r = runs[m]
+    ratio, tok_ratio, pr = r.best_full / g.best_full, r.ms_per_token / g.ms_per_token, paper_ratio(m)
+    out[m] = {"ms_per_token": round(r.ms_per_token, 3), "caption_s": round(r.best_full, 4), "ratio": round(ratio, 3),
+              "paper_ratio": pr, "token_ratio": round(tok_ratio, 3), "compile_s": round(r.compile_s, 1)}
+    rows.append((m, f"{r.ms_per_token:.1f}", f"{tok_ratio:.2f}", f"{r.best_full:.2f}", f"{ratio:.2f}",
+                 "-" if pr is None else f"{pr:.2f}", f"{r.compile_s:.1f}"))
+  print(table(rows, ("method", "decode ms/token", "vs greedy", "caption s", "vs greedy", "paper (Fig. 2)",
+                     "compile s")))
+  data = {"model": MODEL, "machine": machine(), "new_tokens": n, "prompt_tokens": int(ids.shape[1]), "methods": out}
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+  atomic_write_json(args.json, data, indent=1)
+  print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,102 @@
+"""Fills a param tree of known shapes from named checkpoint tensors, and reports what did not fit.
+
+The shape tree is nested dicts (and tuples for per-layer lists) with shape-tuple leaves. A dotted name walks it;
+an integer part either selects a tuple element (per-layer trees), a dict key spelled as digits (torch Sequential
+indices) or, otherwise in a dict, is an index into the leading (stacked) axis of every leaf below it (`layers.3.mlp.fc1.weight` -> leaf `layers.mlp.fc1.weight`,
+row 3). `finish()` raises one ValueError listing unused keys, unfilled parameters (with missing rows) and shape
+mismatches, so a checkpoint that does not match its config never loads silently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _is_shape(x) -> bool:
+  return isinstance(x, tuple) and all(isinstance(v, int) for v in x)
+
+
+class TreeFiller:
+  """Allocates leaves lazily in `dtype` and records which (leaf, row) pairs were written."""
+
+  def __init__(self, shapes, dtype, source: str):
+    self.shapes, self.dtype, self.source = shapes, np.dtype(dtype), source
+    self.values: dict[tuple, np.ndarray] = {}
+    self.rows: dict[tuple, set] = {}
+    self.unused: list[str] = []
+    self.mismatched: list[str] = []
+
+  def _resolve(self, name: str):
+    """-> (leaf path tuple, leaf shape, stacked row indices tuple) or None."""
+    node, path, rows = self.shapes, [], []
+    for part in name.split("."):
+      if isinstance(node, tuple) and not _is_shape(node):
+        if not part.isdigit() or int(part) >= len(node):
+          return None
+        node = node[int(part)]
+        path.append(int(part))
+      elif isinstance(node, dict):
+        if part.isdigit() and part not in node:
+          rows.append(int(part))
+          continue
+        if part not in node:
+          return None
+        node = node[part]
+        path.append(part)
+      else:
+        return None
+    if not _is_shape(node):
+      return None
+    return tuple(path), node, tuple(rows)
+
+  def set(self, key: str, name: str, array) -> bool:
+    """Writes `array` (checkpoint key `key`) at canonical `name`; False (and recorded) if it has no place."""
+    hit = self._resolve(name)
+    if hit is None:
+      self.unused.append(key)
+      return False
+    path, shape, rows = hit
+    want = shape[len(rows):]
+    if any(r >= s for r, s in zip(rows, shape)):
+      self.unused.append(key)
+      return False
+    if tuple(array.shape) != tuple(want):
+      self.mismatched.append(f"{key}: checkpoint {tuple(array.shape)} vs expected {tuple(want)}")
+      return False
+    if path not in self.values:
+      self.values[path] = np.zeros(shape, self.dtype)
+    self.values[path][rows] = np.asarray(array).astype(self.dtype)
+    self.rows.setdefault(path, set()).add(rows)
+    return True
+
+  def skip(self, key: str) -> None:
+    self.unused.append(key)
+
+  def finish(self):
+    """The filled tree (numpy leaves); raises ValueError naming every problem."""
+    unfilled = []
+
+    def build(node, path):
+      if _is_shape(node):
+        got = self.rows.get(path, set())
+        n_stack = len(next(iter(got))) if got else 0
+        need = int(np.prod(node[:n_stack])) if got else 1
+        if not got or len(got) < need:
+          unfilled.append(".".join(map(str, path)) + (f" ({len(got)}/{need} rows)" if got else ""))
+          return None
+        return self.values[path]
+      if isinstance(node, tuple):
+        return tuple(build(v, path + (i,)) for i, v in enumerate(node))
+      return {k: build(v, path + (k,)) for k, v in node.items()}
+
+    out = build(self.shapes, ())
+    if self.unused or unfilled or self.mismatched:
+      lines = [f"checkpoint {self.source} does not match the config:"]
+      if self.unused:
+        lines.append(f"  unused checkpoint keys ({len(self.unused)}): {sorted(self.unused)[:50]}")
+      if unfilled:
+        lines.append(f"  unfilled parameters ({len(unfilled)}): {unfilled[:50]}")
+      if self.mismatched:
+        lines.append(f"  shape mismatches ({len(self.mismatched)}): {self.mismatched[:50]}")
+      raise ValueError("\n".join(lines))
+    return out

@@ -1,0 +1,95 @@
+"""What every command-line entry point shares: quiet logging, user errors without tracebacks, where results went.
+
+  sys.exit(run_cli(lambda: body(argv), results_hint=...))
+
+User errors (bad values, missing or unreadable files, a full disk, a read-only output directory) print one line
+`error: ...` naming the path and the cause, and exit with status 2; finished work stays on disk (the runs write
+incrementally and atomically), so the same command resumes. Programming errors keep their traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+from typing import Callable
+
+# transformers prints "PyTorch was not found..." advice at import in a torch-free install; it is harmless here.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+# Loggers whose INFO lines are noise for a user (JAX's "Unable to initialize backend 'tpu'", absl, HTTP).
+_NOISY = ("jax", "jax._src.xla_bridge", "absl", "transformers", "urllib3", "httpx", "filelock", "orbax")
+
+
+class UserError(RuntimeError):
+  """An error caused by the command's input: printed without a traceback, exit status 2."""
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+  """INFO for the project's own loggers, WARNING and above for the libraries' (known-harmless notices off)."""
+  logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+  for name in _NOISY:
+    logging.getLogger(name).setLevel(logging.WARNING)
+  try:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+  except ImportError:  # transformers is a dependency, but the CLI should still explain other errors
+    pass
+
+
+def describe_os_error(e: OSError) -> str:
+  """`<path>: <cause>` plus what to do, for the file-system errors users meet."""
+  path = e.filename if e.filename is not None else ""
+  cause = e.strerror or str(e)
+  hint = {
+      errno.ENOSPC: "free some space and rerun the same command: finished results are kept and the run resumes",
+      errno.EDQUOT: "free some space and rerun the same command: finished results are kept and the run resumes",
+      errno.EACCES: "choose a writable location (e.g. another --out) or fix the permissions",
+      errno.EROFS: "the file system is read-only; choose another --out",
+      errno.ENOTDIR: "a path component is a file, not a directory; choose another path",
+      errno.EISDIR: "a directory stands where a file was expected; choose another path",
+      errno.ENOENT: "check the path",
+  }.get(e.errno, "check the path and rerun")
+  where = f"{path}: " if path else ""
+  return f"{where}{cause} ({hint})"
+
+
+def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...] = ()) -> int:
+  """Runs `body` (which returns the exit status); user errors become one `error:` line and status 2."""
+  setup_logging()
+  try:
+    return body()
+  except KeyboardInterrupt:
+    print("interrupted: finished results are on disk; rerun the same command to resume", file=sys.stderr)
+    return 130
+  except OSError as e:
+    print(f"error: {describe_os_error(e)}", file=sys.stderr)
+    return 2
+  except (UserError, ValueError, *user_errors) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+  """Creates `path` if needed and checks it is a writable directory, before any work starts."""
+  path = os.fspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"--out {path} is a file, not a directory; choose another --out")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--out {path}: cannot create the directory: {describe_os_error(e)}") from e
+  probe = os.path.join(path, f".write-test.{os.getpid()}")
+  try:
+    with open(probe, "w") as f:
+      f.write("")
+    os.unlink(probe)
+  except OSError as e:
+    raise UserError(f"--out {path} is not writable: {describe_os_error(e)}") from e
+
+
+def where_results_are(*paths: str | os.PathLike) -> str:
+  """The closing line of a CLI run: where its results (and figures) are."""
+  return "results: " + ", ".join(os.fspath(p) for p in paths)

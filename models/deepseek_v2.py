@@ -1,0 +1,113 @@
+"""DeepSeek-V2 decoder (transformers `DeepseekV2Model` + `lm_head`): MLA attention (models.mla), dense MLP in the
+first `first_k_dense_replace` layers, shared + routed experts (models.moe) after.
+
+Params (transformers names): embed_tokens.weight [V, E]; layers: a tuple of per-layer trees (dense and MoE layers
+have different shapes, so they are not stacked) with input_layernorm, self_attn.{q_proj | q_a_proj, q_a_layernorm,
+q_b_proj}, self_attn.{kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}, post_attention_layernorm and
+mlp.{gate_proj, up_proj, down_proj} (dense) or mlp.{gate, experts, shared_experts} (MoE); norm.weight;
+lm_head.weight unless tied.
+Cache: a tuple of per-layer {"ckv": [B, S, R], "kpe": [B, S, Dr]} (see models.mla). Same decoder signature as
+models.llama.decoder, so the decoding loop and attribution drive it unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from models import mla, moe
+from models.deepseek_v2_config import DeepseekV2TextConfig
+from models.layers import rms_norm
+from models.llama import embed_tokens, lm_head  # noqa: F401  (same embedding and head as Llama)
+from models.spec import AttnContext, RectificationSpec, layer_slice
+
+
+def _layer(cfg, li, p, x, cos, sin, ctx, spec_l, cache, write_index, want_pattern, want_stats, cache_write):
+  y = rms_norm(p["input_layernorm"], x, cfg.rms_norm_eps)
+  a, cache, extras = mla.attention(cfg, p["self_attn"], y, cos, sin, ctx, spec_l, cache, write_index, want_pattern,
+                                   want_stats, cache_write)
+  x = x + a
+  y = rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps)
+  y = moe.moe(cfg, p["mlp"], y) if cfg.is_moe(li) else moe.mlp(cfg, p["mlp"], y)
+  return x + y, cache, extras
+
+
+def decoder(
+    params: dict,
+    cfg: DeepseekV2TextConfig,
+    embeds: jax.Array,
+    positions: jax.Array,
+    ctx: AttnContext,
+    *,
+    spec: RectificationSpec | None = None,
+    cache=None,
+    write_index: jax.Array | int = 0,
+    output_attentions: bool = False,
+    output_stats: bool = False,
+    cache_write: bool = True,
+):
+  """All layers on embeds [B, T, E] at positions [B, T]; returns (normed hidden, cache, extras) like llama.decoder."""
+  cos, sin = mla.cos_sin(cfg, positions)
+  x, new_cache, per_layer = embeds, [], []
+  for li, p in enumerate(params["layers"]):
+    c = None if cache is None else cache[li]
+    x, c, extras = _layer(cfg, li, p, x, cos, sin, ctx, layer_slice(spec, li), c, write_index, output_attentions,
+                          output_stats, cache_write)
+    per_layer.append(extras)
+    new_cache.append(c)
+  extras = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer[0] else {}
+  out = {}
+  if output_attentions:
+    out["attentions"] = extras["pattern"]
+  if output_stats:
+    out["segment_mass"] = extras["segment_mass"]
+  return rms_norm(params["norm"], x, cfg.rms_norm_eps), (None if cache is None else tuple(new_cache)), out
+
+
+def init_cache(cfg: DeepseekV2TextConfig, batch: int, size: int, dtype, per_layer: bool = True):
+  """Zeros: a tuple of L {"ckv": [B, S, R], "kpe": [B, S, Dr]} (always per layer)."""
+  del per_layer
+  return tuple({"ckv": jnp.zeros((batch, size, cfg.kv_lora_rank), dtype),
+                "kpe": jnp.zeros((batch, size, cfg.qk_rope_head_dim), dtype)} for _ in range(cfg.num_hidden_layers))
+
+
+def param_shapes(cfg: DeepseekV2TextConfig) -> dict:
+  """The decoder's param tree with shape-tuple leaves (transformers names, experts stacked on a leading axis)."""
+  e, h = cfg.hidden_size, cfg.num_attention_heads
+  qk, r, dr = cfg.qk_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+
+  def lin(o, i, bias=False):
+    d = {"weight": (o, i)}
+    if bias:
+      d["bias"] = (o,)
+    return d
+
+  def dense(width):
+    mb = cfg.mlp_bias
+    return {"gate_proj": lin(width, e, mb), "up_proj": lin(width, e, mb), "down_proj": lin(e, width, mb)}
+
+  layers = []
+  for li in range(cfg.num_hidden_layers):
+    attn = {"kv_a_proj_with_mqa": lin(r + dr, e, cfg.attention_bias), "kv_a_layernorm": {"weight": (r,)},
+            "kv_b_proj": lin(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), r),
+            "o_proj": lin(e, h * cfg.v_head_dim, cfg.attention_bias)}
+    if cfg.q_lora_rank is None:
+      attn["q_proj"] = lin(h * qk, e)
+    else:
+      attn.update(q_a_proj=lin(cfg.q_lora_rank, e, cfg.attention_bias), q_a_layernorm={"weight": (cfg.q_lora_rank,)},
+                  q_b_proj=lin(h * qk, cfg.q_lora_rank))
+    if cfg.is_moe(li):
+      x, i = cfg.n_routed_experts, cfg.moe_intermediate_size
+      m = {"gate": {"weight": (x, e)},
+           "experts": {"gate_proj": {"weight": (x, i, e)}, "up_proj": {"weight": (x, i, e)},
+                       "down_proj": {"weight": (x, e, i)}}}
+      if cfg.topk_method == "noaux_tc":
+        m["gate"]["e_score_correction_bias"] = (x,)
+      if cfg.n_shared_experts:
+        m["shared_experts"] = dense(i * cfg.n_shared_experts)
+    else:
+      m = dense(cfg.intermediate_size)
+    layers.append({"input_layernorm": {"weight": (e,)}, "post_attention_layernorm": {"weight": (e,)},
+                   "self_attn": attn, "mlp": m})
+  tree = {"embed_tokens": {"weight": (cfg.vocab_size, e)}, "layers": tuple(layers), "norm": {"weight": (e,)}}
+  return tree

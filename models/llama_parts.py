@@ -1,0 +1,130 @@
+"""The Llama decoder layer cut into parts, for computations that reuse a clean run (head attribution).
+
+`models.llama._layer` = qkv -> attention -> x + o_proj(z) -> mlp_residual. Attribution needs the pieces
+separately: the clean run's per-head outputs `z` and post-attention residual, one head's share of `o_proj`, and
+attention of a few query rows against a clean KV cache. Nothing here edits attention (no spec): these parts
+serve clean runs and head ablations, which act at the `z` site only.
+
+Shape legend: T rows of a sequence, R query rows, N rows per position group, E width, H query heads,
+K key/value heads (G = H // K), D head dim, S key slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from models import rope
+from models.attention import NEG
+from models.config import TextConfig
+from models.layers import activation, linear, rms_norm
+
+
+def layer_params(layers, index: int | jax.Array):
+  """One layer's params from `layers` (stacked with a leading L axis, or a tuple of per-layer trees)."""
+  if isinstance(layers, (list, tuple)):
+    return layers[index]
+  if isinstance(index, int):
+    return jax.tree.map(lambda a: a[index], layers)
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False), layers)
+
+
+def stacked(layers):
+  """`layers` with a leading L axis (stacks a tuple of per-layer trees)."""
+  if isinstance(layers, (list, tuple)):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return layers
+
+
+def project_q(cfg: TextConfig, p, y, cos, sin):
+  """Rotated queries [B, T, H, D] from normed inputs y [B, T, E]."""
+  b, t, _ = y.shape
+  q = linear(p["self_attn"]["q_proj"], y).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+  return rope.apply_rope(q, cos, sin)
+
+
+def project_kv(cfg: TextConfig, p, y, cos, sin):
+  """Rotated keys and values [B, T, K, D] from normed inputs y [B, T, E]."""
+  b, t, _ = y.shape
+  a = p["self_attn"]
+  k = linear(a["k_proj"], y).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+  v = linear(a["v_proj"], y).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+  return rope.apply_rope(k, cos, sin), v
+
+
+def input_norm(cfg: TextConfig, p, x):
+  return rms_norm(p["input_layernorm"], x, cfg.rms_norm_eps)
+
+
+def causal_attention(q, k, v, query_slots):
+  """q [B, R, H, D] at key slots query_slots [R] over k/v [B, S, K, D]: key s visible iff s <= slot."""
+  b, r, h, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, r, kv, h // kv, d)
+  scores = (jnp.einsum("brkgd,bskd->bkgrs", qg, k) * jnp.asarray(d**-0.5, q.dtype)).astype(jnp.float32)
+  visible = jnp.arange(k.shape[1])[None, :] <= query_slots[:, None]  # [R, S]
+  pattern = jax.nn.softmax(jnp.where(visible, scores, NEG), axis=-1)
+  return jnp.einsum("bkgrs,bskd->brkgd", pattern.astype(v.dtype), v).reshape(b, r, h, d)
+
+
+def cached_row_attention(q, k_own, v_own, k_cache, v_cache, slots):
+  """Rows that attend to a shared clean cache before their slot and to their own key/value at it.
+
+  q [P, N, H, D], k_own/v_own [P, N, K, D]: N rows per position group p, all at key slot slots[p];
+  k_cache/v_cache [S, K, D] (unbatched: one copy for every row). Key s < slots[p] comes from the cache, the
+  slot itself from the row (exactly a decoding step whose cache write is not shared with other rows).
+  Returns z [P, N, H, D].
+  """
+  p, n, h, d = q.shape
+  kv = k_cache.shape[1]
+  g = h // kv
+  scale = jnp.asarray(d**-0.5, q.dtype)
+  qg = q.reshape(p, n, kv, g, d)
+  cached = (jnp.einsum("pnkgd,skd->pnkgs", qg, k_cache) * scale).astype(jnp.float32)
+  own = (jnp.einsum("pnkgd,pnkd->pnkg", qg, k_own) * scale).astype(jnp.float32)
+  before = jnp.arange(k_cache.shape[0])[None, :] < slots[:, None]  # [P, S]
+  cached = jnp.where(before[:, None, None, None, :], cached, NEG)
+  pattern = jax.nn.softmax(jnp.concatenate([cached, own[..., None]], axis=-1), axis=-1).astype(v_cache.dtype)
+  z = jnp.einsum("pnkgs,skd->pnkgd", pattern[..., :-1], v_cache)
+  z = z + pattern[..., -1:] * v_own[:, :, :, None, :]
+  return z.reshape(p, n, h, d)
+
+
+def attention_output(cfg: TextConfig, p, x, z):
+  """The residual after attention: x + o_proj(z), z [..., H, D]."""
+  return x + linear(p["self_attn"]["o_proj"], z.reshape(z.shape[:-2] + (cfg.num_attention_heads * cfg.head_dim,)))
+
+
+def head_outputs(cfg: TextConfig, p, z):
+  """Each head's share of o_proj (bias excluded): z [..., H, D] -> [..., H, E]."""
+  w = p["self_attn"]["o_proj"]["weight"]  # [E, H * D]
+  w = w.reshape(w.shape[0], cfg.num_attention_heads, cfg.head_dim).astype(z.dtype)
+  return jnp.einsum("...hd,ehd->...he", z, w)
+
+
+def mlp_residual(cfg: TextConfig, p, x):
+  """x + MLP(post_attention_layernorm(x))."""
+  y = rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps)
+  m = p["mlp"]
+  return x + linear(m["down_proj"], activation(cfg.hidden_act)(linear(m["gate_proj"], y)) * linear(m["up_proj"], y))
+
+
+def full_layer(cfg: TextConfig, p, x, cos, sin):
+  """One clean causal layer over x [B, T, E] (no padding): the `_layer` of models.llama without a spec."""
+  y = input_norm(cfg, p, x)
+  k, v = project_kv(cfg, p, y, cos, sin)
+  z = causal_attention(project_q(cfg, p, y, cos, sin), k, v, jnp.arange(x.shape[1]))
+  return mlp_residual(cfg, p, attention_output(cfg, p, x, z))
+
+
+def layer_at_rows(cfg: TextConfig, p, x, cos, sin, rows):
+  """A clean causal layer's output at query rows `rows` [R] only: x [B, T, E] -> [B, R, E].
+
+  Keys and values come from every row; queries, o_proj and the MLP run on the R rows (the last layer of a run
+  whose output is read at a few rows).
+  """
+  y = input_norm(cfg, p, x)
+  k, v = project_kv(cfg, p, y, cos, sin)
+  q = project_q(cfg, p, y[:, rows], cos[:, rows], sin[:, rows])
+  z = causal_attention(q, k, v, rows)
+  return mlp_residual(cfg, p, attention_output(cfg, p, x[:, rows], z))

@@ -1,0 +1,61 @@
+"""CLI user errors: exit status 2, the path and the cause named, no traceback; a full disk leaves resumable output."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+from eval import captions_io
+from eval.chair import main
+from eval.cli import describe_os_error
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_chair_cli import args, gt_captioner  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_out_is_a_file(tmp_path, capsys):
+  out = tmp_path / "results"
+  out.write_text("x")
+  assert main(args(out, n=3), gt_captioner) == 2
+  err = capsys.readouterr().err
+  assert str(out) in err and "is a file" in err and "Traceback" not in err
+
+
+def test_disk_full_is_exit_2_and_resumable(tmp_path, capsys, monkeypatch):
+  real_write = captions_io.CaptionsWriter.write
+  calls = {"n": 0}
+
+  def full_disk(self, *a, **k):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "greedy_captions.jsonl"))
+    return real_write(self, *a, **k)
+
+  monkeypatch.setattr(captions_io.CaptionsWriter, "write", full_disk)
+  assert main(args(tmp_path, "--batch-size", "1", n=6), gt_captioner) == 2
+  err = capsys.readouterr().err
+  assert "greedy_captions.jsonl" in err and "No space left" in err and "rerun" in err
+  kept = captions_io.read_jsonl_records(tmp_path / "greedy_captions.jsonl")
+  assert len(kept) == 2
+  monkeypatch.setattr(captions_io.CaptionsWriter, "write", real_write)
+  assert main(args(tmp_path, "--batch-size", "1", n=6), gt_captioner) == 0
+  assert len(captions_io.read_jsonl_records(tmp_path / "greedy_captions.jsonl")) == 6
+
+
+def test_describe_os_error_names_path_and_hint():
+  msg = describe_os_error(OSError(errno.EROFS, "Read-only file system", "/ro/x.json"))
+  assert msg.startswith("/ro/x.json: Read-only file system") and "--out" in msg
+
+
+def test_cli_subprocess_has_no_traceback(tmp_path):
+  out = tmp_path / "f"
+  out.write_text("")
+  proc = subprocess.run([sys.executable, "-m", "eval.attribute", "--chair-json", str(tmp_path / "none.json"),
+                         "--coco-root", str(tmp_path), "--model", str(ROOT / "organism" / "checkpoint"),
+                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr and str(out) in proc.stderr

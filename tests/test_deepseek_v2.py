@@ -1,0 +1,201 @@
+"""DeepSeek-V2 decoder (MLA + MoE) vs transformers' DeepseekV2ForCausalLM (eager): logits, attentions, routing
+(ties included), and the compressed-latent-cache decode vs a full re-forward at every step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from convert import hf_deepseek_v2
+from models import deepseek_v2, moe
+from models.deepseek_v2_config import deepseek_v2_config_from_dict
+from models.llama import embed_tokens, lm_head
+from models.llava import positions_from_mask, prompt_context
+from models.spec import neutral_spec
+
+GRID = {
+    # q without LoRA, greedy routing, one dense layer then MoE, default rope
+    "greedy_dense_first": dict(q_lora_rank=None, topk_method="greedy", first_k_dense_replace=1),
+    # q LoRA, group-limited routing, scaled routing weights, yarn rope with mscale (softmax scale changes)
+    "group_limited_yarn": dict(q_lora_rank=16, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                               routed_scaling_factor=1.5, first_k_dense_replace=0,
+                               rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                "original_max_position_embeddings": 16, "mscale": 0.707,
+                                                "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}),
+}
+
+
+def make_tiny(seed=0, **over):
+  from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+  kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4,
+            v_head_dim=6, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+            max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  kw.update(over)
+  cfg = DeepseekV2Config(**kw)
+  torch.manual_seed(seed)
+  model = DeepseekV2ForCausalLM(cfg)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.uniform_(0.8, 1.2)
+      else:
+        p.normal_(0.0, 0.15 if p.ndim >= 2 else 0.05)
+  model.config._attn_implementation = "eager"
+  return model.eval()
+
+
+def ours(model):
+  cfg = deepseek_v2_config_from_dict(model.config.to_dict())
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  params = jax.tree.map(jnp.asarray, hf_deepseek_v2.from_state_dict(sd, cfg))
+  return params, cfg
+
+
+def forward(params, cfg, ids, mask, spec=None, output_attentions=False):
+  ctx = prompt_context(ids, mask, image_token_id=-100)
+  embeds = embed_tokens(params, ids)
+  h, _, ex = deepseek_v2.decoder(params, cfg, embeds, positions_from_mask(mask), ctx, spec=spec,
+                                 output_attentions=output_attentions)
+  return lm_head(params, params.get("lm_head"), h), ex
+
+
+def batch(vocab=64, t=12):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, vocab, (2, t))
+  mask = np.ones((2, t), np.int64)
+  mask[1, :4] = 0
+  ids[1, :4] = 0
+  return ids, mask
+
+
+@pytest.mark.parametrize("name", sorted(GRID))
+def test_logits_and_attentions_match_transformers(name):
+  model = make_tiny(**GRID[name])
+  params, cfg = ours(model)
+  assert sum(int(x.size) for x in jax.tree.leaves(params)) == sum(p.numel() for p in model.parameters())
+  ids, mask = batch()
+  pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+                output_attentions=True)
+  logits, ex = forward(params, cfg, jnp.asarray(ids), jnp.asarray(mask), output_attentions=True)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[valid], ref.logits.numpy()[valid], atol=1e-5, rtol=1e-5)
+  for layer, ra in enumerate(ref.attentions):
+    for b in range(2):
+      v = valid[b]
+      np.testing.assert_allclose(np.asarray(ex["attentions"][layer][b])[:, v][:, :, v], ra[b].numpy()[:, v][:, :, v],
+                                 atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(GRID))
+def test_routing_matches_transformers_including_ties(name):
+  model = make_tiny(**GRID[name])
+  layer = cfg_layer = model.config.first_k_dense_replace
+  gate = model.model.layers[cfg_layer].mlp.gate
+  with torch.no_grad():  # duplicated router rows give exactly tied scores
+    gate.weight[3] = gate.weight[1]
+    gate.weight[6] = gate.weight[5]
+    gate.weight[7] = gate.weight[5]
+  params, cfg = ours(model)
+  x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+  x[:8] = 0.0  # all scores equal: the tie-break alone decides
+  with torch.no_grad():
+    _, w_ref, i_ref = gate(x)
+  w, idx = moe.route(cfg, params["layers"][layer]["mlp"]["gate"], jnp.asarray(x.numpy()))
+  ref_sets = [sorted(zip(r.tolist(), wr.tolist())) for r, wr in zip(i_ref, w_ref)]
+  our_sets = [sorted(zip(r.tolist(), wr.tolist())) for r, wr in zip(np.asarray(idx), np.asarray(w))]
+  # Scores as the router sees them (group-limited: non-kept groups zeroed), to find boundary ties.
+  k = cfg.num_experts_per_tok
+  inner_ties = boundary = 0
+  for row, (a, b) in enumerate(zip(ref_sets, our_sets)):
+    np.testing.assert_allclose(sorted(v for _, v in a), sorted(v for _, v in b), rtol=1e-6)  # always equal
+    sc, gmax = scores_of(gate, x[row])
+    sc = np.sort(sc)[::-1]
+    if sc[k - 1] == sc[k] or (gmax is not None and gmax[cfg.topk_group - 1] == gmax[cfg.topk_group]):
+      boundary += 1  # the k-th score ties an unchosen expert: torch's pick is a std::nth_element artifact
+      continue
+    inner_ties += len(set(sc[:k].tolist())) < k  # tied experts inside the top-k: both must be chosen
+    assert [e for e, _ in a] == [e for e, _ in b]
+  assert inner_ties > 0 and boundary > 0
+
+
+def scores_of(gate, x):
+  with torch.no_grad():
+    logits = torch.nn.functional.linear(x[None].float(), gate.weight.float())
+    s = logits.softmax(-1)[0]
+    if gate.topk_method == "group_limited_greedy":
+      g = s.view(gate.num_group, -1)
+      keep = torch.zeros(gate.num_group, dtype=torch.bool)
+      keep[torch.topk(g.max(-1).values, gate.topk_group).indices] = True
+      s = torch.where(keep[:, None], g, 0.0).reshape(-1)
+      return s.numpy(), np.sort(g.max(-1).values.numpy())[::-1]
+  return s.numpy(), None
+
+
+def test_latent_cache_decode_equals_full_forward_every_step():
+  from models.spec import AttnContext
+
+  model = make_tiny(**GRID["group_limited_yarn"])
+  params, cfg = ours(model)
+  ids, mask = batch(t=8)
+  b, t = ids.shape
+  steps = 6
+  size = t + steps
+  spec = neutral_spec(cfg.num_hidden_layers, cfg.num_attention_heads)
+  # The full re-forward runs on [B, size] right-padded with mask 0 (causal: the padding never reaches earlier
+  # rows), so one compiled graph serves every step.
+  full = jax.jit(lambda ids, m: forward(params, cfg, ids, m, spec=spec)[0])
+
+  @jax.jit
+  def step(cache, key_seg, tok, pos, slot):
+    visible = (key_seg != -1) & (jnp.arange(size) <= slot)[None]
+    dctx = AttnContext(key_segments=key_seg, query_segments=jnp.full((b, 1), 2, jnp.int32), mask=visible[:, None],
+                       query_slot=slot[None], prefill=False)
+    h, cache, _ = deepseek_v2.decoder(params, cfg, embed_tokens(params, tok), pos, dctx, spec=spec, cache=cache,
+                                      write_index=slot)
+    return lm_head(params, params.get("lm_head"), h[:, -1]), cache
+
+  ctx = prompt_context(jnp.asarray(ids), jnp.asarray(mask), -100, key_slots=size)
+  cache = deepseek_v2.init_cache(cfg, b, size, jnp.float32)
+  assert cache[0]["ckv"].shape == (b, size, cfg.kv_lora_rank) and cache[0]["kpe"].shape == (b, size, 4)
+  h, cache, _ = deepseek_v2.decoder(params, cfg, embed_tokens(params, jnp.asarray(ids)),
+                                    positions_from_mask(jnp.asarray(mask)), ctx, spec=spec, cache=cache, write_index=0)
+  logits = lm_head(params, params.get("lm_head"), h[:, -1])
+  seq = np.zeros((b, size), np.int64)
+  m = np.zeros((b, size), np.int64)
+  seq[:, :t], m[:, :t] = ids, mask
+  key_seg = ctx.key_segments
+  for i in range(steps):
+    ref = full(jnp.asarray(seq), jnp.asarray(m))[:, t + i - 1]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    tok = np.asarray(jnp.argmax(logits, -1))
+    key_seg = key_seg.at[:, t + i].set(2)
+    pos = jnp.asarray(m.sum(-1, keepdims=True), jnp.int32)
+    logits, cache = step(cache, key_seg, jnp.asarray(tok[:, None]), pos, jnp.asarray(t + i, jnp.int32))
+    seq[:, t + i], m[:, t + i] = tok, 1
+  ref = full(jnp.asarray(seq), jnp.asarray(m))[:, size - 1]
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_head_gate_ablates_the_per_head_value_mix():
+  model = make_tiny(**GRID["greedy_dense_first"])
+  params, cfg = ours(model)
+  ids, mask = batch()
+  gate = np.ones((2, 4), np.float32)
+  gate[1, 2] = 0.0
+  spec = neutral_spec(2, 4).replace(head_gate=jnp.asarray(gate))
+  got, _ = forward(params, cfg, jnp.asarray(ids), jnp.asarray(mask), spec=spec)
+  # torch reference: zero head 2's slice of o_proj's input in layer 1
+  o = model.model.layers[1].self_attn.o_proj
+  hook = o.register_forward_pre_hook(lambda mod, a: (a[0].view(*a[0].shape[:-1], 4, 6).clone()
+                                                     .index_fill_(-2, torch.tensor([2]), 0.0).view(a[0].shape),))
+  pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)).logits
+  hook.remove()
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(got)[valid], ref.numpy()[valid], atol=1e-5, rtol=1e-5)

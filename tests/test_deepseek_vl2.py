@@ -1,0 +1,99 @@
+"""DeepSeek-VL2 assembly: SigLIP vs transformers, tiling and token layout, logits vs the torch reference assembly
+(transformers SigLIP + DeepseekV2 following the official code), official-layout loading."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from convert.hf_deepseek_vl2 import load_config, load_params
+from models import deepseek_vl2, siglip
+from models.deepseek_vl2_processing import USER_TEMPLATE, batch, select_best_resolution
+from models.segments import IMAGE, SYSTEM, segment_ids
+from tests.tiny_deepseek_vl2 import make_tiny_deepseek_vl2
+
+
+def images():
+  from PIL import Image
+
+  rng = np.random.default_rng(3)
+  sizes = [(40, 30), (30, 80), (100, 35)]  # landscape, portrait, wide: different tile grids
+  return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tiny_dsvl2"))
+  ref, tok = make_tiny_deepseek_vl2(path)
+  cfg = load_config(path)
+  params = jax.tree.map(jnp.asarray, load_params(path, cfg))
+  imgs = images()
+  texts = [USER_TEMPLATE.format(prompt="Please describe this image in detail."),
+           USER_TEMPLATE.format(prompt="What is in the picture?") + " <image>"]
+  ids, mask, tiles, crops = batch(tok, cfg, texts, [imgs[:1], imgs[1:]], tok.pad_token_id)
+  return ref, tok, cfg, params, (ids, mask, tiles, crops)
+
+
+def test_select_best_resolution_matches_official_rule():
+  cands = [[35, 35], [35, 70], [70, 35], [70, 70], [105, 35]]
+  assert select_best_resolution((40, 30), cands) == (70, 35)  # keeps 40x30 fully in 70x35 (less waste than 70x70)
+  assert select_best_resolution((30, 80), cands) == (35, 70)
+  assert select_best_resolution((100, 35), cands) == (105, 35)
+  assert select_best_resolution((10, 10), cands) == (35, 35)
+
+
+def test_siglip_matches_transformers(tiny):
+  ref, _, cfg, params, (_, _, tiles, _) = tiny
+  with torch.no_grad():
+    want = ref.vision(pixel_values=torch.tensor(tiles)).last_hidden_state.numpy()
+  got = siglip.forward(params["vision"], cfg.vision, jnp.asarray(tiles))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_layout_and_segments(tiny):
+  _, _, cfg, _, (ids, mask, tiles, crops) = tiny
+  assert crops == [(2, 1), (1, 2), (3, 1)]
+  assert tiles.shape[0] == sum(1 + tw * th for tw, th in crops)
+  h = cfg.tile_grid
+  assert h == 3  # 5x5 patches, zero-padded to 6x6, 2x2 blocks
+  n_img = [cfg.num_image_tokens(*c) for c in crops]
+  assert n_img[0] == 3 * 4 + 1 + 3 * 7
+  assert (ids == cfg.image_token_id).sum(1).tolist() == [n_img[0], n_img[1] + n_img[2]]
+  layout = deepseek_vl2.image_layout(cfg, crops)
+  assert layout.shape[0] == sum(n_img)
+  seg = np.asarray(segment_ids(jnp.asarray(ids), jnp.asarray(mask), cfg.image_token_id))
+  assert ((seg == IMAGE) == (ids == cfg.image_token_id)).all()
+  assert (seg[:, -ids.shape[1]:] == SYSTEM).any()  # BOS and "<|User|>: " precede the first image
+
+
+def test_logits_and_attentions_match_reference_assembly(tiny):
+  ref, _, cfg, params, (ids, mask, tiles, crops) = tiny
+  assert not mask[0].all()  # left padding exercised
+  pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+  with torch.no_grad():
+    want = ref(torch.tensor(ids), torch.tensor(mask), torch.tensor(tiles), crops, cfg.image_token_id,
+               position_ids=torch.tensor(pos), output_attentions=True)
+  out = deepseek_vl2.forward(params, cfg, ids, jnp.asarray(tiles), spatial_crops=crops, attention_mask=mask,
+                             output_attentions=True)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(out["logits"])[valid], want.logits.numpy()[valid], atol=1e-5, rtol=1e-5)
+  for layer, ra in enumerate(want.attentions):
+    for b in range(2):
+      v = valid[b]
+      np.testing.assert_allclose(np.asarray(out["attentions"][layer][b])[:, v][:, :, v], ra[b].numpy()[:, v][:, :, v],
+                                 atol=1e-5)
+  n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+  n_ref = (sum(p.numel() for p in ref.vision.parameters()) + sum(p.numel() for p in ref.language.parameters())
+           + sum(p.numel() for lin in ref.proj for p in lin.parameters()) + 2 * 64)
+  assert n_params == n_ref
+
+
+def test_mismatched_prompt_and_images_are_named(tiny):
+  _, _, cfg, params, (ids, mask, tiles, crops) = tiny
+  with pytest.raises(ValueError, match="tiles but spatial_crops"):
+    deepseek_vl2.forward(params, cfg, ids, jnp.asarray(tiles[:-1]), spatial_crops=crops, attention_mask=mask)
+  bad = ids.copy()
+  bad[1, np.argmax(bad[1] == cfg.image_token_id)] = 5  # one image position short
+  with pytest.raises(ValueError, match="image tokens"):
+    deepseek_vl2.forward(params, cfg, bad, jnp.asarray(tiles), spatial_crops=crops, attention_mask=mask)

@@ -1,0 +1,141 @@
+"""Decoding methods behind the method interface: VCD, DoLa, PAI, FarSight against torch references on transformers'
+eager LLaVA (tests/hf_methods_reference.py), neutral settings, batching, sweeps, sampling, errors, registry."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import air_jax
+from air_jax import decoding, methods
+from air_jax.methods.vcd import noise_field
+from tests.conftest import PROMPTS
+from tests import hf_methods_reference as ref
+from tests.tiny import random_images
+
+N = 32  # new tokens compared with the references (EOS ignored, so every step counts)
+
+CASES = {
+    "vcd": lambda: methods.make("vcd"),
+    "dola": lambda: methods.make("dola"),
+    "dola_official_no_norm": lambda: methods.make("dola", final_norm=False),
+    "pai": lambda: methods.make("pai", alpha=0.5, gamma=1.5),
+    "farsight": lambda: methods.make("farsight"),
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model):
+  images = random_images(2, 28, seed=31)
+  return air_jax.generate_inputs(tiny_model, images, PROMPTS)  # left padded to the 64 bucket
+
+
+def _ours(tiny_model, cfg, inputs, n=N):
+  ids, mask, pixels = inputs
+  sv = decoding.SamplingValues.make(0)
+  out = decoding.generate_tokens_jit(tiny_model.params, tiny_model.config, ids, mask, pixels,
+                                     methods.as_compiled(cfg, tiny_model.config), sv, max_new_tokens=n, eos_ids=(),
+                                     pad_id=0, output_scores=True)
+  return np.asarray(out["tokens"]), np.asarray(out["scores"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_method_equals_torch_reference(tiny_model, tiny_torch, inputs, name):
+  """Batched (two prompts of different lengths, padded) = the reference run on each example alone."""
+  cfg = CASES[name]()
+  tokens, scores = _ours(tiny_model, cfg, inputs)
+  plain, _ = _ours(tiny_model, None, inputs)
+  ids, mask, pixels = inputs
+  eps = np.asarray(noise_field(jax.random.key(cfg.seed), pixels.shape[1:]))[None] if name == "vcd" else None
+  for row in range(ids.shape[0]):
+    real = mask[row].astype(bool)
+    r_tok, r_logits = ref.greedy(tiny_torch, ids[row:row + 1, real], pixels[row:row + 1], cfg, N,
+                                 image_token_id=tiny_model.config.image_token_id, eps=eps)
+    np.testing.assert_array_equal(tokens[row], r_tok, err_msg=f"{name} row {row}")
+    finite = np.isfinite(r_logits)
+    np.testing.assert_array_equal(np.isfinite(scores[row]), finite)
+    np.testing.assert_allclose(scores[row][finite], r_logits[finite], atol=1e-5, rtol=1e-5)
+  assert (tokens != plain).any(), f"{name} must change the greedy tokens for the test to bite"
+
+
+NEUTRAL = {
+    "vcd": dict(alpha=0.0),
+    "pai": dict(alpha=0.0, gamma=1.0),
+    "farsight": dict(enabled=False),
+}
+
+
+def test_neutral_settings_equal_plain_greedy(tiny_model):
+  images = random_images(2, 28, seed=32)
+  plain = air_jax.generate(tiny_model, "greedy", images, PROMPTS, max_new_tokens=12)
+  for name, kw in NEUTRAL.items():
+    out = air_jax.generate(tiny_model, methods.make(name, **kw), images, PROMPTS, max_new_tokens=12)
+    np.testing.assert_array_equal(out.token_ids, plain.token_ids, err_msg=name)
+  assert (air_jax.generate(tiny_model, None, images, PROMPTS, max_new_tokens=12).token_ids == plain.token_ids).all()
+
+
+def test_batch_equals_each_example_alone(tiny_model):
+  images = random_images(2, 28, seed=33)
+  prompts = [PROMPTS[0], "Hi"]
+  for name in ("pai", "dola"):
+    batch = air_jax.generate(tiny_model, name, images, prompts, max_new_tokens=10)
+    for i in range(2):
+      alone = air_jax.generate(tiny_model, name, images[i], prompts[i], max_new_tokens=10)
+      np.testing.assert_array_equal(batch.token_ids[i], alone.token_ids[0], err_msg=f"{name} row {i}")
+
+
+def test_vmapped_sweep_equals_the_loop(tiny_model):
+  images = random_images(2, 28, seed=34)
+  cfgs = [methods.make("vcd", alpha=a) for a in (0.0, 1.0, 3.0)]
+  swept = air_jax.generate_sweep(tiny_model, cfgs, images, PROMPTS, max_new_tokens=10)
+  loop = [air_jax.generate(tiny_model, c, images, PROMPTS, max_new_tokens=10) for c in cfgs]
+  for s, l in zip(swept, loop):
+    np.testing.assert_array_equal(s.token_ids, l.token_ids)
+  assert len({g.token_ids.tobytes() for g in loop}) > 1, "alpha must matter for the test to bite"
+
+
+def test_sampling_is_reproducible_from_a_key(tiny_model):
+  images = random_images(1, 28, seed=35)
+  kw = dict(max_new_tokens=12, do_sample=True, temperature=1.0)
+  a = air_jax.generate(tiny_model, "vcd", images, PROMPTS[0], seed=7, **kw)
+  b = air_jax.generate(tiny_model, "vcd", images, PROMPTS[0], seed=jax.random.key(7), **kw)
+  c = air_jax.generate(tiny_model, "vcd", images, PROMPTS[0], seed=8, **kw)
+  np.testing.assert_array_equal(a.token_ids, b.token_ids)
+  assert (a.token_ids != c.token_ids).any()
+
+
+@pytest.mark.parametrize("name, kw, match", [
+    ("vcd", dict(alpha=-0.5), r"VCDConfig\.alpha must be >= 0.0, got -0.5"),
+    ("vcd", dict(beta=0.0), r"VCDConfig\.beta must be > 0.0, got 0.0"),
+    ("vcd", dict(beta=1.5), r"VCDConfig\.beta must be <= 1.0, got 1.5"),
+    ("vcd", dict(noise_step=1000), r"VCDConfig\.noise_step must lie in \[0, 999\], got 1000"),
+    ("dola", dict(relative_top=0.0), r"DoLaConfig\.relative_top must be > 0.0, got 0.0"),
+    ("dola", dict(layers=(0, 2, 40)), r"DoLaConfig\.layers=\[0, 2, 40\]: the last entry"),
+    ("dola", dict(layers=(4, 2, 32)), r"DoLaConfig\.layers must be ascending"),
+    ("pai", dict(alpha=-1.0), r"PAIConfig\.alpha must be >= 0.0, got -1.0"),
+    ("pai", dict(plausibility=2.0), r"PAIConfig\.plausibility must be <= 1.0, got 2.0"),
+    ("pai", dict(layers=(2, 40)), r"PAIConfig\.layers=\[2, 40\] must satisfy"),
+    ("farsight", dict(alpha=1.0), r"FarSightConfig\.alpha must be > 1.0, got 1.0"),
+    ("vcd", dict(strength=2.0), r"decoding method .vcd.: .*strength"),
+])
+def test_bad_values_are_clear_errors(name, kw, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    methods.make(name, **kw)
+
+
+def test_layer_schedule_outside_the_model_is_an_error(tiny_model):
+  with pytest.raises(ValueError, match=r"DoLaConfig\.layers=\[0, 1, 8\] does not fit this 2-layer model"):
+    methods.make("dola", layers=(0, 1, 8), layer_ref=None).compile(tiny_model.config)
+  with pytest.raises(ValueError, match=r"PAIConfig\.layers=\[0, 5\] is outside the model's 2 layers"):
+    methods.make("pai", layers=(0, 5), layer_ref=None).compile(tiny_model.config)
+
+
+def test_registry_names_and_unknown_method():
+  for name in ("greedy", "air", "air_star", "adhh", "vcd", "dola", "pai", "farsight"):
+    assert name in methods.names()
+  with pytest.raises(ValueError, match=r"unknown decoding method 'opera'; registered methods: greedy"):
+    methods.make("opera")
+  hp = methods.hyperparameters(methods.make("vcd"))
+  assert hp == {"class": "VCDConfig", "name": "vcd", "alpha": 1.0, "beta": 0.1, "noise_step": 500, "seed": 0}
+  assert methods.make("air", heads="all").visual_factor == 3.5  # AIRConfig presets behind the registry
+  torch.manual_seed(0)  # keep torch's global state deterministic for later tests
