@@ -38,8 +38,8 @@ def check_config_dict(raw, source: str = "config.json") -> None:
     if key not in SIZE_FIELDS or value is None:
       continue
     if isinstance(value, bool) or not isinstance(value, int):
-      if isinstance(value, list) and key == "image_size":
-        continue  # some configs give (height, width)
+      if isinstance(value, list) and key in ("image_size", "patch_size") and all(_int(x) for x in value):
+        continue  # some configs give (height, width) (InternVL: both)
       raise ValueError(f"{source}: {path} = {value!r} must be a positive integer")
     if value <= 0 and not (key in ("q_lora_rank",) and value == 0):
       raise ValueError(f"{source}: {path} = {value} must be a positive integer")

@@ -45,6 +45,8 @@ class Generation:
 
 
 def _load_image(img, name: str = "image"):
+  if isinstance(img, (list, tuple)):  # several images in one prompt (Qwen2.5-VL, InternVL)
+    return [_load_image(x, name) for x in img]
   return load_image(img, name)
 
 
@@ -123,7 +125,8 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
     params: the object returned by `air_jax.load_pretrained` (params, config and processor).
     method_cfg: the decoding method: None (plain decoding), a registered name ("greedy", "vcd", ...), a method
       config (`air_jax.methods.make(name, **overrides)`), an `AIRConfig`, or a compiled `RectificationSpec`.
-    image: a PIL image, an array [H, W, 3], a path, or a list of them.
+    image: a PIL image, an array [H, W, 3], a path, or a list of them (an element may be a list of several
+      images for one prompt, with families that take several: Qwen2.5-VL, InternVL).
     prompt: a string or a list (one per image; a single string is used for every image).
     max_new_tokens: N, the number of tokens generated at most (rows stop at EOS).
     do_sample, temperature, top_k, top_p, seed: sampling (default greedy); `seed` may be a PRNG key.

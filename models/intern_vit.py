@@ -49,6 +49,10 @@ class InternVisionConfig:
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
+  @property
+  def num_patches(self) -> int:
+    return self.grid**2
+
 
 def _square(value, field: str) -> int:
   if isinstance(value, (list, tuple)):

@@ -29,6 +29,8 @@ from models.qwen_text import decoder_param_shapes, qwen_text_config_from_dict
 from models.spec import RectificationSpec
 
 _PROJ_LN_EPS = 1e-5  # nn.LayerNorm default in transformers' InternVLMultiModalProjector
+# Planning figure (air_jax.plan): the processor's default max_patches (12) tiles plus the thumbnail.
+PLAN_TILES = 13
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +307,32 @@ class InternVLFamily(family_lib.Family):
 
   def per_layer_params(self, params):
     return dict(params, language_model=llama.unstack_layers(params["language_model"]))
+
+  def map_pixels(self, vision, fn):
+    return None if vision is None else dict(vision, pixels=fn(vision["pixels"]))
+
+  def max_vision_tiles(self, config):
+    return PLAN_TILES
+
+  def max_image_tokens(self, config):
+    return PLAN_TILES * config.tokens_per_tile
+
+  def partition_rules(self, config):
+    # Megatron split over the "model" mesh axis (air_jax.sharding); specs of the per-layer [out, in] tensors.
+    col, row, col_b = ("model", None), (None, "model"), ("model",)
+    return (
+        (r"^language_model\.layers\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.weight$", col),
+        (r"^language_model\.layers\.self_attn\.(q|k|v)_proj\.bias$", col_b),
+        (r"^language_model\.layers\.(self_attn\.o_proj|mlp\.down_proj)\.weight$", row),
+        (r"^language_model\.embed_tokens\.weight$", col),
+        (r"^lm_head\.weight$", col),
+        (r"^vision_tower\.encoder\.layers\.(attention\.(q|k|v)_proj|mlp\.fc1)\.weight$", col),
+        (r"^vision_tower\.encoder\.layers\.(attention\.(q|k|v)_proj|mlp\.fc1)\.bias$", col_b),
+        (r"^vision_tower\.encoder\.layers\.(attention\.projection_layer|mlp\.fc2)\.weight$", row),
+        (r"^multi_modal_projector\.linear_1\.weight$", col),
+        (r"^multi_modal_projector\.linear_1\.bias$", col_b),
+        (r"^multi_modal_projector\.linear_2\.weight$", row),
+    )
 
 
 FAMILY = family_lib.register(InternVLFamily())

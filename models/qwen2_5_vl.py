@@ -362,5 +362,29 @@ class Qwen25VLFamily(family_lib.Family):
   def per_layer_params(self, params):
     return dict(params, language_model=llama.unstack_layers(params["language_model"]))
 
+  def map_pixels(self, vision, fn):
+    return None if vision is None else dict(vision, pixels=fn(vision["pixels"]))
+
+  def max_image_tokens(self, config):
+    return qwen_vision.PLAN_IMAGE_TOKENS
+
+  def partition_rules(self, config):
+    # Megatron split over the "model" mesh axis (air_jax.sharding); specs of the per-layer [out, in] tensors. The
+    # fused vision qkv stays replicated (a row split would cut across q, k and v).
+    col, row, col_b = ("model", None), (None, "model"), ("model",)
+    return (
+        (r"^language_model\.layers\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.weight$", col),
+        (r"^language_model\.layers\.self_attn\.(q|k|v)_proj\.bias$", col_b),
+        (r"^language_model\.layers\.(self_attn\.o_proj|mlp\.down_proj)\.weight$", row),
+        (r"^language_model\.embed_tokens\.weight$", col),
+        (r"^lm_head\.weight$", col),
+        (r"^visual\.layers\.mlp\.(gate|up)_proj\.weight$", col),
+        (r"^visual\.layers\.mlp\.(gate|up)_proj\.bias$", col_b),
+        (r"^visual\.layers\.(mlp\.down_proj|attn\.proj)\.weight$", row),
+        (r"^visual\.merger\.mlp\.0\.weight$", col),
+        (r"^visual\.merger\.mlp\.0\.bias$", col_b),
+        (r"^visual\.merger\.mlp\.2\.weight$", row),
+    )
+
 
 FAMILY = family_lib.register(Qwen25VLFamily())

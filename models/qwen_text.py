@@ -49,6 +49,7 @@ def qwen_text_config_from_dict(d: dict, *, tie_default: bool = False, field: str
       qkv_bias=not qwen3,
       qk_norm=qwen3,
       mrope_section=mrope,
+      model_type=model_type,
   )
 
 

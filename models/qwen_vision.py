@@ -28,6 +28,9 @@ from models.config import _check
 from models.layers import activation, linear, rms_norm
 
 _EPS = 1e-6  # transformers hard-codes the vision RMSNorm epsilon
+# Planning figure (air_jax.plan): a 1280-token image, Qwen's recommended max_pixels = 1280 * 28 * 28. The processor
+# default (max_pixels 12845056) allows 16384 tokens; pass --prompt-tokens to plan for those.
+PLAN_IMAGE_TOKENS = 1280
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,16 @@ class QwenVisionConfig:
   @property
   def patch_dim(self) -> int:
     return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+  @property
+  def num_attention_heads(self) -> int:  # the name other towers use (air_jax.plan reads it)
+    return self.num_heads
+
+  @property
+  def num_patches(self) -> int:
+    """Patches of the largest image air_jax.plan assumes: PLAN_IMAGE_TOKENS merged tokens (the image size is
+    the processor's choice, min/max_pixels, not the checkpoint's)."""
+    return PLAN_IMAGE_TOKENS * self.spatial_merge_size**2
 
 
 def vision_config_from_dict(d: dict) -> QwenVisionConfig:

@@ -1,0 +1,144 @@
+"""Qwen2.5-VL and InternVL behind the family interface, end to end on tiny checkpoints: load_pretrained (images-only
+processor), KV-cached generate equal to transformers' generate (a prompt with two images, left padding, buckets),
+key segments, AIR with attention statistics, head attribution (both semantics agree on the clean pass), eval.chair.
+"""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import air_jax
+from air_jax.attribution import Attributor
+from air_jax.generate import eos_token_ids
+from eval.chair_metric import Vocabulary, score_caption
+from models import family
+from models.segments import IMAGE, PAD, SYSTEM, TEXT
+from tests.tiny_vl import chat, make_tiny_internvl, make_tiny_qwen2_5_vl, random_image
+from tests.vl_reference import eager
+
+COCO = os.path.join(os.path.dirname(__file__), "fixtures", "coco")
+PROMPTS = ["Please describe this image in detail.", "What is in the picture?"]
+BUILDERS = {"qwen2_5_vl": make_tiny_qwen2_5_vl, "internvl": make_tiny_internvl}
+SIZES = {"qwen2_5_vl": [(48, 80), (64, 64), (40, 56)], "internvl": [(64, 32), (32, 32), (90, 30)]}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def tiny(request, tmp_path_factory):
+  name = request.param
+  path = str(tmp_path_factory.mktemp(name))
+  model, hf_proc = BUILDERS[name](path)
+  images = [random_image(w, h, i + 1) for i, (w, h) in enumerate(SIZES[name])]
+  return dict(name=name, path=path, torch=eager(model), hf_proc=hf_proc, images=images,
+              model=air_jax.load_pretrained(path))
+
+
+def test_load_pretrained_picks_the_family(tiny):
+  model = tiny["model"]
+  assert model.family.name == tiny["name"]
+  assert model.num_params() == sum(p.numel() for p in tiny["torch"].parameters())
+  assert type(model.processor).__name__ != "ProcessorMixin"  # ours: no video processor needed
+
+
+def test_generate_equals_transformers_generate(tiny):
+  model, hf_proc = tiny["model"], tiny["hf_proc"]
+  images = [[tiny["images"][0], tiny["images"][1]], tiny["images"][2]]
+  out = air_jax.generate(model, None, images, PROMPTS, max_new_tokens=24, bucket=32)
+  assert out.prompt_mask.shape[1] % 32 == 0 and not out.prompt_mask[:, 0].all()
+  hf_proc.tokenizer.padding_side = "left"
+  inputs = hf_proc(images=tiny["images"], text=[chat(hf_proc, PROMPTS[0], 2), chat(hf_proc, PROMPTS[1], 1)],
+                   return_tensors="pt", padding=True)
+  eos = list(eos_token_ids(model.config, model.processor.tokenizer))
+  with torch.no_grad():
+    ref = tiny["torch"].generate(**inputs, max_new_tokens=24, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=model.processor.tokenizer.pad_token_id)
+  ref = ref[:, inputs["input_ids"].shape[1]:].numpy()
+  for b in range(2):
+    n = int(out.num_tokens[b])
+    assert n >= 1
+    np.testing.assert_array_equal(out.token_ids[b, :n], ref[b, :n])
+    # the real prompt is the transformers prompt, only padded further on the left
+    real = out.prompt_ids[b][out.prompt_mask[b].astype(bool)]
+    np.testing.assert_array_equal(real, inputs["input_ids"][b][inputs["attention_mask"][b].bool()].numpy())
+
+
+def test_segments_follow_the_image_tokens(tiny):
+  model = tiny["model"]
+  cfg = model.config
+  ids, mask, vision = air_jax.generate_inputs(model, [[tiny["images"][0], tiny["images"][1]]], PROMPTS[:1])
+  seg = np.asarray(family.family_of(cfg).segments(cfg, jnp.asarray(ids), jnp.asarray(mask)))[0]
+  ids, mask = ids[0], mask[0].astype(bool)
+  is_img = (ids == cfg.image_token_id) & mask
+  first = int(np.argmax(is_img))
+  np.testing.assert_array_equal(seg == IMAGE, is_img)
+  np.testing.assert_array_equal(seg == PAD, ~mask)
+  assert (seg[mask][: first - int((~mask).sum())] == SYSTEM).all()
+  assert (seg[first:][~is_img[first:]] == TEXT).all()
+  starts = is_img & ~np.concatenate([[False], is_img[:-1]])
+  assert starts.sum() >= 2  # two images, two runs (Qwen: one per image; InternVL: one per image, tiles inside)
+
+
+def test_air_and_attention_stats_end_to_end(tiny):
+  model = tiny["model"]
+  cfg = air_jax.AIRConfig.preset("air", heads=[(0, 1), (1, 2), (1, 3)])
+  images = [[tiny["images"][0], tiny["images"][1]], tiny["images"][2]]
+  out = air_jax.generate(model, cfg, images, PROMPTS, max_new_tokens=4, output_attention_stats=True)
+  d = model.config.dims
+  assert out.segment_mass.shape == (2, 4, d.num_hidden_layers, d.num_attention_heads, 3)
+  mass = out.segment_mass[:, 0]
+  assert np.all(mass[..., 1] > 0)  # the image receives attention in every head
+  untouched = np.ones((d.num_hidden_layers, d.num_attention_heads), bool)
+  untouched[0, 1] = untouched[1, 2] = untouched[1, 3] = False
+  np.testing.assert_allclose(mass.sum(-1)[:, untouched], 1.0, atol=1e-5)  # heads AIR leaves alone
+
+
+def test_head_attribution_end_to_end(tiny):
+  model = tiny["model"]
+  caption = "A cat sits on a red chair next to a dog."
+  sentence = score_caption(1, caption, {"chair"}, Vocabulary.coco())
+  results = {s: Attributor(model, semantics=s).attribute(tiny["images"][0], sentence)
+             for s in ("current_token", "full_sequence")}
+  d = model.config.dims
+  r = results["current_token"]
+  assert r.scored and r.ablated_logprob.shape == (len(r.scored), d.num_hidden_layers, d.num_attention_heads)
+  assert np.isfinite(r.ablated_logprob).all()
+  # The clean pass: one decoding step (current_token) vs a full forward (full_sequence); equal only if the
+  # decoding step has the token's RoPE position (multimodal for Qwen2.5-VL).
+  np.testing.assert_allclose(results["current_token"].clean_logprob, results["full_sequence"].clean_logprob,
+                             atol=2e-5)
+
+
+def test_chair_cli_end_to_end(tiny, tmp_path, capsys):
+  from eval.chair import main
+
+  argv = ["--coco-root", COCO, "--model", tiny["path"], "--num-images", "3", "--max-new-tokens", "5",
+          "--batch-size", "2", "--backend", "cpu", "--out", str(tmp_path), "--no-progress"]
+  assert main(argv) == 0
+  assert "greedy" in capsys.readouterr().out
+  result = json.loads((tmp_path / "greedy_chair.json").read_text())
+  assert len(result["sentences"]) + len(result["skipped"]) == 3
+
+
+def test_bad_inputs_are_clear_errors(tiny):
+  model = tiny["model"]
+  with pytest.raises(ValueError, match="placeholders but 1 images"):
+    model.processor(images=[tiny["images"][0]], text=["no image placeholder here"])
+  with pytest.raises(ValueError, match="video inputs are not supported"):
+    model.processor(text=["x"], videos=[np.zeros((2, 8, 8, 3), np.uint8)])
+  proc = model.processor
+
+  class DropsOneImageToken:  # a processor whose prompt lost one image token
+    tokenizer, chat_template, apply_chat_template = proc.tokenizer, proc.chat_template, proc.apply_chat_template
+
+    def __call__(self, **kw):
+      out = proc(**kw)
+      ids = out["input_ids"]
+      row, col = np.argwhere(ids == model.config.image_token_id)[0]
+      ids[row, col] = 5
+      return out
+
+  with pytest.raises(ValueError, match="image tokens"):
+    model.family.prepare_inputs(DropsOneImageToken(), model.config, [tiny["images"][2]], PROMPTS[1:], 0)
