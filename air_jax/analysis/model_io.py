@@ -1,7 +1,9 @@
 """The one place the analyses touch a model's internals: decoder attention, layer inputs, value norms, W_QK.
 
-Everything else in `air_jax.analysis` works on the arrays these functions return, so a new model family only
-has to retarget this module (today: the Llama decoder of LLaVA through `models.llava` / `models.llama`).
+Everything else in `air_jax.analysis` works on the arrays these functions return. Decoder attention comes from
+any registered family (`models.family.forward`); layer inputs, value norms and W_QK read the decoder's weights
+layer by layer and need a plain pre-norm Llama stack (`Family.supports_layer_reuse`: LLaVA-1.5, LLaVA-NeXT with
+a Llama decoder); other families get a clear error for those.
 
 Shape legend: L decoder layers, B batch, H query heads, K key/value heads, D head dim, E hidden width,
 T sequence length, V vocab.
@@ -17,7 +19,8 @@ import numpy as np
 
 from models import llama, rope
 from models.layers import linear, rms_norm
-from models.llava import embed_inputs, forward, positions_from_mask, prompt_context
+from models import family as family_lib
+from models.llava import positions_from_mask
 
 
 def text_config(model):
@@ -33,7 +36,14 @@ def lm_params(model) -> dict:
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _attentions(params, config, ids, mask, pixels):
-  return forward(params, config, ids, pixels, attention_mask=mask, output_attentions=True)["attentions"]
+  return family_lib.forward(params, config, ids, pixels, attention_mask=mask, output_attentions=True)["attentions"]
+
+
+def _require_llama_stack(model) -> None:
+  fam = family_lib.family_of(model.config)
+  if not fam.supports_layer_reuse(model.config):
+    raise ValueError(f"this analysis reads the decoder's weights layer by layer as a plain Llama stack; the "
+                     f"{fam.name} family's decoder is not one (attention-based analyses still work)")
 
 
 def decoder_attentions(model, input_ids, attention_mask=None, pixel_values=None) -> np.ndarray:
@@ -50,7 +60,7 @@ def decoder_attentions(model, input_ids, attention_mask=None, pixel_values=None)
   """
   ids = jnp.asarray(input_ids, jnp.int32)
   mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-  pixels = None if pixel_values is None else jnp.asarray(pixel_values)
+  pixels = None if pixel_values is None else jax.tree.map(jnp.asarray, pixel_values)
   params = getattr(model, "params", model)
   return np.asarray(_attentions(params, model.config, ids, mask, pixels), np.float32)
 
@@ -59,9 +69,10 @@ def decoder_attentions(model, input_ids, attention_mask=None, pixel_values=None)
 def _layer_io(params, config, ids, mask, pixels):
   cfg = config.text
   lm = params["language_model"]
-  embeds = embed_inputs(params, config, ids, pixels)
+  fam = family_lib.family_of(config)
+  embeds = fam.embed(params, config, ids, mask, pixels)
   pos = positions_from_mask(mask)
-  ctx = prompt_context(ids, mask, config.image_token_id)
+  ctx = family_lib.context_from_segments(fam.segments(config, ids, mask))
   cos, sin = rope.cos_sin(cfg, pos, embeds.dtype)
   layers = llama.unstack_layers(lm)["layers"]
   x, normed, value_norms = embeds, [], []
@@ -91,9 +102,10 @@ def layer_inputs(model, input_ids, attention_mask=None, pixel_values=None) -> tu
     states [L, B, T, E] (what each layer's attention reads, up to its gain) and value_norms [L, B, H, T]
     (||W_O^h v_j^h||, the size of key j's contribution through head h per unit of attention).
   """
+  _require_llama_stack(model)
   ids = jnp.asarray(input_ids, jnp.int32)
   mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-  pixels = None if pixel_values is None else jnp.asarray(pixel_values)
+  pixels = None if pixel_values is None else jax.tree.map(jnp.asarray, pixel_values)
   params = getattr(model, "params", model)
   states, norms = _layer_io(params, model.config, ids, mask, pixels)
   return np.asarray(states, np.float32), np.asarray(norms, np.float32)
@@ -104,6 +116,7 @@ def qk_factors(model, layer: int, fold_norm: bool = True) -> tuple[np.ndarray, n
 
   Key heads are repeated for the query heads that share them (GQA). Never forms an E x E matrix.
   """
+  _require_llama_stack(model)
   cfg = text_config(model)
   lm = lm_params(model)
   att = lm["layers"]["self_attn"]
@@ -123,6 +136,7 @@ def qk_matrices(model, fold_norm: bool = True) -> np.ndarray:
   fold_norm, W_QK acts on RMS-normalised states: the input norm's gain g is folded in (diag(g) W_QK diag(g)).
   L x H x E x E: small models only (a 7B model would need 137 GB); use `qk_factors` for large ones.
   """
+  _require_llama_stack(model)
   cfg = text_config(model)
   lm = lm_params(model)
   att = lm["layers"]["self_attn"]
