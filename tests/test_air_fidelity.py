@@ -32,7 +32,9 @@ def batch(tiny_model):
   return images, inputs, seg
 
 
-@pytest.mark.parametrize("layers", [(5, 18), (16, 32)])  # (16, 32): layer 0's padding rows feed layer 1's leak
+# (16, 32) on 2 layers: the projection and QK rescale act in layer 1 only, so layer 0's padding rows (unedited,
+# uniform over the written keys) feed layer 1's leak; (5, 18) is covered by test_air_generate's greedy parity.
+@pytest.mark.parametrize("layers", [(16, 32)])
 def test_official_compat_left_padded_logits_equal_official_reference(tiny_model, tiny_torch, batch, layers):
   """Every step's logits of the official-compat loop equal the official reference's within 1e-5."""
   images, inputs, seg = batch
