@@ -273,7 +273,7 @@ def _prepare(params, image, prompt, bucket, devices, protocol=None):
 
     ids, mask, pixels = protocols.prepare_inputs(params.processor, loaded, prompts, protocol,
                                                  params.config.image_token_id,
-                                                 pad_token_id(params.processor.tokenizer), bucket)
+                                                 pad_token_id(params.processor.tokenizer), bucket, params.config)
   b = ids.shape[0]
   extra = (-b) % len(devices)  # copies of row 0, dropped afterwards
   if extra:

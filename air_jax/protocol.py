@@ -114,7 +114,7 @@ def expand_to_square(image, background: Sequence[float]):
 
 
 def prepare_inputs(processor, images: Sequence, prompts: Sequence[str], protocol: Protocol, image_token_id: int,
-                   pad_id: int, bucket: int):
+                   pad_id: int, bucket: int, config=None):
   """(input_ids [B, T], attention_mask [B, T], pixel_values) of a batch built the protocol's way.
 
   Images are padded to squares first when the protocol asks; with a LLaVA conversation template the ids are
@@ -132,7 +132,7 @@ def prepare_inputs(processor, images: Sequence, prompts: Sequence[str], protocol
   if protocol.conv_template is None:
     from air_jax.generate import prepare_inputs as hf_prepare
 
-    return hf_prepare(processor, images, prompts, bucket)
+    return hf_prepare(processor, images, prompts, bucket, config=config)  # the family's own inputs
   marker = getattr(processor, "image_token", None) or "<image>"
   enc = processor(images=images, text=[marker] * len(images), return_tensors="np")
   num_image_tokens = int(np.sum(enc["input_ids"][0] == image_token_id))
