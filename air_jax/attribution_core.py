@@ -1,4 +1,8 @@
-"""Log-probabilities of target tokens with every attention head ablated in turn, vmapped over one-hot gates.
+"""Log-probabilities of target tokens with every attention head ablated in turn.
+
+`head_logprobs` runs by default `air_jax.attribution_reuse`, which reuses the clean run below the ablated layer
+(much faster, equal within float rounding). The plain vmapped reference below (`reuse=False`, and any subset
+of heads) reruns the whole model per ablation:
 
 Head h is ablated by zeroing its slice of the input of `o_proj`: `RectificationSpec.head_gate[l, h] = 0`.
 Instead of one forward per head, all L*H one-hot gates (plus the all-ones clean gate) are vmapped, `chunk`
