@@ -72,7 +72,8 @@ def param_bytes(shapes, itemsize: int) -> int:
   """Bytes of a shape tree (tuples as leaves)."""
   import jax
 
-  leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  # A leaf is a tuple of ints; per-layer trees (tuples of dicts, e.g. MoE or Q-Former layers) are walked into.
+  leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(v, int) for v in x))
   return int(sum(int(np.prod(s, dtype=np.float64)) for s in leaves) * itemsize)
 
 

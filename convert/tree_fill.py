@@ -104,13 +104,14 @@ class TreeFiller:
 
 def place(tree, sharding):
   """A filled numpy tree as is (sharding None), or as jax arrays put where `sharding(parts, shape)` says (the
-  callback convention of convert.checkpoint.load_params; parts are the dict keys / tuple indices of the leaf)."""
+  callback convention of convert.checkpoint.load_params; parts are the dict keys and tuple indices of the leaf, as
+  strings, so a dotted path such as "language_model.layers.3.mlp.experts.gate_proj.weight" can be matched)."""
   if sharding is None:
     return tree
   import jax
 
   def put(kp, x):
-    parts = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in kp)
+    parts = tuple(str(getattr(k, "key", getattr(k, "idx", ""))) for k in kp)  # tuple indices as "0", "1", ...
     return jax.device_put(x, sharding(parts, x.shape))
 
   return jax.tree_util.tree_map_with_path(put, tree)

@@ -279,7 +279,8 @@ def _dims(self):
   t = self.text
   return DecoderDims(num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
                      num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, hidden_size=t.hidden_size,
-                     vocab_size=t.vocab_size, eos_token_id=t.eos_token_id)
+                     vocab_size=t.vocab_size, eos_token_id=t.eos_token_id,
+                     max_position_embeddings=t.max_position_embeddings)
 
 
 DeepseekVL2Config.dims = property(_dims, doc="The decoder's dims (MLA: one key/value head per query head after "

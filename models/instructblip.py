@@ -225,6 +225,13 @@ def _family():
     def per_layer_params(self, params):
       return dict(params, language_model=llama.unstack_layers(params["language_model"]))
 
+    def supports_layer_reuse(self, config):
+      return config.text.rope.rope_type != "dynamic"  # a plain Llama stack under language_model
+
+    def exit_logits(self, params, config, hidden, final_norm):
+      return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden,
+                                     final_norm)
+
   return family_lib.register(InstructBlipFamily())
 
 
