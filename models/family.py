@@ -47,7 +47,9 @@ Model functions (pure, jit/vmap-able; `params` is the whole param tree, `vision`
     token (default: max over real tokens + 1). Decoding carries it in `DecodeState.next_position` and adds 1 per
     step; `decode_positions(config, next_position [B])` turns it into the positions of a one-token chunk
     ([B, 1] by default; multimodal RoPE broadcasts to [3, B, 1], where text tokens advance all three axes
-    together, so Qwen2-VL's rope_deltas are already inside next_position).
+    together, so Qwen2-VL's rope_deltas are already inside next_position). Head attribution re-scores an
+    earlier text slot j with next_position - (T - j), so text after the last image must advance the position
+    offset by exactly one per slot.
   - `segments(config, input_ids, attention_mask) -> [B, T] int32` key segments (models.segments ids): SYSTEM
     before the first image token, IMAGE at every image-feature position (all runs: tiles, newline rows, several
     images), TEXT for the rest, PAD for padding. Default: `models.segments.segment_ids` with the config's
