@@ -359,6 +359,9 @@ class Qwen25VLFamily(family_lib.Family):
   def logits(self, params, config, hidden):
     return llama.lm_head(params["language_model"], params.get("lm_head"), hidden)
 
+  def exit_logits(self, params, config, hidden, final_norm: bool):
+    return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
+
   def per_layer_params(self, params):
     return dict(params, language_model=llama.unstack_layers(params["language_model"]))
 

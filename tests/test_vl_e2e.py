@@ -142,3 +142,13 @@ def test_bad_inputs_are_clear_errors(tiny):
 
   with pytest.raises(ValueError, match="image tokens"):
     model.family.prepare_inputs(DropsOneImageToken(), model.config, [tiny["images"][2]], PROMPTS[1:], 0)
+
+
+@pytest.mark.parametrize("method", ["vcd", "pai", "dola"])
+def test_baseline_methods_run(tiny, method):
+  """The registered baselines run unchanged on these families (VCD noises the family's pixel arrays, PAI uses its
+  segments, DoLa its early-exit readout); their faithfulness is tested on LLaVA (tests/test_methods.py)."""
+  model = tiny["model"]
+  out = air_jax.generate(model, air_jax.methods.make(method), [[tiny["images"][0], tiny["images"][1]]],
+                         PROMPTS[:1], max_new_tokens=2)
+  assert out.token_ids.shape == (1, 2) and (out.token_ids < model.config.dims.vocab_size).all()
