@@ -155,7 +155,7 @@ class Attributor:
     out = generate(self.model, None, _load_image(image), self.prompt, max_new_tokens=max_new_tokens,
                    backend=self.device.platform)
     ids = [int(i) for i in out.token_ids[0][: int(out.num_tokens[0])]]
-    eos = set(eos_token_ids(self.config, self.processor.tokenizer))
+    eos = set(eos_token_ids(self.config, self.processor.tokenizer, getattr(self.model, "generation_eos", ())))
     while ids and ids[-1] in eos:
       ids.pop()
     return out.text, ids

@@ -54,10 +54,11 @@ format_prompt = chat.format_prompt
 pad_token_id = chat.pad_token_id
 
 
-def eos_token_ids(config, tokenizer) -> tuple[int, ...]:
-  """Ids that end a generation: the model config's EOS ids plus the tokenizer's."""
+def eos_token_ids(config, tokenizer, extra_ids=()) -> tuple[int, ...]:
+  """Ids that end a generation: the model config's EOS ids, the tokenizer's, and `extra_ids` (a LoadedModel's
+  `generation_eos`, from its generation_config.json)."""
   extra = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-  return tuple(sorted(set(config.dims.eos_token_id) | extra))
+  return tuple(sorted(set(config.dims.eos_token_id) | extra | set(extra_ids)))
 
 
 def prepare_inputs(processor, images: Sequence, prompts: Sequence[str], bucket: int = 64, config=None):
@@ -211,7 +212,7 @@ def _run(params: LoadedModel, run, method, ids, mask, pixels, devices, *, do_sam
   finished_pad: the token fed to rows that have ended (default: the tokenizer's pad id).
   """
   config, tok = params.config, params.processor.tokenizer
-  eos, pad_id = eos_token_ids(config, tok), pad_token_id(tok)
+  eos, pad_id = eos_token_ids(config, tok, params.generation_eos), pad_token_id(tok)
   pad_id = pad_id if finished_pad is None else finished_pad
   sv = decoding.SamplingValues.make(seed, temperature, top_k, top_p)
   kw = dict(max_new_tokens=max_new_tokens, sampling=decoding.Sampling(greedy=not do_sample), eos_ids=eos,
@@ -250,7 +251,8 @@ def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_b
   spec = plan.spec(method.values, ids.shape[0], config)
   out = beam_search.beam_search_jit(p, config, shard(ids), shard(mask), shard(pixels), spec,
                                     num_beams=int(num_beams), max_new_tokens=max_new_tokens,
-                                    eos_ids=eos_token_ids(config, tok), pad_id=pad_token_id(tok),
+                                    eos_ids=eos_token_ids(config, tok, params.generation_eos),
+                                    pad_id=pad_token_id(tok),
                                     length_penalty=float(length_penalty))
   return jax.tree.map(np.asarray, out)
 

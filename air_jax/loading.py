@@ -38,9 +38,10 @@ class LoadedModel:
   config: Any
   processor: Any = None
   path: str | None = None
+  generation_eos: tuple[int, ...] = ()  # EOS ids of the checkpoint's generation_config.json (e.g. Qwen's two)
 
   def tree_flatten(self):
-    return (self.params,), (self.config, self.processor, self.path)
+    return (self.params,), (self.config, self.processor, self.path, self.generation_eos)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -121,4 +122,24 @@ def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True, 
 
     sharding = param_shardings(config, mesh)
   params = fam.load_params(path, config, np_dtype, sharding=sharding)
-  return LoadedModel(params=params, config=config, processor=processor, path=path)
+  return LoadedModel(params=params, config=config, processor=processor, path=path,
+                     generation_eos=generation_eos_ids(path))
+
+
+def generation_eos_ids(path: str) -> tuple[int, ...]:
+  """The `eos_token_id` (int or list) of the checkpoint's generation_config.json, () when it has none."""
+  file = os.path.join(path, "generation_config.json")
+  if not os.path.isfile(file):
+    return ()
+  try:
+    with open(file) as f:
+      raw = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{file} is not valid JSON: {e}") from e
+  eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+  eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+  if eos is None:
+    return ()
+  if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
+    raise ValueError(f"{file}: eos_token_id must be an int or a list of ints, got {raw.get('eos_token_id')!r}")
+  return tuple(eos)

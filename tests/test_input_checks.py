@@ -201,3 +201,24 @@ def test_missing_tokenizer_is_named_before_weights(tmp_path):
   d = _copy_organism(tmp_path, drop=("tokenizer.json", "model.safetensors"))
   with pytest.raises(ValueError, match="holds no tokenizer: expected one of tokenizer.json"):
     air_jax.load_pretrained(d)
+
+
+def test_generation_config_eos_ids(tmp_path):
+  from air_jax.generate import eos_token_ids
+  from air_jax.loading import generation_eos_ids
+
+  assert generation_eos_ids(str(tmp_path)) == ()
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+  assert generation_eos_ids(str(tmp_path)) == (151645, 151643)
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+  with pytest.raises(ValueError, match="generation_config.json: eos_token_id"):
+    generation_eos_ids(str(tmp_path))
+
+  class Tok:
+    eos_token_id = 7
+
+  class Cfg:
+    class dims:
+      eos_token_id = (2,)
+
+  assert eos_token_ids(Cfg, Tok, (151643,)) == (2, 7, 151643)
