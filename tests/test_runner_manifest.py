@@ -14,18 +14,19 @@ def test_resolve_method_maps_names_like_eval_chair():
   import air_jax
 
   cfg, hp = runner.resolve_method("greedy")
-  assert cfg is None and hp == {}
+  assert cfg == air_jax.methods.make("greedy")
+  assert hp == {**air_jax.methods.hyperparameters(cfg), "heads_file": None}
   overrides = json.loads(AIR_CONFIG.read_text())["air"]
   cfg, hp = runner.resolve_method("air", str(HEADS), overrides)
   assert cfg == air_jax.AIRConfig.preset("air", heads=str(HEADS), **overrides)
   assert hp["visual_factor"] == overrides["visual_factor"] and hp["heads_file"] == str(HEADS)
   assert hp["heads"] == [list(h) for h in cfg.heads]  # resolved, JSON-ready
   json.dumps(hp)
-  with pytest.raises(runner.RunError, match="unknown method 'opera'"):
-    runner.resolve_method("opera")
+  with pytest.raises(runner.RunError, match="unknown method 'no_such_method'"):
+    runner.resolve_method("no_such_method")
   with pytest.raises(runner.RunError, match="heads"):
     runner.resolve_method("air")  # AIR targets sensitive heads: no silent default
-  with pytest.raises(runner.RunError, match="greedy takes no hyperparameters"):
+  with pytest.raises(runner.RunError, match="method greedy.*beta"):
     runner.resolve_method("greedy", overrides={"beta": 0.1})
 
 

@@ -60,7 +60,7 @@ def make_tiny_llava(
     vision_act: str = "quick_gelu",
     seed: int = 0,
     save: bool = True,
-    max_positions: int = 128,
+    max_positions: int = 256,
 ):
   """Builds, saves (model + processor) and returns (torch model, processor) for a tiny random LLaVA."""
   import torch
