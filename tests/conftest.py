@@ -12,6 +12,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROMPTS = ["Please describe this image in detail.", "What is in the picture?"]
 
+# CI runs the suite as two parallel pytest processes (tools/run_tests.sh): `-m "not slow"` and `-m slow`. Besides the
+# tests marked slow one by one, every test of these files runs in the second process (the model families, sharding,
+# end-to-end CLIs and benchmarks' heavier checks), which balances the two halves on a 2-core machine.
+SECOND_STEP_FILES = {
+    "test_llava_next.py", "test_qwen2_5_vl.py", "test_internvl.py", "test_vl_e2e.py", "test_deepseek_v2.py",
+    "test_deepseek_vl2.py", "test_instructblip.py", "test_families_blip_dsvl2.py", "test_sharding.py",
+    "test_sharding_vl.py", "test_eval_shape.py", "test_eval_shape_next.py", "test_eval_shape_vl.py",
+    "test_eval_shape_blip_dsvl2.py", "test_plan.py", "test_analysis_model.py", "test_export_hf.py",
+    "test_organism_model.py", "test_organism_heads.py", "test_attribution_reuse.py", "test_compile_count.py",
+    "test_owl_detector.py", "test_pope.py", "test_judged_benchmarks.py", "test_llava_parity.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if os.path.basename(str(item.fspath)) in SECOND_STEP_FILES:
+      item.add_marker(pytest.mark.slow)
+
 
 def chat_texts(processor, prompts):
   msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
