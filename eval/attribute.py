@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="gradient screen first (one backward pass per caption estimates Delta P of every head), then "
                       "exact ablation of the K heads with the largest |estimated S_h| only; the others are NaN "
                       "in the exact results and never selected")
+  p.add_argument("--compile-cache", metavar="DIR",
+                 help="JAX persistent compilation cache: repeated runs load compiled graphs from DIR")
   p.add_argument("--no-progress", action="store_true")
   return p
 
@@ -230,6 +232,10 @@ def run(argv: Sequence[str] | None = None, on_sample: Callable[[int], None] | No
     raise AttributionError(f"--top-k and --chunk must be >= 1, got {args.top_k} and {args.chunk}")
   if args.screen is not None and args.screen < 1:
     raise AttributionError(f"--screen must be >= 1, got {args.screen}")
+  if args.compile_cache:
+    from air_jax.compile_cache import enable_compile_cache
+
+    enable_compile_cache(args.compile_cache)  # a ValueError names the directory (exit status 2)
   if not Path(args.model).is_dir():
     raise AttributionError(f"--model {args.model}: not a directory")
   from eval.cli import check_output_dir

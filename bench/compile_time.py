@@ -1,0 +1,50 @@
+"""Compile time of the whole generation graph per method on the mid-size model (CPU per-layer layout).
+
+Usage: python -m bench.compile_time [--methods greedy,air,air_star,adhh] [--new-tokens 16]
+
+Each method's `decoding.generate_tokens_jit` is traced, lowered and compiled once (nothing cached between
+methods: their specs differ in structure); prints the seconds of each stage and the ratio to greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax.numpy as jnp
+
+from bench.common import build, machine, table
+
+
+def main(argv=None):
+  from air_jax import decoding
+  from air_jax.air_config import AIRConfig
+  from models.llama import unstack_layers
+
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--methods", default="greedy,air,air_star,adhh")
+  ap.add_argument("--new-tokens", type=int, default=16)
+  args = ap.parse_args(argv)
+  _, loaded, ids, pixels = build()
+  cfg = loaded.config
+  nl, nh = cfg.text.num_hidden_layers, cfg.text.num_attention_heads
+  params = dict(loaded.params, language_model=unstack_layers(loaded.params["language_model"]))
+  sv = decoding.SamplingValues.make(0)
+  heads = [[l, h] for l in range(nl) for h in range(0, nh, 5)]
+  print(f"machine: {machine()}; {nl} layers x {nh} heads, prompt {ids.shape[1]} tokens, {args.new_tokens} new")
+  rows, base = [], None
+  for name in args.methods.split(","):
+    spec = None if name == "greedy" else AIRConfig.preset(name, heads=heads).compile(cfg)
+    call = (params, cfg, jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)), jnp.asarray(pixels), spec, sv)
+    t0 = time.perf_counter()
+    low = decoding.generate_tokens_jit.lower(*call, max_new_tokens=args.new_tokens, eos_ids=(), pad_id=0)
+    t1 = time.perf_counter()
+    low.compile()
+    t2 = time.perf_counter()
+    base = base or (t2 - t0)
+    rows.append((name, f"{t1 - t0:.1f}", f"{t2 - t1:.1f}", f"{(t2 - t0) / base:.2f}"))
+  print(table(rows, ("method", "trace + lower s", "compile s", "total vs greedy")))
+
+
+if __name__ == "__main__":
+  main()
