@@ -104,6 +104,14 @@ class Plan:
     del values, exit_logits, state
     return logits[0]
 
+  # A plan with `searches = True` brings its own search (e.g. OPERA's beam search with roll-back): `generate`
+  # then calls `search` instead of the sampling loop. Returns {"tokens": [B, N], "num_tokens": [B], ...}.
+  searches = False
+
+  def search(self, values, params, config, input_ids, attention_mask, pixel_values, *, max_new_tokens: int,
+             eos_ids: tuple[int, ...], pad_id: int) -> dict:
+    raise NotImplementedError(f"{type(self).__name__} does not bring its own search")
+
 
 @dataclasses.dataclass(frozen=True)
 class SpecPlan(Plan):
