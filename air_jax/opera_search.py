@@ -257,8 +257,7 @@ def _search_one(params, config, logits0, dec0, off, fin_len, values, *, k, c, n,
                       snaps=jax.tree.map(lambda a, x: a.at[s + 1].set(x), cy.snaps, sc),
                       locs=jnp.where(cy.redo, cy.locs, locs), parentlog=cy.parentlog.at[s].set(parents),
                       toklog=cy.toklog.at[s].set(tokens), hist=cy.hist[parents], hist_sum=cy.hist_sum[parents])
-      dec = cy.dec.replace(cache=reorder_rows(cy.dec.cache, parents, axes))
-      return log_feed(cy, dec, tokens)
+      return cy, cy.dec.replace(cache=reorder_rows(cy.dec.cache, parents, axes)), tokens
 
     def roll_back(cy):
       def step(a, j):  # ancestry of the beams of position q: rows of position j's log
@@ -285,10 +284,12 @@ def _search_one(params, config, logits0, dec0, off, fin_len, values, *, k, c, n,
       cy = cy.replace(pos=q, redo=jnp.asarray(True), ban_pos=p, sc=sq, hist=hist, hist_sum=hist_sum,
                       rb_cnt=cy.rb_cnt.at[p].add(1), ban_beam=ban_beam, ban_tok=ban_tok, ban_n=ban_n,
                       rollbacks=cy.rollbacks + 1)
-      return log_feed(cy, dec, sq.tokens[:, q - 1])
+      return cy, dec, sq.tokens[:, q - 1]
 
-    cy = jax.lax.cond(fire, roll_back, advance, cy)
-    return cy.replace(iters=cy.iters + 1)
+    # Only the bookkeeping is branched; the one decoding step per iteration runs after it (under vmap a cond
+    # runs both branches).
+    cy, dec, feed_tokens = jax.lax.cond(fire, roll_back, advance, cy)
+    return log_feed(cy, dec, feed_tokens).replace(iters=cy.iters + 1)
 
   sc0 = scorer_init(k, n, pad_id)
   kvlog = jax.tree.map(lambda x, a: jnp.zeros((n,) + x.shape[:a + 1] + x.shape[a + 2:], x.dtype), dec0.cache, axes)
