@@ -308,13 +308,13 @@ def _search_one(params, config, logits0, dec0, off, fin_len, values, *, k, c, n,
 
 def opera_search(params, config, input_ids, attention_mask, pixel_values, values, *, num_beams: int,
                  num_candidates: int, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
-                 length_normalization: str = "official", early_stopping: bool = False) -> dict:
+                 early_stopping: bool = False) -> dict:
   """OPERA over B prompts [B, T]; traceable (jit with the keyword options static).
 
-  values: OperaValues (scale_factor, threshold, penalty_weight, length_penalty arrays).
-  length_normalization: "official" (transformers 4.29: a hypothesis is normalised by its whole length, prompt
-  included, the image counted as ONE token as in the official LLaVA code's input ids) or "generated"
-  (transformers 5.x: by its generated tokens, the EOS included).
+  values: OperaValues (scale_factor, threshold, penalty_weight, length_penalty, official arrays). official 1:
+  transformers 4.29's normalisation (a hypothesis is divided by its whole length, prompt included, the image
+  counted as ONE token as in the official LLaVA code's input ids); 0: transformers 5.x's (by its generated
+  tokens, the EOS included; max-length hypotheses by N).
   Returns {"tokens": [B, N], "num_tokens": [B], "rollbacks": [B], "iterations": [B]}.
   """
   b, t = input_ids.shape
@@ -324,11 +324,10 @@ def opera_search(params, config, input_ids, attention_mask, pixel_values, values
   real = jnp.sum(segs != PAD, -1)
   img = segs == IMAGE
   runs = jnp.sum(img & ~jnp.pad(img, ((0, 0), (1, 0)))[:, :-1], -1)
-  if length_normalization == "official":
-    off = (real - jnp.sum(img, -1) + runs).astype(jnp.int32)
-    fin = off + n
-  else:
-    off, fin = jnp.ones((b,), jnp.int32), jnp.full((b,), n, jnp.int32)
+  official = (real - jnp.sum(img, -1) + runs).astype(jnp.int32)  # the prompt as the official LLaVA ids count it
+  whole = values.official.astype(bool)  # traced: both normalisations share one compilation
+  off = jnp.where(whole, official, 1)
+  fin = jnp.where(whole, official + n, n)
   one = functools.partial(_search_one, params, config, values=values, k=k, c=c, n=n, t=t, eos_ids=eos_ids,
                           pad_id=pad_id, early_stopping=early_stopping)
   axes = cache_batch_axes(state.cache)
@@ -345,6 +344,5 @@ def opera_search(params, config, input_ids, attention_mask, pixel_values, values
   return {"tokens": tokens, "num_tokens": num, "rollbacks": rb, "iterations": it}
 
 
-_STATIC = ("config", "num_beams", "num_candidates", "max_new_tokens", "eos_ids", "pad_id", "length_normalization",
-           "early_stopping")
+_STATIC = ("config", "num_beams", "num_candidates", "max_new_tokens", "eos_ids", "pad_id", "early_stopping")
 opera_search_jit = jax.jit(opera_search, static_argnames=_STATIC)

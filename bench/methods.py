@@ -104,7 +104,6 @@ class TimedSearch(Timed):
       fn = jax.jit(lambda p, i, m, x, v: opera_search(p, config, i, m, x, v, num_beams=plan.num_beams,
                                                       num_candidates=plan.num_candidates, max_new_tokens=steps,
                                                       eos_ids=(), pad_id=0,
-                                                      length_normalization=plan.length_normalization,
                                                       early_stopping=plan.early_stopping))
       return fn.lower(*args).compile()
 

@@ -28,8 +28,7 @@ def _ours(model, ids, mask, pixels, cfg, n=N, eos=None):
   eos = eos_token_ids(model.config, tok) if eos is None else eos
   out = opera_search_jit(model.params, model.config, ids, mask, pixels, c.values, num_beams=cfg.num_beams,
                          num_candidates=cfg.num_attn_candidates, max_new_tokens=n,
-                         eos_ids=tuple(eos), pad_id=pad_token_id(tok),
-                         length_normalization=cfg.length_normalization)
+                         eos_ids=tuple(eos), pad_id=pad_token_id(tok))
   return {k: np.asarray(v) for k, v in out.items()}
 
 

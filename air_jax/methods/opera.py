@@ -37,6 +37,7 @@ class OperaValues:
   threshold: jax.Array
   penalty_weight: jax.Array
   length_penalty: jax.Array
+  official: jax.Array  # 1: length_normalization "official", 0: "generated" (traced, one compilation for both)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,6 @@ class OperaPlan(Plan):
   num_beams: int = 5
   num_candidates: int = 5
   window_size: int = 512
-  length_normalization: str = "official"
   early_stopping: bool = False
   searches = True
 
@@ -58,7 +58,7 @@ class OperaPlan(Plan):
     return opera_search_jit(params, config, input_ids, attention_mask, pixel_values, values,
                             num_beams=self.num_beams, num_candidates=self.num_candidates,
                             max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), pad_id=pad_id,
-                            length_normalization=self.length_normalization, early_stopping=self.early_stopping)
+                            early_stopping=self.early_stopping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +96,10 @@ class OperaConfig(ConfigMixin):
     del model_config
     f = lambda x: jnp.asarray(x, jnp.float32)
     values = OperaValues(scale_factor=f(self.scale_factor), threshold=f(self.threshold),
-                         penalty_weight=f(self.penalty_weight), length_penalty=f(self.length_penalty))
+                         penalty_weight=f(self.penalty_weight), length_penalty=f(self.length_penalty),
+                         official=f(self.length_normalization == "official"))
     plan = OperaPlan(num_beams=self.num_beams, num_candidates=self.num_attn_candidates,
-                     window_size=self.window_size, length_normalization=self.length_normalization,
-                     early_stopping=self.early_stopping)
+                     window_size=self.window_size, early_stopping=self.early_stopping)
     return CompiledMethod(plan=plan, values=values)
 
 
