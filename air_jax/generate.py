@@ -173,6 +173,10 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
   method = _method_for(method_cfg, config)
   check_lengths(config, ids.shape[0] * method.plan.num_views, ids.shape[1], max_new_tokens, params.dtype.itemsize,
                 devices, real_prompt_len=int(mask.sum(-1).max()))
+  if method.plan.searches:  # the method brings its own search (e.g. OPERA)
+    out = _run_search(params, method, ids, mask, pixels, devices, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                      sampling=do_sample or output_scores or output_attention_stats)
+    return _to_generation(params, out, ids, mask, b)
   if num_beams != 1:
     out = _run_beams(params, method, ids, mask, pixels, devices, num_beams=num_beams, length_penalty=length_penalty,
                      max_new_tokens=max_new_tokens, b=b, sampling=do_sample or output_scores or output_attention_stats)
@@ -254,6 +258,25 @@ def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_b
                                     eos_ids=eos_token_ids(config, tok, params.generation_eos),
                                     pad_id=pad_token_id(tok),
                                     length_penalty=float(length_penalty))
+  return jax.tree.map(np.asarray, out)
+
+
+def _run_search(params: LoadedModel, method, ids, mask, pixels, devices, *, num_beams, max_new_tokens, sampling):
+  """A method's own search (`Plan.searches`): its beam width comes from the method config."""
+  plan = method.plan
+  own = getattr(plan, "num_beams", None)
+  if num_beams != 1 and num_beams != own:
+    raise ValueError(f"num_beams={num_beams}: {type(plan).__name__} runs its own search with num_beams={own} "
+                     "(set it in the method config); leave generate's num_beams at 1")
+  if sampling:
+    raise ValueError(f"{type(plan).__name__} runs a deterministic search: do_sample, output_scores and "
+                     "output_attention_stats are not available with it")
+  config, tok = params.config, params.processor.tokenizer
+  mesh = data_mesh(devices)
+  p = _place_params(params.params, mesh, config)
+  shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
+  out = plan.search(method.values, p, config, shard(ids), shard(mask), shard(pixels), max_new_tokens=max_new_tokens,
+                    eos_ids=eos_token_ids(config, tok), pad_id=pad_token_id(tok))
   return jax.tree.map(np.asarray, out)
 
 

@@ -1,6 +1,6 @@
 """Generation time of every decoding method relative to greedy (the AIR paper's supplementary C.3, Figure 2).
 
-Usage: python -m bench.methods [--new-tokens 64] [--rounds 5] [--methods greedy,air,...] [--json PATH]
+Usage: python -m bench.methods [--new-tokens 64] [--rounds 5] [--methods greedy,air,...,opera] [--json PATH]
 
 The mid-size random LLaVA of bench/common.py, one process, float32, batch 1 (as the paper's timing). Per
 method: the whole caption (prefill + N tokens, EOS ignored so every method makes N steps) and the decode cost
@@ -8,6 +8,8 @@ per token ((caption - caption of 1 token) / (N - 1)), best of `rounds` round-rob
 beside the paper's Figure 2 ratios (seconds per sample / greedy's 2.8 s). Writes JSON to --json:
 {"model": str, "methods": {name: {"ms_per_token", "caption_s", "ratio", "paper_ratio"}}} where ratio is the
 caption-time ratio to greedy (the quantity of Figure 2), plus the per-token ratio and settings for reference.
+Methods that bring their own search (OPERA: 5 beams, 5 candidates) also report their roll-backs: `rollbacks`,
+`iterations` (loop steps, N + redone steps) and `rollback_rate` (roll-backs per generated token).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from bench.common import build, machine, table
 # Figure 2 of the AIR supplementary: seconds per sample; greedy 2.8 s.
 PAPER_SECONDS = {"greedy": 2.8, "air": 3.4, "adhh": 3.2, "farsight": 4.1, "dola": 4.2, "vcd": 5.3, "halc": 28.6,
                  "opera": 25.0}
-DEFAULT_METHODS = "greedy,air,air_star,adhh,vcd,dola,pai,farsight"
+DEFAULT_METHODS = "greedy,air,air_star,adhh,vcd,dola,pai,farsight,opera"
 MODEL = ("random LLaVA (bench/common.py): CLIP 224/14 4 layers, Llama 1024 wide, 8 layers x 16 heads, vocab 32064, "
          "float32")
 
@@ -83,6 +85,47 @@ class Timed:
     return max(self.best_full - self.best_one, 0.0) / (self.n - 1) * 1e3
 
 
+class TimedSearch(Timed):
+  """A method that brings its own search (OPERA): its compiled search over N tokens and over 1 token, EOS ignored.
+
+  Also records the roll-backs of the N-token caption (`rollbacks`, and `iterations` of its loop: N + redone steps).
+  """
+
+  def __init__(self, ours, params, ids, pixels, n: int, cfg):  # noqa: D107 (no super: another compiled function)
+    from air_jax import methods
+    from air_jax.opera_search import opera_search
+
+    config = ours.config
+    compiled = methods.as_compiled(cfg, config)
+    plan = compiled.plan
+    args = (params, jnp.asarray(ids), jnp.asarray(np.ones_like(ids)), jnp.asarray(pixels), compiled.values)
+
+    def make(steps):
+      fn = jax.jit(lambda p, i, m, x, v: opera_search(p, config, i, m, x, v, num_beams=plan.num_beams,
+                                                      num_candidates=plan.num_candidates, max_new_tokens=steps,
+                                                      eos_ids=(), pad_id=0,
+                                                      early_stopping=plan.early_stopping))
+      return fn.lower(*args).compile()
+
+    t = time.perf_counter()
+    self.full, self.one = make(n), make(1)
+    self.compile_s = time.perf_counter() - t
+    self.args, self.n = args, n
+    out = jax.block_until_ready(self.full(*args))
+    assert int(out["num_tokens"][0]) == n
+    self.rollbacks, self.iterations = int(out["rollbacks"][0]), int(out["iterations"][0])
+    jax.block_until_ready(self.one(*args))
+    self.best_full = self.best_one = float("inf")
+
+
+def timed(ours, params, ids, pixels, n: int, cfg):
+  """Timed, or TimedSearch for a method that brings its own search."""
+  from air_jax import methods
+
+  searches = methods.as_compiled(cfg, ours.config).plan.searches
+  return (TimedSearch if searches else Timed)(ours, params, ids, pixels, n, cfg)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--new-tokens", type=int, default=64)
@@ -102,7 +145,7 @@ def main(argv=None):
   from models.llama import unstack_layers
 
   params = dict(ours.params, language_model=unstack_layers(ours.params["language_model"]))  # as generate on CPU
-  runs = {m: Timed(ours, params, ids, pixels, n, method_config(m, ours.config)) for m in names}
+  runs = {m: timed(ours, params, ids, pixels, n, method_config(m, ours.config)) for m in names}
   for _ in range(args.rounds):  # round robin: machine noise hits every method alike
     for m in names:
       runs[m].time_once()
@@ -113,6 +156,9 @@ def main(argv=None):
     ratio, tok_ratio, pr = r.best_full / g.best_full, r.ms_per_token / g.ms_per_token, paper_ratio(m)
     out[m] = {"ms_per_token": round(r.ms_per_token, 3), "caption_s": round(r.best_full, 4), "ratio": round(ratio, 3),
               "paper_ratio": pr, "token_ratio": round(tok_ratio, 3), "compile_s": round(r.compile_s, 1)}
+    if isinstance(r, TimedSearch):  # roll-back rate: roll-backs per generated token of the caption
+      out[m].update(rollbacks=r.rollbacks, iterations=r.iterations, rollback_rate=round(r.rollbacks / n, 4))
+      print(f"{m}: {r.rollbacks} roll-backs in {n} tokens ({r.iterations} loop iterations)")
     rows.append((m, f"{r.ms_per_token:.1f}", f"{tok_ratio:.2f}", f"{r.best_full:.2f}", f"{ratio:.2f}",
                  "-" if pr is None else f"{pr:.2f}", f"{r.compile_s:.1f}"))
   print(table(rows, ("method", "decode ms/token", "vs greedy", "caption s", "vs greedy", "paper (Fig. 2)",

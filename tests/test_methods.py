@@ -133,8 +133,8 @@ def test_layer_schedule_outside_the_model_is_an_error(tiny_model):
 def test_registry_names_and_unknown_method():
   for name in ("greedy", "air", "air_star", "adhh", "vcd", "dola", "pai", "farsight"):
     assert name in methods.names()
-  with pytest.raises(ValueError, match=r"unknown decoding method 'opera'; registered methods: greedy"):
-    methods.make("opera")
+  with pytest.raises(ValueError, match=r"unknown decoding method 'no_such_method'; registered methods: greedy"):
+    methods.make("no_such_method")
   hp = methods.hyperparameters(methods.make("vcd"))
   assert hp == {"class": "VCDConfig", "name": "vcd", "alpha": 1.0, "beta": 0.1, "noise_step": 500, "seed": 0}
   assert methods.make("air", heads="all").visual_factor == 3.5  # AIRConfig presets behind the registry

@@ -44,13 +44,11 @@ Adding a method = one file in this folder (config + plan + registry entry); no m
 Neutral settings must be exactly the identity (e.g. alpha = 0 equals plain greedy bit for bit), so the same
 compiled graph serves baseline and intervention.
 
-Extending to search strategies (beam search, OPERA, HALC; not implemented here): a strategy would be one more
-plan hook, `search(values, logits [B, Vocab], state, step) -> (tokens [B*beams], parent [B*beams], state)`, with
-beams laid out in the batch axis (rows = views x examples x beams, beam-major inside each view) and beam scores
-kept in the method state. The loop would then gather the `DecodeState` cache (and the method state) along the
-batch axis with `parent` before the next step; OPERA's roll-back is a reset of `write_index` / `next_position`
-(the cache is slot-indexed, so rolled-back slots are simply overwritten) plus a restore of the token buffer.
-The default `search` would be today's `sample_token`, so existing methods would not change.
+Search strategies: a plan whose class sets `searches = True` brings its own search, `search(values, params,
+config, input_ids, attention_mask, pixel_values, *, max_new_tokens, eos_ids, pad_id) -> {"tokens", "num_tokens",
+...}`, and `generate` calls it instead of the sampling loop (e.g. OPERA, air_jax.methods.opera: beam search with
+roll-back in one compiled loop, air_jax.opera_search). Plain beam search for attention-only methods is
+`generate(..., num_beams=K)` (air_jax.beam_search).
 """
 
 from __future__ import annotations
@@ -103,6 +101,14 @@ class Plan:
   def combine(self, values, logits: jax.Array, exit_logits: jax.Array | None, state) -> jax.Array:
     del values, exit_logits, state
     return logits[0]
+
+  # A plan with `searches = True` brings its own search (e.g. OPERA's beam search with roll-back): `generate`
+  # then calls `search` instead of the sampling loop. Returns {"tokens": [B, N], "num_tokens": [B], ...}.
+  searches = False
+
+  def search(self, values, params, config, input_ids, attention_mask, pixel_values, *, max_new_tokens: int,
+             eos_ids: tuple[int, ...], pad_id: int) -> dict:
+    raise NotImplementedError(f"{type(self).__name__} does not bring its own search")
 
 
 @dataclasses.dataclass(frozen=True)
