@@ -153,8 +153,9 @@ InstructBlipConfig.dims = property(lambda self: self.text.dims, doc="The Vicuna 
 def _family():
   from models import chat
   from models import family as family_lib
+  from models.llama_family import LlamaDecoderFamily
 
-  class InstructBlipFamily(family_lib.Family):
+  class InstructBlipFamily(LlamaDecoderFamily):
     """InstructBLIP (Vicuna): BLIP ViT -> Q-Former with the instruction -> Q query tokens -> Llama decoder.
 
     Prompts go in as they are: the processor has no chat template and the LLaVA-1.5 fallback is not applied
@@ -209,28 +210,9 @@ def _family():
       return embed_inputs(params, config, input_ids, vision["pixel_values"], vision["qformer_input_ids"],
                           vision.get("qformer_attention_mask"))
 
-    def embed_tokens(self, params, config, ids):
-      return llama.embed_tokens(params["language_model"], ids)
-
-    def decoder(self, params, config, embeds, positions, ctx, **kw):
-      return llama.decoder(params["language_model"], config.text, embeds, positions, ctx, **kw)
-
-    def init_cache(self, params, config, batch, size, dtype):
-      per_layer = isinstance(params["language_model"]["layers"], (list, tuple))
-      return llama.init_cache(config.text, batch, size, dtype, per_layer=per_layer)
-
-    def logits(self, params, config, hidden):
-      return llama.lm_head(params["language_model"], params.get("lm_head"), hidden)
-
-    def per_layer_params(self, params):
-      return dict(params, language_model=llama.unstack_layers(params["language_model"]))
-
     def supports_layer_reuse(self, config):
       return config.text.rope.rope_type != "dynamic"  # a plain Llama stack under language_model
 
-    def exit_logits(self, params, config, hidden, final_norm):
-      return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden,
-                                     final_norm)
 
   return family_lib.register(InstructBlipFamily())
 

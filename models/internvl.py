@@ -20,6 +20,7 @@ import numpy as np
 
 from models import chat, intern_vit, llama
 from models import family as family_lib
+from models.llama_family import LlamaDecoderFamily
 from models.config import TextConfig, _check
 from models.intern_vit import InternVisionConfig
 from models.layers import activation, layer_norm, linear
@@ -249,7 +250,7 @@ KEY_PREFIXES = (
 )
 
 
-class InternVLFamily(family_lib.Family):
+class InternVLFamily(LlamaDecoderFamily):
   """InternVL (-HF): InternViT -> pixel shuffle -> MLP -> Qwen2/Qwen3 decoder; dynamic tiles with a thumbnail."""
 
   name = "internvl"
@@ -291,25 +292,6 @@ class InternVLFamily(family_lib.Family):
 
   def embed(self, params, config, input_ids, attention_mask, vision):
     return embed(params, config, input_ids, vision)
-
-  def embed_tokens(self, params, config, ids):
-    return llama.embed_tokens(params["language_model"], ids)
-
-  def decoder(self, params, config, embeds, positions, ctx, **kw):
-    return llama.decoder(params["language_model"], config.text, embeds, positions, ctx, **kw)
-
-  def init_cache(self, params, config, batch, size, dtype):
-    per_layer = isinstance(params["language_model"]["layers"], (list, tuple))
-    return llama.init_cache(config.text, batch, size, dtype, per_layer=per_layer)
-
-  def logits(self, params, config, hidden):
-    return llama.lm_head(params["language_model"], params.get("lm_head"), hidden)
-
-  def exit_logits(self, params, config, hidden, final_norm: bool):
-    return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
-
-  def per_layer_params(self, params):
-    return dict(params, language_model=llama.unstack_layers(params["language_model"]))
 
   def map_pixels(self, vision, fn):
     return None if vision is None else dict(vision, pixels=fn(vision["pixels"]))

@@ -13,6 +13,7 @@ import numpy as np
 
 from models import chat, clip, llama
 from models import family as family_lib
+from models.llama_family import LlamaDecoderFamily
 from models.config import LlavaConfig, llava_config_from_dict
 from models.layers import activation, linear
 from models.segments import TEXT, segment_ids
@@ -131,7 +132,7 @@ KEY_PREFIXES = (
 )
 
 
-class LlavaFamily(family_lib.Family):
+class LlavaFamily(LlamaDecoderFamily):
   """LLaVA-1.5: CLIP tower -> 2-layer MLP projector -> Llama/Mistral decoder; one fixed-size image run."""
 
   name = "llava"
@@ -159,27 +160,8 @@ class LlavaFamily(family_lib.Family):
       check_image_tokens(config, input_ids, vision.shape[0])
     return embed_inputs(params, config, input_ids, vision)
 
-  def embed_tokens(self, params, config, ids):
-    return llama.embed_tokens(params["language_model"], ids)
-
-  def decoder(self, params, config, embeds, positions, ctx, **kw):
-    return llama.decoder(params["language_model"], config.text, embeds, positions, ctx, **kw)
-
-  def init_cache(self, params, config, batch, size, dtype):
-    per_layer = isinstance(params["language_model"]["layers"], (list, tuple))
-    return llama.init_cache(config.text, batch, size, dtype, per_layer=per_layer)
-
-  def logits(self, params, config, hidden):
-    return llama.lm_head(params["language_model"], params.get("lm_head"), hidden)
-
   def supports_layer_reuse(self, config) -> bool:
     return getattr(config.text, "sliding_window", None) is None and config.text.rope.rope_type != "dynamic"
-
-  def exit_logits(self, params, config, hidden, final_norm: bool):
-    return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
-
-  def per_layer_params(self, params):
-    return dict(params, language_model=llama.unstack_layers(params["language_model"]))
 
   def partition_rules(self, config):
     # Megatron split over the "model" mesh axis (see air_jax.sharding); specs of the per-layer [out, in] tensors.

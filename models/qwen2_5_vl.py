@@ -23,6 +23,7 @@ import numpy as np
 
 from models import chat, llama, qwen_vision
 from models import family as family_lib
+from models.llama_family import LlamaDecoderFamily
 from models.config import TextConfig, _check
 from models.llava import prompt_context
 from models.vl_inputs import chat_turn, image_groups, merge_rows
@@ -300,7 +301,7 @@ KEY_PREFIXES = (
 )
 
 
-class Qwen25VLFamily(family_lib.Family):
+class Qwen25VLFamily(LlamaDecoderFamily):
   """Qwen2.5-VL: window-attention ViT + merger -> Qwen2 decoder with multimodal RoPE (images; no video yet)."""
 
   name = "qwen2_5_vl"
@@ -345,25 +346,6 @@ class Qwen25VLFamily(family_lib.Family):
   def decode_positions(self, config, next_position):
     # Text tokens advance all three axes together; rope_deltas are inside next_position (max position + 1).
     return jnp.broadcast_to(next_position[None, :, None], (3, next_position.shape[0], 1))
-
-  def embed_tokens(self, params, config, ids):
-    return llama.embed_tokens(params["language_model"], ids)
-
-  def decoder(self, params, config, embeds, positions, ctx, **kw):
-    return llama.decoder(params["language_model"], config.text, embeds, positions, ctx, **kw)
-
-  def init_cache(self, params, config, batch, size, dtype):
-    per_layer = isinstance(params["language_model"]["layers"], (list, tuple))
-    return llama.init_cache(config.text, batch, size, dtype, per_layer=per_layer)
-
-  def logits(self, params, config, hidden):
-    return llama.lm_head(params["language_model"], params.get("lm_head"), hidden)
-
-  def exit_logits(self, params, config, hidden, final_norm: bool):
-    return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
-
-  def per_layer_params(self, params):
-    return dict(params, language_model=llama.unstack_layers(params["language_model"]))
 
   def map_pixels(self, vision, fn):
     return None if vision is None else dict(vision, pixels=fn(vision["pixels"]))

@@ -263,21 +263,6 @@ def image_positions(inputs: ViewInputs, config) -> jax.Array:
   return family_of(config).segments(config, inputs.input_ids, inputs.attention_mask) == IMAGE
 
 
-def map_pixels(fn, vision):
-  """Applies fn to the pixel arrays of a family's vision input: the array itself, or the floating leaves whose key
-  path names pixels (e.g. "pixel_values"); grids, sizes and index arrays are left alone."""
-  if vision is None:
-    return None
-  if isinstance(vision, jax.Array) or hasattr(vision, "shape"):
-    return fn(vision)
-
-  def leaf(path, x):
-    name = jax.tree_util.keystr(path).lower()
-    return fn(x) if "pixel" in name and jnp.issubdtype(x.dtype, jnp.floating) else x
-
-  return jax.tree_util.tree_map_with_path(leaf, vision)
-
-
 def without_image_tokens(inputs: ViewInputs, image_token_id: int | None = None, pad_id: int = 0, *,
                          is_image: jax.Array | None = None) -> ViewInputs:
   """The same prompts with every image token removed, left padded again to the same length T.

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from air_jax.methods.base import (CompiledMethod, ConfigMixin, Plan, ViewInputs, below_plausibility, check_int,
-                                  check_number, concat_views, map_pixels)
+                                  check_number, concat_views)
 from air_jax.methods.registry import register
 
 NUM_STEPS = 1000
@@ -63,13 +63,13 @@ class VCDPlan(Plan):
   num_views: int = 2
 
   def views(self, values: VCDValues, inputs: ViewInputs, config) -> ViewInputs:
-    del config
+    from models.family import family_of
 
     def noise(pix):  # one noise field per pixel array, shared by its rows (any family's vision layout)
       eps = noise_field(values.key, pix.shape[1:]).astype(pix.dtype)
       return values.signal.astype(pix.dtype) * pix + values.noise.astype(pix.dtype) * eps[None]
 
-    noised = map_pixels(noise, inputs.pixel_values)
+    noised = family_of(config).map_pixels(inputs.pixel_values, noise)
     return concat_views(inputs, ViewInputs(inputs.input_ids, inputs.attention_mask, noised))
 
   def combine(self, values: VCDValues, logits, exit_logits, state):

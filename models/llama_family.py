@@ -1,0 +1,34 @@
+"""A Family base for the families whose language decoder is `models.llama` (Llama, Mistral, Qwen2/3 options).
+
+Their decoder params live under `params["language_model"]` and the decoder config under `config.text`; the model
+functions that only touch the decoder are the same for all of them (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
+InternVL-3.5, InstructBLIP), so they live here once. Each family still brings its own config, inputs and vision.
+"""
+
+from __future__ import annotations
+
+from models import family as family_lib
+from models import llama
+
+
+class LlamaDecoderFamily(family_lib.Family):
+  """`embed_tokens`, `decoder`, `init_cache`, `logits`, `exit_logits`, `per_layer_params` on `models.llama`."""
+
+  def embed_tokens(self, params, config, ids):
+    return llama.embed_tokens(params["language_model"], ids)
+
+  def decoder(self, params, config, embeds, positions, ctx, **kw):
+    return llama.decoder(params["language_model"], config.text, embeds, positions, ctx, **kw)
+
+  def init_cache(self, params, config, batch, size, dtype):
+    per_layer = isinstance(params["language_model"]["layers"], (list, tuple))
+    return llama.init_cache(config.text, batch, size, dtype, per_layer=per_layer)
+
+  def logits(self, params, config, hidden):
+    return llama.lm_head(params["language_model"], params.get("lm_head"), hidden)
+
+  def exit_logits(self, params, config, hidden, final_norm: bool):
+    return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
+
+  def per_layer_params(self, params):
+    return dict(params, language_model=llama.unstack_layers(params["language_model"]))
