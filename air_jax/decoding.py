@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from models.family import family_of, prompt_pieces
 from models.segments import PAD, TEXT
-from models.spec import AttnContext, RectificationSpec
+from models.spec import AttnContext
 
 
 @flax.struct.dataclass

@@ -12,7 +12,6 @@ registry (``air_jax.methods``), as ``eval.chair`` resolves it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging

@@ -24,7 +24,6 @@ Legend: B batch, T tokens, M tiles per example, P features per tile, E text widt
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
