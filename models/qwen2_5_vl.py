@@ -25,7 +25,6 @@ from models import chat, llama, qwen_vision
 from models import family as family_lib
 from models.llama_family import LlamaDecoderFamily
 from models.config import TextConfig, _check
-from models.llava import prompt_context
 from models.vl_inputs import chat_turn, image_groups, merge_rows
 from models.qwen_text import decoder_param_shapes, qwen_text_config_from_dict
 from models.qwen_vision import QwenVisionConfig
@@ -278,15 +277,9 @@ def forward(
 
 @functools.partial(jax.jit, static_argnames=("config", "output_attentions"))
 def _forward_jit(params, config, input_ids, vision, attention_mask, position_ids, spec, output_attentions):
-  embeds = embed(params, config, input_ids, vision)
-  if position_ids is None:
-    position_ids = positions(config, input_ids, attention_mask, vision)
-  ctx = prompt_context(input_ids, attention_mask, config.image_token_id)
-  hidden, _, extras = llama.decoder(params["language_model"], config.text, embeds, position_ids, ctx, spec=spec,
-                                    output_attentions=output_attentions)
-  out = {"logits": llama.lm_head(params["language_model"], params.get("lm_head"), hidden)}
-  out.update(extras)
-  return out
+  # The family's own pieces (embed, positions, segments, decoder, LM head), as every family's forward.
+  return family_lib.forward(params, config, input_ids, vision, attention_mask=attention_mask, spec=spec,
+                            output_attentions=output_attentions, position_ids=position_ids)
 
 
 # Checkpoint key layouts (longest prefixes first: the first match wins).
