@@ -373,7 +373,8 @@ class AIRConfig:
       rows = getattr(self, f"{op}_rows")
       return dict(heads=arr(heads), last_row_only=per_layer(rows == "last"), text_rows_only=per_layer(rows == "text"))
 
-    compat = per_layer(self.official_compat)
+    # The official branches are traced only when asked for (None: compiled out); batch_sum is one cheap select.
+    compat = per_layer(1.0) if self.official_compat else None
     clamp = (0.0, math.inf) if self.qk_clamp is None else self.qk_clamp
     ops = AIROps(
         qk_rescale=QKRescaleOp(clamp_lo=per_layer(clamp[0]), clamp_hi=per_layer(clamp[1]),
@@ -383,7 +384,7 @@ class AIRConfig:
         rebalance=RebalanceOp(image_gain=per_layer(self.image_gain), system_gain=per_layer(self.system_gain),
                               **common("rebalance")) if self.rebalance else None,
         lens=LensOp(alpha=per_layer(self.lens_alpha), **common("lens")) if self.lens else None,
-        adhh=ADHHOp(threshold=per_layer(self.adhh_threshold), batch_sum=compat,
+        adhh=ADHHOp(threshold=per_layer(self.adhh_threshold), batch_sum=per_layer(self.official_compat),
                     **common("adhh")) if self.adhh else None,
         realloc=ReallocOp(tau_text=per_layer(self.tau_text), visual_factor=per_layer(self.visual_factor),
                           text_factor=per_layer(self.text_factor), renormalize=per_layer(self.renormalize),

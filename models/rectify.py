@@ -31,6 +31,8 @@ pattern site (post-softmax weights A):
               distribution over its visible keys (self-weight zero-trace, mass-restoring rescale, shrinkage
               towards uniform; single-key rows untouched). official_compat: the official whole-matrix formula,
               future leak and padding rows included. See `_projection` for both semantics.
+An op's `official_compat` leaf is None unless the config asks for the official formulas: the official branches
+are then not traced at all (they would double the AIR graph's compile time for nothing).
 """
 
 from __future__ import annotations
@@ -42,6 +44,22 @@ from models.segments import IMAGE, PAD, SYSTEM, TEXT
 from models.spec import AttnContext, RectificationSpec
 
 EPS = 1e-8  # the official code's epsilon for energy ratios
+
+
+def _prefix_sum(x: jax.Array) -> jax.Array:
+  """Inclusive prefix sum over the query axis (axis 2 of [B, H, T, K]) as one triangular matmul: on XLA:CPU a
+  cumsum lowers to a blocked scan of several kernels, which the per-layer CPU layout compiles once per layer."""
+  t = x.shape[2]
+  tri = jnp.tril(jnp.ones((t, t), x.dtype))
+  return jnp.einsum("ts,bhsk->bhtk", tri, x, precision=jax.lax.Precision.HIGHEST)
+
+
+def _row_sums(*xs: jax.Array) -> tuple[jax.Array, ...]:
+  """Sums over the key axis (keepdims) of several same-shaped arrays as one variadic reduction: XLA:CPU gives
+  each separate reduction its own kernel, and the per-layer CPU layout compiles every kernel once per layer."""
+  zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+  sums = jax.lax.reduce(xs, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (xs[0].ndim - 1,))
+  return tuple(s[..., None] for s in sums)
 
 
 def _on(flag: jax.Array) -> jax.Array:
@@ -78,8 +96,10 @@ def _qk_rescale(scores: jax.Array, op, ctx: AttnContext) -> jax.Array:
     real = (ctx.query_segments != PAD)[:, None, :, None]
     prefix = jnp.cumsum(jnp.where(real, row_energy, 0.0), axis=2)
     row_energy = jnp.where(_on(op.causal_block), prefix, row_energy)
-  block_energy = jnp.sum(jnp.where(_written(ctx), sq, 0.0), axis=(-2, -1), keepdims=True)  # [B, H, 1, 1]
-  energy = jnp.where(_on(op.official_compat), block_energy, row_energy)
+  energy = row_energy
+  if op.official_compat is not None:  # traced only when the spec carries the switch (compile time)
+    block_energy = jnp.sum(jnp.where(_written(ctx), sq, 0.0), axis=(-2, -1), keepdims=True)  # [B, H, 1, 1]
+    energy = jnp.where(_on(op.official_compat), block_energy, row_energy)
   target = op.target_scale * jnp.mean(energy, axis=1, keepdims=True)
   factor = jnp.clip(jnp.sqrt(target / (energy + EPS)), op.clamp_lo, op.clamp_hi)
   return jnp.where(_edited(op, ctx), scores * factor, scores)
@@ -108,9 +128,8 @@ def _adhh(pattern: jax.Array, op, ctx: AttnContext) -> jax.Array:
 def _realloc(pattern: jax.Array, op, ctx: AttnContext) -> jax.Array:
   seg = _key_seg(ctx)
   text = seg == TEXT
-  mass = jnp.sum(jnp.where(text, pattern, 0.0), axis=-1, keepdims=True)
   scaled = pattern * jnp.where(seg == IMAGE, op.visual_factor, jnp.where(text, op.text_factor, 1.0))
-  total = jnp.sum(jnp.where(ctx.mask[:, None], scaled, 0.0), axis=-1, keepdims=True)
+  mass, total = _row_sums(jnp.where(text, pattern, 0.0), jnp.where(ctx.mask[:, None], scaled, 0.0))
   renorm = _on(op.renormalize) & (total > 0)
   scaled = jnp.where(renorm, scaled / jnp.where(renorm, total, 1.0), scaled)
   return jnp.where(_edited(op, ctx) & (mass > op.tau_text), scaled, pattern)
@@ -174,26 +193,35 @@ def _projection(pattern: jax.Array, op, ctx: AttnContext) -> jax.Array:
   visible = ctx.mask[:, None]  # [B, 1, T, S]
   diag = jnp.arange(pattern.shape[-1])[None, :] == ctx.query_slot[:, None]  # [T, S]
   beta = op.beta
-  compat = _on(op.official_compat)
 
-  # Default: row-wise, distribution-preserving.
+  # Default: row-wise, distribution-preserving. sum(tilde) = m is written out (one reduction less to compile).
   count = jnp.sum(visible, axis=-1, keepdims=True)  # [B, 1, T, 1]
-  mass = jnp.sum(jnp.where(visible, pattern, 0.0), axis=-1, keepdims=True)  # [B, H, T, 1]
   tilde = pattern
   if ctx.prefill:
     real = (ctx.query_segments != PAD)[:, None, :, None]  # [B, 1, T, 1]
-    self_w = jnp.sum(jnp.where(diag, pattern, 0.0), axis=-1, keepdims=True)  # [B, H, T, 1]
-    n_real = jnp.cumsum(jnp.broadcast_to(real, self_w.shape).astype(pattern.dtype), axis=2)
-    c = jnp.cumsum(jnp.where(real, self_w, 0.0), axis=2) / jnp.maximum(n_real, 1.0)
-    hat = pattern - jnp.where(diag & visible, jnp.minimum(c, self_w), 0.0)
-    rest = jnp.sum(jnp.where(visible, hat, 0.0), axis=-1, keepdims=True)
+    mass, self_w = _row_sums(jnp.where(visible, pattern, 0.0), jnp.where(diag, pattern, 0.0))  # [B, H, T, 1]
+    sums = _prefix_sum(jnp.concatenate([jnp.where(real, self_w, 0.0),
+                                        jnp.broadcast_to(real, self_w.shape).astype(pattern.dtype)], axis=-1))
+    c = sums[..., :1] / jnp.maximum(sums[..., 1:], 1.0)  # mean diagonal weight of the real rows j <= i
+    on_diag = diag & visible
+    d = jnp.where(jnp.any(on_diag, axis=-1, keepdims=True), jnp.minimum(c, self_w), 0.0)  # [B, H, T, 1]
+    hat = pattern - jnp.where(on_diag, d, 0.0)
+    rest = jnp.sum(jnp.where(visible, hat, 0.0), axis=-1, keepdims=True)  # not mass - d: that cancels
     ok = rest > 0
     tilde = jnp.where(ok, hat * (mass / jnp.where(ok, rest, 1.0)), pattern)
     if op.energy_rescale is not None:
       tilde = jnp.where(_on(op.energy_rescale), _energy_tilde(pattern, visible, diag, real, self_w, c), tilde)
-  row_mean = jnp.sum(jnp.where(visible, tilde, 0.0), axis=-1, keepdims=True) / jnp.maximum(count, 1)  # m / n_i
+      row_mean = jnp.sum(jnp.where(visible, tilde, 0.0), axis=-1, keepdims=True) / jnp.maximum(count, 1)
+    else:
+      row_mean = mass / jnp.maximum(count, 1)  # tilde keeps the row's mass m
+  else:
+    mass = jnp.sum(jnp.where(visible, pattern, 0.0), axis=-1, keepdims=True)  # [B, H, T, 1]
+    row_mean = mass / jnp.maximum(count, 1)
   shrunk = (1.0 - beta) * tilde + beta * row_mean
   causal = jnp.where(visible & (count > 1), shrunk, pattern)
+  causal = jnp.where(_edited(op, ctx), causal, pattern)
+  if op.official_compat is None:  # the official branch is not traced at all (compile time)
+    return causal
 
   # Official: whole-matrix statistics over written key slots, masked entries included. Rows without any visible
   # key (left padding) enter as uniform over the written keys, as eager attention with an additive mask gives
@@ -215,7 +243,7 @@ def _projection(pattern: jax.Array, op, ctx: AttnContext) -> jax.Array:
   official = jnp.where(written, (1.0 - beta) * tilde_o + beta * mean_o, pattern_o)
 
   edited_o = _on(op.heads)[None, :, None, None] & _rows(op, ctx, include_pad=True)[:, None, :, None]
-  return jnp.where(compat, jnp.where(edited_o, official, pattern), jnp.where(_edited(op, ctx), causal, pattern))
+  return jnp.where(_on(op.official_compat), jnp.where(edited_o, official, pattern), causal)
 
 
 def edit_scores(scores: jax.Array, spec_l: RectificationSpec | None, ctx: AttnContext) -> jax.Array:

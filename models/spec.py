@@ -62,10 +62,10 @@ class QKRescaleOp:
   clamp_lo: jax.Array  # [L]
   clamp_hi: jax.Array  # [L]
   target_scale: jax.Array  # [L]
-  official_compat: jax.Array  # [L] 0/1
   last_row_only: jax.Array  # [L] 0/1
   text_rows_only: jax.Array  # [L] 0/1
   causal_block: jax.Array | None = None  # [L] 0/1: E_h over the causal block of rows <= i (None: 0, the row)
+  official_compat: jax.Array | None = None  # [L] 0/1 (None: 0, and the official branch is not traced)
 
 
 @flax.struct.dataclass
@@ -125,10 +125,10 @@ class ProjectionOp:
 
   heads: jax.Array  # [L, H]
   beta: jax.Array  # [L]
-  official_compat: jax.Array  # [L] 0/1
   last_row_only: jax.Array  # [L] 0/1
   text_rows_only: jax.Array  # [L] 0/1
   energy_rescale: jax.Array | None = None  # [L] 0/1: steps (b)-(c) keep the Frobenius energy (None: 0, the mass)
+  official_compat: jax.Array | None = None  # [L] 0/1 (None: 0, and the official branch is not traced)
 
 
 @flax.struct.dataclass
