@@ -350,3 +350,7 @@ def forward(params, config, input_ids, vision, *, attention_mask=None, spec=None
   out = {"logits": fam.logits(params, config, hidden)}
   out.update(extras)
   return out
+
+
+# The jitted full forward every family's public `forward` may end in (config and output_attentions static).
+forward_jit = jax.jit(forward, static_argnames=("config", "output_attentions"))

@@ -10,7 +10,6 @@ Legend: B batch, T tokens, I tiles, P features per tile, E text width, V vocab.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -18,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import chat, intern_vit, llama
+from models import intern_vit, llama
 from models import family as family_lib
 from models.llama_family import LlamaDecoderFamily
 from models.config import TextConfig, _check
 from models.intern_vit import InternVisionConfig
 from models.layers import activation, layer_norm, linear
 from models.llava import positions_from_mask
-from models.vl_inputs import chat_turn, image_groups, merge_rows
+from models.vl_inputs import encode_turns, merge_rows
 from models.qwen_text import decoder_param_shapes, qwen_text_config_from_dict
 from models.spec import RectificationSpec
 
@@ -216,15 +215,8 @@ def forward(
   mask = jnp.ones_like(jnp.asarray(ids)) if attention_mask is None else jnp.asarray(attention_mask)
   if position_ids is None:
     position_ids = positions_from_mask(mask)
-  return _forward_jit(params, config, jnp.asarray(ids), vision, mask, jnp.asarray(position_ids), spec,
-                      output_attentions)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "output_attentions"))
-def _forward_jit(params, config, input_ids, vision, attention_mask, position_ids, spec, output_attentions):
-  # The family's own pieces (embed, positions, segments, decoder, LM head), as every family's forward.
-  return family_lib.forward(params, config, input_ids, vision, attention_mask=attention_mask, spec=spec,
-                            output_attentions=output_attentions, position_ids=position_ids)
+  return family_lib.forward_jit(params, config, jnp.asarray(ids), vision, attention_mask=mask, spec=spec,
+                                output_attentions=output_attentions, position_ids=jnp.asarray(position_ids))
 
 
 # Checkpoint key layouts (longest prefixes first: the first match wins).
@@ -274,11 +266,7 @@ class InternVLFamily(LlamaDecoderFamily):
     return load_processor(path)
 
   def prepare_inputs(self, processor, config, images, prompts, bucket):
-    groups = image_groups(images)
-    enc = chat.encode_left(processor, [im for g in groups for im in g],
-                           [chat_turn(processor, p, len(g)) for p, g in zip(prompts, groups)])
-    ids, mask = chat.bucket_left(enc["input_ids"], enc["attention_mask"], bucket,
-                                 chat.pad_token_id(processor.tokenizer))
+    enc, ids, mask, groups = encode_turns(processor, images, prompts, bucket)
     check_image_tokens(config, ids, enc["pixel_values"].shape[0])
     tiles = np.asarray(enc["num_patches"]).tolist()
     bounds = np.cumsum([0] + [len(g) for g in groups])

@@ -13,7 +13,6 @@ Legend: B batch, T tokens, N patches, M merged image features, E text width, V v
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -21,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import chat, llama, qwen_vision
+from models import llama, qwen_vision
 from models import family as family_lib
 from models.llama_family import LlamaDecoderFamily
 from models.config import TextConfig, _check
-from models.vl_inputs import chat_turn, image_groups, merge_rows
+from models.vl_inputs import encode_turns, merge_rows
 from models.qwen_text import decoder_param_shapes, qwen_text_config_from_dict
 from models.qwen_vision import QwenVisionConfig
 from models.spec import RectificationSpec
@@ -271,15 +270,8 @@ def forward(
   elif np.any(ids_np == config.image_token_id):
     raise ValueError("input_ids hold image tokens but no pixel_values were given")
   pos = None if position_ids is None else jnp.asarray(position_ids)
-  return _forward_jit(params, config, jnp.asarray(ids_np), vision, jnp.asarray(mask_np), pos, spec,
-                      output_attentions)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "output_attentions"))
-def _forward_jit(params, config, input_ids, vision, attention_mask, position_ids, spec, output_attentions):
-  # The family's own pieces (embed, positions, segments, decoder, LM head), as every family's forward.
-  return family_lib.forward(params, config, input_ids, vision, attention_mask=attention_mask, spec=spec,
-                            output_attentions=output_attentions, position_ids=position_ids)
+  return family_lib.forward_jit(params, config, jnp.asarray(ids_np), vision, attention_mask=jnp.asarray(mask_np),
+                                spec=spec, output_attentions=output_attentions, position_ids=pos)
 
 
 # Checkpoint key layouts (longest prefixes first: the first match wins).
@@ -321,11 +313,7 @@ class Qwen25VLFamily(LlamaDecoderFamily):
     return load_processor(path)
 
   def prepare_inputs(self, processor, config, images, prompts, bucket):
-    groups = image_groups(images)
-    enc = chat.encode_left(processor, [im for g in groups for im in g],
-                           [chat_turn(processor, p, len(g)) for p, g in zip(prompts, groups)])
-    ids, mask = chat.bucket_left(enc["input_ids"], enc["attention_mask"], bucket,
-                                 chat.pad_token_id(processor.tokenizer))
+    enc, ids, mask, groups = encode_turns(processor, images, prompts, bucket)
     check_image_tokens(config, ids, enc["image_grid_thw"])
     vision = vision_inputs(config, enc["pixel_values"], enc["image_grid_thw"], [len(g) for g in groups])
     return {"input_ids": ids, "attention_mask": mask, "vision": vision}
