@@ -132,6 +132,32 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m if m > 0 else n
 
 
+def scored_inputs(input_ids, pixel_values, positions, bucket: int, pad_id: int):
+  """Checked, bucketed inputs of a scoring run (head attribution, gradient screen).
+
+  Returns (ids [T], positions [P], pixels, seq [T'] (cut after the last scored row, right-padded with pad_id to a
+  multiple of `bucket`: later rows never matter), positions padded to a power of two [P'] by repeating the last
+  one (few compiled shapes)).
+  """
+  ids = np.asarray(input_ids, np.int32).reshape(-1)
+  pos = np.asarray(positions, np.int32).reshape(-1)
+  t = ids.shape[0]
+  if pos.size == 0:
+    raise ValueError("no positions to score")
+  if pos.min() < 1 or pos.max() >= t:
+    raise ValueError(f"positions must lie in [1, {t - 1}] (the sequence has {t} tokens), got {pos.tolist()}")
+  pixels = jax.tree.map(jnp.asarray, pixel_values)
+  if isinstance(pixels, jax.Array) and pixels.ndim == 3:
+    pixels = pixels[None]
+  need = int(pos.max())
+  length = max(_round_up(need, bucket), need)
+  seq = np.full(length, pad_id, np.int32)
+  seq[: min(length, t)] = ids[:length]
+  cap = 1 << (pos.size - 1).bit_length()
+  pos_pad = np.concatenate([pos, np.full(cap - pos.size, pos[-1], np.int32)])
+  return ids, pos, pixels, seq, pos_pad
+
+
 def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, positions, *,
                   semantics: str = "current_token", chunk: int = 256, bucket: int = 32,
                   pad_id: int = 0, lower: bool = False, reuse: bool = True,
@@ -162,27 +188,9 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
   if chunk < 1:
     raise ValueError(f"chunk must be >= 1, got {chunk}")
   params = getattr(params, "params", params)
-  ids = np.asarray(input_ids, np.int32).reshape(-1)
-  pos = np.asarray(positions, np.int32).reshape(-1)
-  t = ids.shape[0]
-  if pos.size == 0:
-    raise ValueError("no positions to score")
-  if pos.min() < 1 or pos.max() >= t:
-    raise ValueError(f"positions must lie in [1, {t - 1}] (the sequence has {t} tokens), got {pos.tolist()}")
-  pixels = jax.tree.map(jnp.asarray, pixel_values)
-  if isinstance(pixels, jax.Array) and pixels.ndim == 3:
-    pixels = pixels[None]
-  n = pos.size
-  targets = ids[pos]
-  # Rows after the last scored one never matter: cut there, then pad (right) to a bucket.
-  need = int(pos.max())
-  length = max(_round_up(need, bucket), need)
-  seq = np.full(length, pad_id, np.int32)
-  seq[: min(length, t)] = ids[:length]
-  # Positions padded to a power of two (few compiled shapes); padded entries repeat the last position.
-  cap = 1 << (n - 1).bit_length()
-  pos_pad = np.concatenate([pos, np.full(cap - n, pos[-1], np.int32)])
-  tgt_pad = np.concatenate([targets, np.full(cap - n, targets[-1], np.int32)])
+  ids, pos, pixels, seq, pos_pad = scored_inputs(input_ids, pixel_values, positions, bucket, pad_id)
+  n, cap = pos.size, pos_pad.size
+  tgt_pad = ids[pos_pad]
   nl, nh = config.dims.num_hidden_layers, config.dims.num_attention_heads
   gate_ids = np.arange(-1, nl * nh, dtype=np.int32)
   if heads is not None:

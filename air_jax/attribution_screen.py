@@ -111,30 +111,15 @@ def screen_logprobs(params, config: LlavaConfig, input_ids, pixel_values, positi
                     semantics: str = "current_token", chunk: int = 16, bucket: int = 32,
                     pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """(clean log P [P] float64, dP/dg [P, L, H] float64) for the tokens at `positions` (see head_logprobs)."""
-  from air_jax.attribution_core import _round_up
+  from air_jax.attribution_core import scored_inputs
 
   params = getattr(params, "params", params)
   fam = family_of(config)
   if not fam.supports_layer_reuse(config):
     raise ValueError(f"the gradient screen reads the decoder layer by layer as a plain Llama stack; the {fam.name} "
                      "family's decoder is not one (run exact ablation: eval.attribute without --screen)")
-  ids = np.asarray(input_ids, np.int32).reshape(-1)
-  pos = np.asarray(positions, np.int32).reshape(-1)
-  t = ids.shape[0]
-  if pos.size == 0:
-    raise ValueError("no positions to score")
-  if pos.min() < 1 or pos.max() >= t:
-    raise ValueError(f"positions must lie in [1, {t - 1}] (the sequence has {t} tokens), got {pos.tolist()}")
-  pixels = jax.tree.map(jnp.asarray, pixel_values)
-  if isinstance(pixels, jax.Array) and pixels.ndim == 3:
-    pixels = pixels[None]
-  n = pos.size
-  need = int(pos.max())
-  length = max(_round_up(need, bucket), need)
-  seq = np.full(length, pad_id, np.int32)
-  seq[: min(length, t)] = ids[:length]
-  cap = 1 << (n - 1).bit_length()
-  pos_pad = np.concatenate([pos, np.full(cap - n, pos[-1], np.int32)])
+  ids, pos, pixels, seq, pos_pad = scored_inputs(input_ids, pixel_values, positions, bucket, pad_id)
+  n, cap = pos.size, pos_pad.size
   tgt = ids[pos_pad]
   _, inverse, counts = np.unique(pos, return_inverse=True, return_counts=True)
   weights = np.zeros(cap, np.float32)

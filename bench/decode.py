@@ -85,7 +85,7 @@ def step_bytes(ours, ids, n: int) -> int:
   lm = ours.params["language_model"]
   w = sum(x.nbytes for x in jax.tree.leaves(lm["layers"])) + lm["norm"]["weight"].nbytes
   head = ours.params.get("lm_head", {"weight": lm["embed_tokens"]["weight"]})["weight"].nbytes
-  t = ours.config.text
+  t = ours.config.dims
   cache = 2 * t.num_hidden_layers * (ids.shape[1] + n) * t.num_key_value_heads * t.head_dim * 4
   return w + head + cache
 
@@ -112,21 +112,26 @@ def main(argv=None):
   print(f"machine: {machine()}; jax {jax.__version__} on {jax.devices()[0].platform}; model {args.model}; prompt "
         f"{ids.shape[1]} tokens ({n_img} image), {n} new tokens, float32")
   ref = torch_decode(model, ids, torch_pixels, n, extra=extra)
+  compare(ours, ids, pixels, n, args.methods.split(","), args.rounds, ref)
+
+
+def compare(ours, ids, vision, n: int, methods, rounds: int, ref: dict) -> None:
+  """Times our compiled generation per method (round robin, best of `rounds`) and prints it beside `ref`
+  (transformers' prefill_s / decode_ms / tokens), the bandwidth bound, and whether greedy tokens are identical."""
   bw = read_bandwidth_gbs()
   bound_ms = step_bytes(ours, ids, n) / (bw * 1e9) * 1e3
   params = ours.family.per_layer_params(ours.params)  # as generate on CPU
-  methods = args.methods.split(",")
   decoders = {}
   for method in methods:
     spec = None
     if method != "greedy":
       from air_jax.air_config import AIRConfig
 
-      t = ours.config.text
-      heads = [(l, h) for l in range(t.num_hidden_layers) for h in range(0, t.num_attention_heads, 4)]
+      d = ours.config.dims
+      heads = [(l, h) for l in range(d.num_hidden_layers) for h in range(0, d.num_attention_heads, 4)]
       spec = AIRConfig.preset(method, heads=heads).compile(ours.config)
-    decoders[method] = JaxDecoder(ours, params, ids, pixels, n, spec)
-  for _ in range(args.rounds):  # round robin, best per method: machine noise hits every method alike
+    decoders[method] = JaxDecoder(ours, params, ids, vision, n, spec)
+  for _ in range(rounds):  # round robin, best per method: machine noise hits every method alike
     for method in methods:
       decoders[method].time_once()
   rows, results = [], {}
@@ -143,7 +148,6 @@ def main(argv=None):
   if "greedy" in results:
     same = results["greedy"]["tokens"] == ref["tokens"]
     print(f"greedy tokens identical to transformers: {same}")
-
 
 if __name__ == "__main__":
   main()

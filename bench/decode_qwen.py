@@ -14,10 +14,10 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bench.common import machine, read_bandwidth_gbs, table
+from bench.common import machine
+from bench.decode import compare
 
 IMAGE, START, END = 32001, 32002, 32003
 
@@ -77,49 +77,6 @@ def torch_decode(model, ids, pixels, grid, n: int, repeats: int = 3):
   return {"prefill_s": best_pre, "decode_ms": best_dec, "tokens": tokens}
 
 
-class JaxDecoder:
-  """One compiled generation (and prefill) for a spec; `time_once` measures a run."""
-
-  def __init__(self, config, params, ids, vision, n: int, spec=None):
-    from air_jax import decoding
-
-    sv = decoding.SamplingValues.make(0)
-    kw = dict(max_new_tokens=n, eos_ids=(), pad_id=0)
-    gen = jax.jit(lambda p, i, m, x, s: decoding.generate_tokens(p, config, i, m, x, s, sv, **kw))
-    pre = jax.jit(lambda p, i, m, x, s: decoding.prefill(p, config, i, m, x, s, ids.shape[1] + n)[0])
-    self.n = n
-    self.args = (params, jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32), jax.tree.map(jnp.asarray, vision), spec)
-    t = time.perf_counter()
-    self.gen = gen.lower(*self.args).compile()
-    self.compile_s = time.perf_counter() - t
-    self.pre = pre
-    pre(*self.args).block_until_ready()
-    self.out = jax.block_until_ready(self.gen(*self.args))
-    self.best_pre = self.best_total = float("inf")
-
-  def time_once(self) -> None:
-    t = time.perf_counter()
-    self.pre(*self.args).block_until_ready()
-    self.best_pre = min(self.best_pre, time.perf_counter() - t)
-    t = time.perf_counter()
-    jax.block_until_ready(self.gen(*self.args))
-    self.best_total = min(self.best_total, time.perf_counter() - t)
-
-  def result(self) -> dict:
-    return {"prefill_s": self.best_pre, "decode_ms": (self.best_total - self.best_pre) / (self.n - 1) * 1e3,
-            "compile_s": self.compile_s, "tokens": [int(x) for x in np.asarray(self.out["tokens"][0])]}
-
-
-def step_bytes(ours, ids, n: int) -> int:
-  """Bytes read per decode step: decoder weights, final norm, lm_head, and the KV cache."""
-  lm = ours.params["language_model"]
-  w = sum(x.nbytes for x in jax.tree.leaves(lm["layers"])) + lm["norm"]["weight"].nbytes
-  head = ours.params.get("lm_head", {"weight": lm["embed_tokens"]["weight"]})["weight"].nbytes
-  t = ours.config.text
-  cache = 2 * t.num_hidden_layers * (ids.shape[1] + n) * t.num_key_value_heads * t.head_dim * 4
-  return w + head + cache
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--new-tokens", type=int, default=32)
@@ -133,38 +90,8 @@ def main(argv=None):
   print(f"machine: {machine()}; jax {jax.__version__} on {jax.devices()[0].platform}; prompt {ids.shape[1]} "
         f"tokens (256 image), {n} new tokens, float32")
   ref = torch_decode(model, ids, pixels, grid, n)
-  bw = read_bandwidth_gbs()
-  bound_ms = step_bytes(ours, ids, n) / (bw * 1e9) * 1e3
-  config = ours.config
-  params = ours.family.per_layer_params(ours.params)  # as generate does on CPU
-  vision = qwen2_5_vl.vision_inputs(config, pixels, grid, [1])
-  methods = args.methods.split(",")
-  decoders = {}
-  for method in methods:
-    spec = None
-    if method != "greedy":
-      from air_jax.air_config import AIRConfig
-
-      d = config.dims
-      heads = [(l, h) for l in range(d.num_hidden_layers) for h in range(0, d.num_attention_heads, 4)]
-      spec = AIRConfig.preset(method, heads=heads).compile(config)
-    decoders[method] = JaxDecoder(config, params, ids, vision, n, spec)
-  for _ in range(args.rounds):  # round robin, best per method: machine noise hits every method alike
-    for method in methods:
-      decoders[method].time_once()
-  rows, results = [], {}
-  for method in methods:
-    r = results[method] = decoders[method].result()
-    rows.append((f"air-jax {method}", f"{r['prefill_s']*1e3:.0f}", f"{r['decode_ms']:.1f}", f"{r['compile_s']:.1f}",
-                 f"{r['decode_ms'] / ref['decode_ms']:.2f}", f"{r['decode_ms'] / bound_ms:.2f}"))
-  rows.insert(0, ("transformers (torch, eager)", f"{ref['prefill_s']*1e3:.0f}", f"{ref['decode_ms']:.1f}", "-",
-                  "1.00", f"{ref['decode_ms'] / bound_ms:.2f}"))
-  print(table(rows, ("implementation", "prefill ms", "decode ms/token", "compile s", "vs transformers",
-                     "vs bound")))
-  print(f"bandwidth bound: {step_bytes(ours, ids, n) / 1e6:.0f} MB per step / {bw:.1f} GB/s = {bound_ms:.1f} ms/token")
-  if "greedy" in results:
-    print(f"greedy tokens identical to transformers: {results['greedy']['tokens'] == ref['tokens']}")
-
+  vision = qwen2_5_vl.vision_inputs(ours.config, pixels, grid, [1])
+  compare(ours, ids, vision, n, args.methods.split(","), args.rounds, ref)
 
 if __name__ == "__main__":
   main()

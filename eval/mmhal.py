@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 from air_jax.atomic import atomic_write_json
 from eval import judged
 from eval import manifest as manifest_lib
+from eval.cli import run_cli
 from eval.judges import CachedJudge
 from eval.runner import RunError
 
@@ -221,14 +222,12 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  try:
+  def body() -> int:
     result = run(argv)
-  except (RunError, MMHalDataError, manifest_lib.ManifestError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(format_table(result))
-  return 0 if result["metrics"]["judge_failures"] == 0 else 1
+    print(format_table(result))
+    return 0 if result["metrics"]["judge_failures"] == 0 else 1
+
+  return run_cli(body, (RunError, MMHalDataError, manifest_lib.ManifestError))
 
 
 if __name__ == "__main__":

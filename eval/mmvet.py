@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 from air_jax.atomic import atomic_write_json
 from eval import judged
 from eval import manifest as manifest_lib
+from eval.cli import run_cli
 from eval.judges import CachedJudge
 from eval.runner import RunError
 
@@ -245,14 +246,12 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  try:
+  def body() -> int:
     result = run(argv)
-  except (RunError, MMVetDataError, manifest_lib.ManifestError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(format_table(result))
-  return 0 if result["metrics"]["complete"] else 1
+    print(format_table(result))
+    return 0 if result["metrics"]["complete"] else 1
+
+  return run_cli(body, (RunError, MMVetDataError, manifest_lib.ManifestError))
 
 
 if __name__ == "__main__":
