@@ -22,7 +22,7 @@ from models import blip_vision, llama, qformer
 from models.blip_vision import BlipVisionConfig
 from models.config import _ACTIVATIONS, TextConfig, _check, text_config_from_dict
 from models.layers import linear
-from models.llava import merge_image_features, positions_from_mask, prompt_context
+from models.llava import merge_image_features
 from models.qformer import QFormerConfig
 from models.spec import RectificationSpec
 
@@ -111,20 +111,14 @@ def forward(params, config: InstructBlipConfig, input_ids, pixel_values, *, qfor
             qformer_attention_mask=None, attention_mask=None, spec: RectificationSpec | None = None,
             output_attentions: bool = False, position_ids=None) -> dict:
   """Full forward; as models.llava.forward plus the Q-Former's instruction ids and mask. Returns {"logits", ...}."""
-  params = getattr(params, "params", params)
-  input_ids = jnp.asarray(input_ids)
+  from models import family as family_lib
+
+  vision = None
   if pixel_values is not None:
-    check_image_tokens(config, input_ids, pixel_values.shape[0])
-  attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
-  if position_ids is None:
-    position_ids = positions_from_mask(attention_mask)
-  embeds = embed_inputs(params, config, input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
-  ctx = prompt_context(input_ids, attention_mask, config.image_token_id)
-  hidden, _, extras = llama.decoder(params["language_model"], config.text, embeds, position_ids, ctx, spec=spec,
-                                    output_attentions=output_attentions)
-  out = {"logits": llama.lm_head(params["language_model"], params.get("lm_head"), hidden)}
-  out.update(extras)
-  return out
+    vision = {"pixel_values": jnp.asarray(pixel_values), "qformer_input_ids": qformer_input_ids,
+              "qformer_attention_mask": qformer_attention_mask}
+  return family_lib.forward(params, config, input_ids, vision, attention_mask=attention_mask, spec=spec,
+                            output_attentions=output_attentions, position_ids=position_ids)
 
 
 def param_shapes(config: InstructBlipConfig) -> dict:
