@@ -14,7 +14,8 @@ How it runs (the compiled parts and the one host round trip):
      object word: the detector (any `air_jax.detectors.Detector`) runs on the image the model sees (the main
      pixel array, un-normalised), the smallest box above the threshold is kept (no box: the official fallback
      box; more than `max_boxes`: the word is left as it is), and n FOV boxes grow around it.
-  3. compiled: ONE batched forward of the n FOV views of every such example: the prompt with the FOV's pixels
+  3. compiled: ONE batched forward of the n FOV views of just the examples with an object word (their count
+     padded to a power of two, the generated prefix to a multiple of 32): the prompt with the FOV's pixels
      (`Family.map_pixels` + crop-and-resize of the pixel array, so no family branches) followed by the tokens
      generated before the word; JSD of every pair, the top m pairs contrasted both ways -> 2m candidates.
   4. host: one candidate is chosen (selection "top": the first, i.e. the most divergent pair with the larger FOV
@@ -347,19 +348,13 @@ def halc_search(params, config, input_ids, attention_mask, pixel_values, values,
       work[int(r)] = (p, fov.fov_boxes(box, settings.num_fovs, settings.expand_ratio), entry)
     if not work:
       continue
-    upto = np.zeros(b, np.int32)
-    boxes = np.tile(np.asarray([[0.0, 0.0, 1.0, 1.0]], np.float32), (b, settings.num_fovs, 1))
-    for r, (p, bx, _) in work.items():
-      upto[r], boxes[r] = p, bx
-    out = fov_candidates_jit(params, config, input_ids, attention_mask, loop.tokens, jnp.asarray(upto),
-                             pixel_values, jnp.asarray(boxes), values.alpha, values.beta,
-                             num_pairs=settings.num_pairs, jsd_mode=settings.jsd, contrast_mode=settings.contrast)
-    cands = np.asarray(out["tokens"])
+    out = _fov_batch(params, config, input_ids, attention_mask, h["tokens"], pixel_values, work, values, settings)
     rewind = {}
     for r, (p, _, entry) in work.items():
-      choice = select(settings.selection, cands[r], h["tokens"][r, :p], scorer, images[r], tok)
-      c = int(cands[r, choice])
-      entry.update(candidates=cands[r].tolist(), chosen=c, jsd=np.asarray(out["jsd"][r]).tolist())
+      cands = out[r]["tokens"]
+      choice = select(settings.selection, cands, h["tokens"][r, :p], scorer, images[r], tok)
+      c = int(cands[choice])
+      entry.update(candidates=cands.tolist(), chosen=c, jsd=out[r]["jsd"].tolist())
       if c != int(h["tokens"][r, p]):
         rewind[r] = (p, c)
     if rewind:
@@ -370,6 +365,30 @@ def halc_search(params, config, input_ids, attention_mask, pixel_values, values,
   done = np.asarray(loop.done)
   return {"tokens": np.asarray(loop.tokens), "num_tokens": count, "corrections": corrections, "checked": checked,
           "truncated": ~done}
+
+
+FOV_BUCKET = 32  # generated-prefix lengths of the FOV forward are padded to a multiple of this
+
+
+def _fov_batch(params, config, input_ids, attention_mask, tokens, pixel_values, work: dict, values,
+               settings: Settings) -> dict:
+  """Candidates of the examples in `work` {row: (p, boxes [n, 4], entry)}: one FOV forward over just those rows
+  (their count padded to a power of two, the generated prefix to a multiple of FOV_BUCKET, so few shapes
+  compile). Returns {row: {"tokens": [2m], "jsd": [P]}} (numpy)."""
+  b = input_ids.shape[0]
+  act = sorted(work)
+  e = min(b, 1 << (len(act) - 1).bit_length())
+  idx = np.asarray(act + [act[0]] * (e - len(act)), np.int32)
+  upto = np.asarray([work[r][0] for r in idx], np.int32)
+  width = min(tokens.shape[1], max(FOV_BUCKET, -(-int(upto.max()) // FOV_BUCKET) * FOV_BUCKET))
+  boxes = np.stack([work[r][1] for r in idx]).astype(np.float32)
+  sel = jnp.asarray(idx)
+  out = fov_candidates_jit(params, config, input_ids[sel], attention_mask[sel], jnp.asarray(tokens[idx, :width]),
+                           jnp.asarray(upto), jax.tree.map(lambda x: x[sel], pixel_values), jnp.asarray(boxes),
+                           values.alpha, values.beta, num_pairs=settings.num_pairs, jsd_mode=settings.jsd,
+                           contrast_mode=settings.contrast)
+  toks, jsd = np.asarray(out["tokens"]), np.asarray(out["jsd"])
+  return {r: {"tokens": toks[k], "jsd": jsd[k]} for k, r in enumerate(act)}
 
 
 def select(selection: str, cands: np.ndarray, prefix: np.ndarray, scorer, image, tokenizer) -> int:

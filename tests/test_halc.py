@@ -136,7 +136,7 @@ def test_matches_reference_stub_detector(tiny_torch, tiny_model, images, synonym
 def test_matches_reference_official_modes(tiny_torch, tiny_model, images, synonyms):
   cfg = air_jax.methods.make("halc", detector=StubDetector(), synonyms=synonyms, jsd="official",
                              contrast="official", num_pairs=2, selection="matching", scorer=length_scorer,
-                             num_fovs=3, expand_ratio=0.9, max_boxes=None)
+                             num_fovs=3, expand_ratio=0.9, max_boxes=None, alpha=0.5)
   check_equal(tiny_torch, tiny_model, cfg, images)
 
 

@@ -235,4 +235,4 @@ class HALCConfig(ConfigMixin):
 
 register("halc", lambda **kw: HALCConfig(**kw),
          "HALC: focal contrast of 4 fields of view around each object word's detector box (m 6, beam 1, ratio 0.6, "
-         "box threshold 0.4, plausibility 0.1; seed / official LLaVA-1.5)")
+         "box threshold 0.4, plausibility 0.1; seed / official LLaVA-1.5)", options=("synonyms",))
