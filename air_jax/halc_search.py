@@ -131,8 +131,8 @@ def pixel_image(config, vision, row: int, mean, std):
   one = jax.tree.map(lambda x: np.asarray(x[row:row + 1]), vision)
   family_of(config).map_pixels(one, grab)
   pix = np.asarray(grabbed[0], np.float32)
-  pix = pix.reshape((-1,) + pix.shape[-3:])[0]
   check_pixel_layout(pix.shape, config)
+  pix = pix.reshape((-1,) + pix.shape[-3:])[0]
   mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
   std = np.asarray(std, np.float32).reshape(-1, 1, 1)
   rgb = np.clip(np.round((pix * std + mean) * np.float32(255.0)), 0, 255).astype(np.uint8)
@@ -142,7 +142,8 @@ def pixel_image(config, vision, row: int, mean, std):
 
 
 def check_pixel_layout(shape, config) -> None:
-  if len(shape) < 3 or shape[-3] not in (1, 3) or shape[-1] < 2 or shape[-2] < 2:
+  """Batch-first pixel arrays [B, (tiles,) C, H, W] only (not e.g. flattened patch rows [B, P, D])."""
+  if len(shape) < 4 or shape[-3] not in (1, 3) or shape[-1] < 2 or shape[-2] < 2:
     raise ValueError(f"HALC crops pixel arrays [..., C, H, W]; the {family_of(config).name} family's vision input "
                      f"has pixel arrays of shape {tuple(shape)} (e.g. flattened patches), which cannot be cropped")
 
@@ -310,6 +311,7 @@ def halc_search(params, config, input_ids, attention_mask, pixel_values, values,
   tables = word_tables(tok, vocab, vocab_size)
   tabs = (jnp.asarray(tables.lead), jnp.asarray(tables.sep), jnp.asarray(tables.maybe))
   mean, std = image_stats(processor)
+  family_of(config).map_pixels(pixel_values, lambda pix: check_pixel_layout(pix.shape, config) or pix)
   b, t = input_ids.shape
   n = max_new_tokens
   eos_ids = tuple(int(e) for e in eos_ids)

@@ -211,3 +211,12 @@ def test_detector_checkpoint_errors(tiny_model, tmp_path, monkeypatch):
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(ValueError, match="detector_path=.*not a usable OWL"):
     air_jax.methods.as_compiled(air_jax.methods.make("halc", detector_path=str(tmp_path)), tiny_model.config)
+
+
+def test_pixel_layout_is_checked(tiny_model):
+  from air_jax.halc_search import check_pixel_layout
+
+  check_pixel_layout((2, 3, 28, 28), tiny_model.config)
+  check_pixel_layout((2, 5, 3, 28, 28), tiny_model.config)  # tiles
+  with pytest.raises(ValueError, match="cannot be cropped"):
+    check_pixel_layout((2, 1024, 1176), tiny_model.config)  # flattened patch rows (Qwen-style)
