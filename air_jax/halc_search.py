@@ -360,7 +360,7 @@ def halc_search(params, config, input_ids, attention_mask, pixel_values, values,
       if c != int(h["tokens"][r, p]):
         rewind[r] = (p, c)
     if rewind:
-      loop = _rewind(loop, rewind, tables, n, eos_ids, pad_id)
+      loop = _rewind(loop, rewind, n, eos_ids, pad_id)
       for r in rewind:
         corrections[r] += 1
   count = np.asarray(loop.count)
@@ -404,7 +404,7 @@ def select(selection: str, cands: np.ndarray, prefix: np.ndarray, scorer, image,
   return int(np.argmax(scores))
 
 
-def _rewind(loop: Loop, rewind: dict, tables: WordTables, n: int, eos_ids, pad_id: int) -> Loop:
+def _rewind(loop: Loop, rewind: dict, n: int, eos_ids, pad_id: int) -> Loop:
   """Rows r of `rewind` {r: (p, c)}: token c replaces position p, later tokens are dropped (host side)."""
   g = jax.tree.map(np.array, {k: getattr(loop, k) for k in
                               ("tok", "tokens", "count", "done", "word_start", "decided", "slot_of")})
