@@ -12,7 +12,9 @@ Methods that bring their own search (OPERA: 5 beams, 5 candidates) also report t
 `iterations` (loop steps, N + redone steps) and `rollback_rate` (roll-backs per generated token).
 HALC runs with stand-ins the random model lacks (a tokenizer spelling id i as the word "t{i}", a constant-time
 detector with one box per word, object words chosen to give ~1 object mention per 16 greedy tokens) and reports
-`object_words` (checked: detector + one batched FOV forward each) and `corrections` (words rolled back).
+`object_words` (checked: detector + one batched FOV forward each) and `corrections` (words rolled back); its
+`compile_s` is the time of its first (warm-up) runs, compilation included. HALC is not in the default list (on CPU
+a caption takes minutes): add it with --methods.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from bench.common import build, machine, table
 # Figure 2 of the AIR supplementary: seconds per sample; greedy 2.8 s.
 PAPER_SECONDS = {"greedy": 2.8, "air": 3.4, "adhh": 3.2, "farsight": 4.1, "dola": 4.2, "vcd": 5.3, "halc": 28.6,
                  "opera": 25.0}
-DEFAULT_METHODS = "greedy,air,air_star,adhh,vcd,dola,pai,farsight,opera,halc"
+DEFAULT_METHODS = "greedy,air,air_star,adhh,vcd,dola,pai,farsight,opera"  # + halc: minutes per caption on CPU
 MODEL = ("random LLaVA (bench/common.py): CLIP 224/14 4 layers, Llama 1024 wide, 8 layers x 16 heads, vocab 32064, "
          "float32")
 
