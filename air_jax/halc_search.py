@@ -365,6 +365,12 @@ def halc_search(params, config, input_ids, attention_mask, pixel_values, values,
         corrections[r] += 1
   count = np.asarray(loop.count)
   done = np.asarray(loop.done)
+  if not done.all():
+    import warnings
+
+    warnings.warn(f"HALC: rows {np.nonzero(~done)[0].tolist()} ran out of cache slots after {corrections[~done]} "
+                  f"corrections and stopped early ({count[~done]} tokens); raise HALCConfig.extra_slots",
+                  stacklevel=2)
   return {"tokens": np.asarray(loop.tokens), "num_tokens": count, "corrections": corrections, "checked": checked,
           "truncated": ~done}
 

@@ -220,3 +220,10 @@ def test_pixel_layout_is_checked(tiny_model):
   check_pixel_layout((2, 5, 3, 28, 28), tiny_model.config)  # tiles
   with pytest.raises(ValueError, match="cannot be cropped"):
     check_pixel_layout((2, 1024, 1176), tiny_model.config)  # flattened patch rows (Qwen-style)
+
+
+def test_out_of_slots_warns(tiny_model, images, synonyms):
+  cfg = air_jax.methods.make("halc", detector=StubDetector(), synonyms=synonyms, extra_slots=0)
+  with pytest.warns(UserWarning, match="ran out of cache slots"):
+    out = ours(tiny_model, cfg, images)
+  assert out["truncated"].any() and (out["num_tokens"][out["truncated"]] < N).all()
