@@ -8,8 +8,8 @@ is re-decided by contrasting fields of view (FOVs) around the word's detector bo
 What the official code does (read from the repository; facts only):
   - Base decoding: `halc_dola_beam_search` (the "halc" strategy sets both halc and dola): every token is chosen
     by DoLa (mature layer 32, premature candidates 0, 2, ..., 30 picked by JSD, relative_top 0.1) on the main
-    image, beam 1 in the official runs (`--beam 1`; the maintainer in issue #18: beam 1 "for more efficient
-    decoding").
+    image; beam 1 in the paper's experiments (the maintainer in issue #18: beam 1 "for more efficient decoding";
+    the run script's default is 3).
   - Object words: checked when a word is complete (the next token carries "▁", contains "." or is EOS id 2):
     the previous word (stripped of .,'[]), a trailing "s" cut) is POS-tagged with spaCy `en_core_web_sm`; NOUN /
     PROPN (or one of 10 "add" words) are verified, except 31 hard-coded "exempt" words (cat, horse, bus, boat,
@@ -27,8 +27,9 @@ What the official code does (read from the repository; facts only):
     final - 0.05 * base on raw logits (`contrast_weight` 0.05; the masking `base[final < -1e3] = -1e3` never
     fires on raw logits, so there is no plausibility cut-off), candidate = argmax -> 4 candidates. The JSD is
     computed as 0.5 * (F.kl_div(log P_i, M) + F.kl_div(log P_j, M)) = KL(M||P_i)/2 + KL(M||P_j)/2.
-  - Selection: BLIP ITM ("Salesforce/blip-image-captioning-large", `score_type` "BLIP") scores the candidate
-    texts against the image; the best one (distinct texts) replaces the whole word. When its text differs from the
+  - Selection: BLIP image-text similarity (`BlipModel` "Salesforce/blip-image-captioning-large", `score_type`
+    "BLIP": logits_per_image, softmax over the candidates) scores the candidate captions (the caption so far +
+    the candidate) against the original image; the best one (distinct texts) replaces the whole word. When its text differs from the
     word, the word is rolled back and decoding resumes after the candidate (the next token re-sampled with DoLa);
     a multi-token word always "differs" (its first token's text is compared with the whole word), so it is
     re-generated and checked again. An undetected word whose candidate keeps it (after 8 tokens) is replaced by
