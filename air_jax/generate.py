@@ -274,8 +274,9 @@ def _run_search(params: LoadedModel, method, ids, mask, pixels, devices, *, num_
   mesh = data_mesh(devices)
   p = _place_params(params.params, mesh, config)
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
+  extra = {"processor": params.processor} if getattr(plan, "needs_processor", False) else {}  # e.g. HALC
   out = plan.search(method.values, p, config, shard(ids), shard(mask), shard(pixels), max_new_tokens=max_new_tokens,
-                    eos_ids=eos_token_ids(config, tok), pad_id=pad_token_id(tok))
+                    eos_ids=eos_token_ids(config, tok), pad_id=pad_token_id(tok), **extra)
   return jax.tree.map(np.asarray, out)
 
 

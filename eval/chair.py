@@ -102,7 +102,7 @@ def read_air_config(path: str | None) -> dict[str, dict[str, Any]]:
 
 def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: int, backend: str | None,
                    heads: str | None = None, overrides: dict[str, Any] | None = None,
-                   batch_size: int | None = None, protocol=None) -> Captioner:
+                   batch_size: int | None = None, protocol=None, synonyms: str | None = None) -> Captioner:
   """The generation backend: ``captioner(images, file_names) -> texts`` over air_jax's public API.
 
   Args:
@@ -118,6 +118,7 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
       prompts by length, whose batches must stay as the official run has them).
     protocol: an ``air_jax.protocol.Protocol`` or its name (None: the default protocol): prompt template,
       padding, model dtype and the config fields it fixes (for the methods that have them: the AIR family).
+    synonyms: the run's CHAIR vocabulary file, for the methods that ground object words (HALC).
 
   The captioner's ``hyperparameters`` attribute holds the method's resolved settings (written into results).
   """
@@ -131,7 +132,7 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
     dtype, fixed, extra, group = protocol.dtype, protocol.air_overrides(), {"protocol": protocol}, \
         protocol.group_by_length
   model = _load_model(model_dir, dtype)
-  base = air_jax.methods.make(method, run_options={"heads": heads}, **(overrides or {}))
+  base = air_jax.methods.make(method, run_options={"heads": heads, "synonyms": synonyms}, **(overrides or {}))
   # The protocol fixes fields of the methods that have them (the AIR family: layer reading, official_compat).
   fields = {f.name for f in dataclasses.fields(base)} if dataclasses.is_dataclass(base) else set()
   fixed = {k: v for k, v in fixed.items() if k in fields and k not in (overrides or {})}
@@ -450,7 +451,8 @@ def run(argv: Sequence[str] | None = None,
         return make_captioner(args.model, method, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                               backend=args.backend, heads=args.heads, overrides=air_overrides.get(method),
                               batch_size=args.batch_size,
-                              protocol=None if protocol["name"] == "default" else protocol["name"])
+                              protocol=None if protocol["name"] == "default" else protocol["name"],
+                              synonyms=args.synonyms)
     # every method's captioner before any generation, so a bad preset fails before hours of work
     captioners = {label: captioner_factory(label) for label, _ in jobs} if sample is not None else {}
   except ValueError as e:

@@ -7,6 +7,7 @@
 
 from air_jax.methods import greedy, air, vcd, dola, pai, farsight  # noqa: F401,I001  (registration order)
 from air_jax.methods import opera  # noqa: F401,E402  (brings its own search)
+from air_jax.methods import halc  # noqa: F401,E402  (brings its own search)
 from air_jax.methods.base import (PLAIN, CompiledMethod, Plan, SpecPlan, ViewInputs, as_compiled, hyperparameters,
                                   stack_methods)
 from air_jax.methods.registry import describe, make, names, register
