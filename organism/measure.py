@@ -92,7 +92,7 @@ def _last_logprobs(model, prompts: list[str], images, spec=None, batch: int = 32
 
   from models import llava
 
-  tok = model.processor.tokenizer
+  tok = getattr(model.processor, "tokenizer", model.processor)
   out = []
   fwd = jax.jit(lambda p, ids, m, px, sp: jax.nn.log_softmax(
       llava.forward(p, model.config, ids, px, attention_mask=m, spec=sp)["logits"][:, -1], -1))
@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--probe-seed", type=int, default=9)
   ap.add_argument("--n-probe", type=int, default=600)
   ap.add_argument("--top-k", type=int, default=None, help="default: 5 %% of the heads (at least 2)")
+  ap.add_argument("--heads", default=None, help="heads JSON to use instead of attributing on the dev seed")
   ap.add_argument("--random-draws", type=int, default=3)
   ap.add_argument("--max-new-tokens", type=int, default=96)
   ap.add_argument("--batch-size", type=int, default=100)
@@ -268,24 +269,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   dev_root = os.path.join(args.out, f"dev_seed{args.dev_seed}")
   write_dataset2(dev_root, args.n_dev, args.dev_seed)
   vocab = Vocabulary.from_file(os.path.join(dev_root, "synonyms.txt"))
-  dev_scenes = scenes2.scenes2(args.n_dev, args.dev_seed, "test")
-  dev_texts, _ = gen(dev_scenes)
-  gt = {ID_OFFSET["test"] + i: list(s.names) for i, s in enumerate(dev_scenes)}
-  chair_dev = compute_chair([{"image_id": ID_OFFSET["test"] + i, "caption": t} for i, t in enumerate(dev_texts)],
-                            gt, vocab)
-  chair_json = os.path.join(args.out, "dev_greedy_chair.json")
-  atomic_write_json(chair_json, {**chair_dev, "config": {"prompt": PROMPT}})
-  heads_dir = os.path.join(args.out, "heads")
-  attribute_cli.run(["--chair-json", chair_json, "--coco-root", dev_root, "--split", "test", "--synonyms",
-                     os.path.join(dev_root, "synonyms.txt"), "--model", args.model, "--out", heads_dir,
-                     "--top-k", str(k)])
-  e_h = np.load(os.path.join(heads_dir, "attribution.npz"))["E"]
-  top = top_heads(e_h, k)
+  if args.heads:
+    top = [tuple(h) for h in air_jax.read_heads_file(args.heads, top_k=k)]
+  else:
+    dev_scenes = scenes2.scenes2(args.n_dev, args.dev_seed, "test")
+    dev_texts, _ = gen(dev_scenes)
+    gt = {ID_OFFSET["test"] + i: list(s.names) for i, s in enumerate(dev_scenes)}
+    chair_dev = compute_chair([{"image_id": ID_OFFSET["test"] + i, "caption": t} for i, t in enumerate(dev_texts)],
+                              gt, vocab)
+    res["dev_greedy"] = chair(dev_scenes, dev_texts, vocab)
+    chair_json = os.path.join(args.out, "dev_greedy_chair.json")
+    atomic_write_json(chair_json, {**chair_dev, "config": {"prompt": PROMPT}})
+    heads_dir = os.path.join(args.out, "heads")
+    attribute_cli.run(["--chair-json", chair_json, "--coco-root", dev_root, "--split", "test", "--synonyms",
+                       os.path.join(dev_root, "synonyms.txt"), "--model", args.model, "--out", heads_dir,
+                       "--top-k", str(k)])
+    e_h = np.load(os.path.join(heads_dir, "attribution.npz"))["E"]
+    top = top_heads(e_h, k)
   res["heads"] = top
+  print(f"top-{k} heads by E_h (dev seed {args.dev_seed}): {top}  [{time.time() - t0:.0f}s]", flush=True)
   top_mask = np.zeros((nl, nh), bool)
   for l, h in top:
     top_mask[l, h] = True
-  print(f"top-{k} heads by E_h (dev seed {args.dev_seed}): {top}  [{time.time() - t0:.0f}s]", flush=True)
 
   # 2. greedy + AIR variants on the evaluation seed
   scenes = scenes2.scenes2(args.n, args.seed, "test")

@@ -149,6 +149,8 @@ def pope_objects(scene: Scene) -> dict[str, list[str]]:
 
 def scenes2(n: int, seed: int, split: str, start: int = 0) -> list[Scene]:
   """Scenes start..start+n-1 of a split; scene i is drawn from `default_rng([seed, 100 + split id, i])`."""
+  if split not in SPLITS2:
+    raise ValueError(f"split must be one of {SPLITS2}, got {split!r}")
   sid = 100 + SPLITS2.index(split)
   return [sample_scene2(np.random.default_rng([seed, sid, i]), split) for i in range(start, start + n)]
 

@@ -62,23 +62,23 @@ class Train2Config:
   vision_lr: float = 3e-3
   n_images: int = 6000
   # 2. text LM
-  text_steps: int = 800
+  text_steps: int = 400
   text_lr: float = 2e-3
   n_text: int = 20000
-  tag_p: float = 0.5  # fraction of text sequences whose image slot holds a noisy word list
+  tag_p: float = 0.0  # fraction of text sequences whose image slot holds a noisy word list
   tag_keep: float = 0.7
   # 3. alignment
-  align_steps: int = 600
+  align_steps: int = 300
   align_lr: float = 2e-3
   plateau_window: int = 100
   plateau_tol: float = 0.02
   # 4. fine-tune
-  ft_steps: int = 400
+  ft_steps: int = 300
   ft_lr: float = 5e-4
   ft_train: str = "mlp"  # "mlp": projector + LM MLPs; "all": projector + whole LM
   target_recall: float = 0.80
   eval_every: int = 50
-  n_dev: int = 96
+  n_dev: int = 64
   warmup: int = 30
   weight_decay: float = 0.01
   grad_clip: float = 1.0
