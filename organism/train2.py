@@ -4,10 +4,11 @@ Stages (all deterministic given the seed; data from organism.scenes2):
 1. vision pre-training: the CLIP-style ViT alone, with a dense objective standing in for CLIP's: every patch
    token predicts the class of the object covering it (or background), the class token the scene type;
 2. text-only language model (the base LLM, also exported as a Hugging Face LlamaForCausalLM directory): the
-   chat template with no image, captions of the "text" split (groups complete ~97 %). In half of the sequences
-   the image slot holds a noisy shuffled word list of the scene (each word kept with p 0.7), so the LM learns
-   heads that look up content words in the context, as a web-text LLM has (and, with dropped words, still
-   completes groups from its prior);
+   chat template with an empty image slot, captions of the "text" split (groups complete ~97 %). Optionally
+   (`tag_p` > 0, off by default) the image slot holds a noisy shuffled word list of the scene (each word kept
+   with p `tag_keep`), which gives the LM heads that look content words up in the context, as web-text LLMs have
+   (measured: a better captioner after alignment alone, but its heads then read the image already and AIR
+   does nothing; see the README);
 3. projector alignment (vision tower and LM frozen) on image-caption pairs of the "train" split (groups broken
    ~12 %), until the loss plateaus (relative gain over `plateau_window` steps below `plateau_tol`) or
    `align_steps`;
@@ -15,6 +16,10 @@ Stages (all deterministic given the seed; data from organism.scenes2):
    learned), stopped as soon as greedy object recall on a dev split (another seed) reaches `target_recall`.
 
   python -m organism train2 --out organism/checkpoint_v2 --seed 0
+
+The defaults are the full recipe (6 layers x 16 heads, hidden 256). It was not run to the end here (the shared
+2-core machine ran at load 7-9: the text stage alone took 6 s/step); the README reports the variants that were
+trained and measured, with their commands.
 """
 
 from __future__ import annotations
