@@ -336,7 +336,11 @@ def export_base_llm(params, config: LlavaConfig, tokenizer, out_dir: str, dtype=
       out["model." + k[len("language_model.model."):]] = np.ascontiguousarray(v.astype(dtype))
     elif k.startswith("language_model.lm_head."):
       out["lm_head." + k[len("language_model.lm_head."):]] = np.ascontiguousarray(v.astype(dtype))
-  save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  st_path = os.path.join(out_dir, "model.safetensors")
+  save_file(out, st_path, metadata={"format": "pt"})
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(st_path, 0o666 & ~mask)  # save_file creates 0600
   text = dict(config_dict(config)["text_config"])
   text.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": np.dtype(dtype).name})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
