@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import time
+import types
 from typing import Sequence
 
 import numpy as np
@@ -128,6 +129,8 @@ def name_logprob(model, scenes, items, with_image: bool, spec=None, text_model=N
   from organism import train2
   from organism.scenes import render
 
+  if not items:
+    return np.zeros(0)
   m_ = text_model or model
   tok = m_.processor.tokenizer if hasattr(m_.processor, "tokenizer") else m_.processor
   template = format_prompt(model.processor, train2.PROMPT)
@@ -160,8 +163,7 @@ def image_token_features(model, scenes) -> np.ndarray:
 
 
 def probe_auc(model, probe_scenes, scenes, items) -> float:
-  from organism.vocab import CLASS_NAMES
-
+  """AUC of per-class linear probes (fit on probe_scenes) on the items' (scene, member) presence."""
   xtr, xte = image_token_features(model, probe_scenes), image_token_features(model, scenes)
   mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
   xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
@@ -172,7 +174,6 @@ def probe_auc(model, probe_scenes, scenes, items) -> float:
     scores[m] = xte @ w + b
   pos = [scores[m][i] for i, m, p in items if p]
   neg = [scores[m][i] for i, m, p in items if not p]
-  del CLASS_NAMES
   return auc(pos, neg)
 
 
@@ -297,9 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   texts, outs = gen(scenes, stats=True)
   res["greedy"] = chair(scenes, texts, vocab)
 
-  class _G:  # concatenated generation outputs for MAI
-    pass
-  g = _G()
+  g = types.SimpleNamespace()  # the batches' generation outputs, concatenated for MAI
   width = max(o.token_ids.shape[1] for o in outs)
   g.token_ids = np.concatenate([np.pad(o.token_ids, ((0, 0), (0, width - o.token_ids.shape[1]))) for o in outs])
   g.num_tokens = np.concatenate([o.num_tokens for o in outs])
@@ -323,20 +322,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   # 3. text-only prior, probe, counterfactual AUC
   traps = [(i, m, False) for i, s in enumerate(scenes) if s.trap for m in s.expected_absent
            if m in scenes2.SCENE_BY_NAME[s.scene_type].group]
-  res["text_only_p_missing"] = float(np.exp(name_logprob(model, scenes, traps, with_image=False)).mean())
+  mean_p = lambda lp: float(np.exp(lp).mean()) if len(lp) else float("nan")
+  res["text_only_p_missing"] = mean_p(name_logprob(model, scenes, traps, with_image=False))
   third = [(i, m, p) for i, m, p in traps if scenes2.SCENE_BY_NAME[scenes[i].scene_type].group[-1] == m]
-  res["text_only_p_missing_third"] = float(np.exp(name_logprob(model, scenes, third, with_image=False)).mean())
+  res["text_only_p_missing_third"] = mean_p(name_logprob(model, scenes, third, with_image=False))
   base = args.base_llm or os.path.join(args.model, "base_llm")
   if os.path.isdir(base):
     from transformers import AutoTokenizer
 
     llm = load_base_llm(base)
     llm.processor = AutoTokenizer.from_pretrained(base)
-    res["base_llm_p_missing"] = float(np.exp(name_logprob(model, scenes, traps, with_image=False,
-                                                          text_model=llm)).mean())
+    res["base_llm_p_missing"] = mean_p(name_logprob(model, scenes, traps, with_image=False, text_model=llm))
   items = slot_items(scenes)
   res["n_items"] = {"present": sum(p for *_, p in items), "absent": sum(not p for *_, p in items)}
-  res["p_missing_with_image"] = float(np.exp(name_logprob(model, scenes, traps, with_image=True)).mean())
+  res["p_missing_with_image"] = mean_p(name_logprob(model, scenes, traps, with_image=True))
   lp = name_logprob(model, scenes, items, with_image=True)
   res["counterfactual_auc"] = auc([x for x, (_, _, p) in zip(lp, items) if p],
                                   [x for x, (_, _, p) in zip(lp, items) if not p])

@@ -41,8 +41,8 @@ from models import clip, llava
 from models.config import LlavaConfig
 from models.params import count_params, init_params
 from organism import scenes2, train as train1
-from organism.scenes import GRID, _object_layer, render
-from organism.quality import caption_objects, is_malformed, malformed_fraction  # noqa: F401 (re-exported)
+from organism.scenes import _object_layer, render
+from organism.quality import caption_objects, malformed_fraction
 from organism.vocab import CLASS_BY_NAME, CLASSES, SCENE_TYPES
 
 PROMPT = train1.PROMPT
