@@ -2,6 +2,7 @@
 
   python -m organism data --out DIR [--n-train 2000] [--n-test 500] [--seed 0] [--size 64]
   python -m organism train --out organism/checkpoint [--seed 0] [--steps 700] [--batch-size 32] ...
+  python -m organism train2 --out organism/checkpoint_v2 [--seed 0] ...   (v2: LM first, organism.train2)
 
 `data` writes the COCO-style dataset root (splits train and test, synonyms.txt) that `python -m eval.chair` reads;
 `train` retrains the shipped checkpoint (same seed and settings -> the same weights on the same machine).
@@ -16,10 +17,11 @@ import time
 from typing import Sequence
 
 
-def _train_flags(p: argparse.ArgumentParser) -> None:
+def _train_flags(p: argparse.ArgumentParser, v2: bool = False) -> None:
   from organism.train import TrainConfig
+  from organism.train2 import Train2Config
 
-  for f in dataclasses.fields(TrainConfig):
+  for f in dataclasses.fields(Train2Config if v2 else TrainConfig):
     p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                    help=f"default {f.default}")
 
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
   t = sub.add_parser("train", help="train the captioner and save a Hugging Face checkpoint")
   t.add_argument("--out", required=True, help="checkpoint directory")
   _train_flags(t)
+  t2 = sub.add_parser("train2", help="train organism v2 (LM first, as LLaVA: organism.train2)")
+  t2.add_argument("--out", required=True, help="checkpoint directory")
+  _train_flags(t2, v2=True)
   return p
 
 
@@ -47,6 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     write_dataset(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed, size=args.size)
     print(f"wrote {args.out} ({args.n_train} train, {args.n_test} test images) in {time.time() - t0:.1f}s")
+    return 0
+  if args.command == "train2":
+    from organism.train2 import Train2Config, train2
+
+    cfg2 = Train2Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Train2Config)})
+    summary = train2(args.out, cfg2, log=lambda s: print(s, flush=True))
+    print(f"{summary['num_parameters']:,} parameters, training {summary['train_seconds']:.0f}s, "
+          f"{summary['checkpoint_bytes'] / 1e6:.1f} MB")
     return 0
   from organism.train import TrainConfig, train
 

@@ -1,0 +1,182 @@
+"""Organism v2 (issue 18): data priors and captions, the staged trainer on a tiny config, tuning constraints,
+the measurement helpers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from organism import scenes2
+from organism.quality import caption_objects, is_malformed, malformed_fraction
+from organism.vocab import CLASS_BY_NAME, GROUP_OF, SCENE_BY_NAME
+
+
+def _break_rate(split: str, n: int) -> float:
+  broken = full = 0
+  for s in scenes2.scenes2(n, 0, split):
+    own = [m for m in SCENE_BY_NAME[s.scene_type].group if m in s.names]
+    broken += len(own) == 2
+    full += len(own) == 3
+  return broken / max(broken + full, 1)
+
+
+def test_priors_per_split():
+  assert _break_rate("text", 4000) < 0.05  # the LM's corpus: groups nearly always complete
+  assert 0.08 < _break_rate("train", 3000) < 0.17  # image-caption data: some broken groups
+  assert 0.4 < _break_rate("test", 1000) < 0.6  # held-out: half traps
+  for split in scenes2.SPLITS2:
+    for s in scenes2.scenes2(400, 1, split):
+      # out-of-context objects are other scenes' singles, in every split alike (no recognition shift)
+      for n in s.unusual:
+        assert n not in GROUP_OF and CLASS_BY_NAME[n].scene != s.scene_type
+  assert [s.to_dict() for s in scenes2.scenes2(5, 3, "test")] == [s.to_dict() for s in scenes2.scenes2(5, 3, "test")]
+  with pytest.raises(ValueError, match="split must be one of"):
+    scenes2.scenes2(1, 0, "val")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  from organism.train2 import build_tokenizer2
+
+  return build_tokenizer2()
+
+
+def test_long_captions_name_the_third_member_late(tokenizer):
+  lengths, third = [], []
+  for s in scenes2.scenes2(600, 2, "train"):
+    cap = scenes2.caption2(s)
+    assert sorted(caption_objects(cap)) == sorted(s.names) and not is_malformed(cap)
+    lengths.append(len(tokenizer.encode(cap, add_special_tokens=False)))
+    group = SCENE_BY_NAME[s.scene_type].group
+    if all(m in s.names for m in group):
+      third.append(scenes2.name_positions(s, tokenizer)[group[-1]])
+  assert min(third) >= 30
+  assert 40 <= np.median(lengths) <= 80 and max(lengths) <= 80
+  s = scenes2.scenes2(1, 0, "test")[0]
+  assert tokenizer.decode(tokenizer.encode(scenes2.caption2(s), add_special_tokens=False)) == scenes2.caption2(s)
+
+
+def test_pope_lists_and_dataset_root(tmp_path):
+  from eval.chair_metric import Vocabulary
+  from eval.coco import CocoImages, GroundTruth
+  from organism.dataset2 import write_dataset2
+
+  write_dataset2(tmp_path, 6, seed=4)
+  vocab = Vocabulary.from_file(tmp_path / "synonyms.txt")
+  images = CocoImages(str(tmp_path), "test")
+  gt = GroundTruth(str(tmp_path), "test", vocab).objects(images.ids)
+  pope = json.loads((tmp_path / "annotations" / "pope_test.json").read_text())["images"]
+  for p, s, i in zip(pope, scenes2.scenes2(6, 4, "test"), images.ids):
+    assert sorted(gt[i]) == sorted(s.names) == sorted(p["present"])
+    assert not set(p["present"]) & set(p["absent_random"])
+    assert p["absent_adversarial"][:len(s.expected_absent)] == list(s.expected_absent)
+    assert sorted(p["absent_popular"]) == sorted(p["absent_random"])
+
+
+def test_malformed_captions():
+  ok = "A photo of a kitchen with a tiled floor, seen from above. There is a fork at the top, red and solid."
+  assert not is_malformed(ok)
+  assert is_malformed(ok + " There is a fork at the top, red and solid.")  # repeated sentence / object
+  assert is_malformed("A photo of a kitchen with a tiled floor, seen from above.")  # no object
+  assert is_malformed(ok[:-1] + " and")  # cut off
+  assert is_malformed("A kitchen with a fork, a fork and a plate.")  # v1 style loop
+  assert malformed_fraction([ok, "nothing"]) == 0.5 and malformed_fraction([]) == 0.0
+
+
+def test_tune_air_selects_under_constraints():
+  from organism.tune_air import Constraints, format_table, select
+
+  def m(cs, rec, prec=0.9, f1=0.85, bad=0.0):
+    return {"CHAIRs": cs, "CHAIRi": cs / 3, "Recall": rec, "Precision": prec, "F1": f1, "malformed": bad}
+
+  rows = [("a", 1, m(0.20, 0.70)), ("b", 2, m(0.25, 0.85, bad=0.10)), ("c", 3, m(0.30, 0.84)),
+          ("d", 4, m(0.28, 0.82, f1=0.5)), ("e", 5, m(0.30, 0.86, f1=0.86))]
+  c = Constraints(min_recall=0.8, min_f1=0.6, max_malformed=0.02)
+  assert c.failures(rows[0][2]) == ["recall<0.8"] and c.failures(rows[1][2]) == ["malformed>0.02"]
+  assert select(rows, c)[0] == "e"  # c and e tie on C_S; e has the higher F1
+  assert select(rows, Constraints(min_recall=0.99)) is None
+  table = format_table([("greedy", None, m(0.4, 0.9))] + rows, c)
+  assert "malf" in table and "recall<0.8" in table and "(baseline)" in table
+
+
+def test_measure_helpers():
+  from organism.measure import auc, fit_logistic, slot_items, slot_prefix
+
+  assert auc([2, 3], [1, 0]) == 1.0 and auc([1], [1]) == 0.5 and auc([0], [1, 2]) == 0.0
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(200, 3))
+  y = (x[:, 0] > 0).astype(float)
+  w, b = fit_logistic(x, y)
+  assert auc((x @ w + b)[y == 1], (x @ w + b)[y == 0]) > 0.99
+  scenes = scenes2.scenes2(60, 8, "test")
+  items = slot_items(scenes)
+  assert any(p for *_, p in items) and any(not p for *_, p in items)
+  for i, m, present in items:
+    s = scenes[i]
+    assert (m in s.names) == present
+    pre = slot_prefix(s, m)
+    assert pre.endswith("There is a" if m[0] not in "aeiou" else "There is an")
+    if present:  # the prefix is exactly the caption before m's sentence
+      assert scenes2.caption2(s).startswith(pre + " " + m)
+
+
+TINY = dict(seed=1, image_size=32, patch_size=8, vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32,
+            text_layers=2, text_heads=4, text_intermediate=64, batch_size=8, vision_steps=3, n_images=16,
+            text_steps=3, n_text=24, align_steps=3, plateau_window=1, ft_steps=2, eval_every=2, n_dev=4,
+            target_recall=1.01, log_every=1, warmup=1)
+
+
+def test_train2_tiny_run_writes_llava_and_base_llm(tmp_path):
+  import air_jax
+  from air_jax.analysis.base_llm import load_base_llm
+  from organism.__main__ import main
+
+  flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+  assert main(["train2", "--out", str(tmp_path / "ckpt"), *flags]) == 0
+  model = air_jax.load_pretrained(str(tmp_path / "ckpt"))
+  assert model.config.text.num_attention_heads == 4
+  llm = load_base_llm(str(tmp_path / "ckpt" / "base_llm"))
+  assert llm.config.text.num_hidden_layers == 2
+  args = json.loads((tmp_path / "ckpt" / "training_args.json").read_text())
+  assert set(args["stages"]) == {"vision", "text", "align", "ft"}
+  assert args["stages"]["ft"]["steps"] == 2 and len(args["stages"]["ft"]["dev"]) == 1  # recall never reached
+  log = [json.loads(x) for x in (tmp_path / "ckpt" / "train_log.jsonl").read_text().splitlines()]
+  assert [r["stage"] for r in log][:3] == ["vision"] * 3 and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_train2_stages_freeze_and_are_deterministic():
+  import jax
+
+  from models.params import init_params
+  from organism import train2
+  from organism.train import build_processor
+
+  cfg = train2.Train2Config(**{**TINY, "n_images": 8})
+  tok = train2.build_tokenizer2()
+  config = train2.model_config2(cfg, tok)
+  proc = build_processor(tok, cfg.image_size, cfg.patch_size)
+  data = train2.image_data(proc, scenes2.scenes2(8, 0, "train"), cfg.image_size, cfg.patch_size)
+  cap = {k: data[k] for k in ("pixel_values", "input_ids", "attention_mask", "loss_mask")}
+  p0 = jax.tree.map(np.asarray, init_params(config, jax.random.PRNGKey(0)))
+
+  def run(stage):
+    p, info = train2._fit(dict(p0), train2.lm_loss, config, train2._trainable(p0, stage), cap, 3, 1e-2, cfg, 4,
+                          lambda s: None, stage)
+    return jax.tree.map(np.asarray, p), info
+
+  pa, _ = run("align")
+  again, _ = run("align")
+  jax.tree.map(np.testing.assert_array_equal, pa, again)  # bit-identical by seed
+  for top in ("vision_tower", "language_model", "lm_head"):
+    jax.tree.map(np.testing.assert_array_equal, pa[top], p0[top])  # alignment trains the projector only
+  assert not np.array_equal(pa["multi_modal_projector"]["linear_1"]["weight"],
+                            p0["multi_modal_projector"]["linear_1"]["weight"])
+  pf, _ = run("ft")
+  att = pf["language_model"]["layers"]["self_attn"]
+  jax.tree.map(np.testing.assert_array_equal, att, p0["language_model"]["layers"]["self_attn"])  # attention kept
+  assert not np.array_equal(pf["language_model"]["layers"]["mlp"]["up_proj"]["weight"],
+                            p0["language_model"]["layers"]["mlp"]["up_proj"]["weight"])
+  labels = train2.patch_labels(scenes2.scenes2(1, 0, "train")[0], 64, 8)
+  assert labels.shape == (64,) and labels.max() > 0 and (labels == 0).sum() > 20
