@@ -159,6 +159,12 @@ def sample_scene(rng: np.random.Generator, split: str) -> Scene:
     names.append(st.single)
   names = _order(names)
   assert 1 <= len(names) <= MAX_OBJECTS, names
+  return place_scene(rng, st, names, split, trap)
+
+
+def place_scene(rng: np.random.Generator, st, names: list[str], split: str, trap: bool) -> Scene:
+  """The Scene of scene type `st` holding `names` (already ordered): grid cells, jitter, scale, noise, brightness
+  drawn from `rng` in that order (v1 and v2 scenes share it, so their draws stay reproducible)."""
   cells = rng.permutation(GRID * GRID)[:len(names)]
   objects = []
   for name, cell in zip(names, cells):

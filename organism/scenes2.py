@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from organism.scenes import GRID, JITTER, SCALE_RANGE, PlacedObject, Scene, _order, expected_absent
+from organism.scenes import GRID, PlacedObject, Scene, _order, place_scene
 from organism.vocab import CLASS_BY_NAME, CLASS_NAMES, SCENE_BY_NAME, SCENE_TYPES
 
 SPLITS2: tuple[str, ...] = ("text", "train", "test")
@@ -68,17 +68,7 @@ def sample_scene2(rng: np.random.Generator, split: str) -> Scene:
     names.append(others[int(rng.integers(len(others)))].single)
   if not names:
     names.append(st.single)
-  names = _order(names)
-  cells = rng.permutation(GRID * GRID)[:len(names)]
-  objects = []
-  for name, cell in zip(names, cells):
-    dx, dy = rng.uniform(-JITTER, JITTER, size=2)
-    scale = rng.uniform(*SCALE_RANGE)
-    objects.append(PlacedObject(name, int(cell) // GRID, int(cell) % GRID, float(dx), float(dy), float(scale)))
-  return Scene(
-    scene_type=st.name, split=split, objects=tuple(objects), expected_absent=expected_absent(names),
-    unusual=tuple(n for n in names if CLASS_BY_NAME[n].scene != st.name), trap=trap,
-    noise_seed=int(rng.integers(2**31)), brightness=float(rng.uniform(-6.0, 6.0)))
+  return place_scene(rng, st, _order(names), split, trap)
 
 
 def _article(word: str) -> str:
