@@ -19,7 +19,9 @@ Config and checkpoint
     stacked on a leading L axis. This is the tree `convert.checkpoint.load_params` fills and `jax.eval_shape`
     counts.
   - `key_prefixes`: ((checkpoint prefix, canonical prefix), ...), longest first, covering every known
-    transformers key layout (legacy hub, 4.5x `model.*`, 5.x). `ignored_keys`: regexes of non-parameter buffers.
+    transformers key layout (legacy hub, 4.5x `model.*`, 5.x). `stack_renames`: ((canonical prefix, stacked
+    prefix), ...) for towers whose per-layer keys are named otherwise than their stacked param (e.g. Qwen's
+    `visual.blocks.{i}` -> `visual.layers`). `ignored_keys`: regexes of non-parameter buffers.
     `skip_key(name, config)`: canonical names present in some checkpoints but not parameters of this config
     (e.g. a tied `lm_head.weight`). The loader checks that every other key is used and every param filled with
     the right shape.
@@ -128,6 +130,7 @@ class Family:
   architectures: tuple[str, ...] = ()
   config_types: tuple[type, ...] = ()
   key_prefixes: tuple[tuple[str, str], ...] = ()
+  stack_renames: tuple[tuple[str, str], ...] = ()
   ignored_keys: tuple[re.Pattern, ...] = (re.compile(r"\.rotary_emb\.inv_freq$"),
                                           re.compile(r"embeddings\.position_ids$"))
   decoder_path: str = "language_model"
@@ -153,7 +156,11 @@ class Family:
   def canonical_key(self, key: str) -> str | None:
     for old, new in self.key_prefixes:
       if key.startswith(old):
-        return new + key[len(old):]
+        name = new + key[len(old):]
+        for per_layer, stacked in self.stack_renames:
+          if name.startswith(per_layer):
+            return stacked + name[len(per_layer):]
+        return name
     return None
 
   # ---- processor and inputs ----

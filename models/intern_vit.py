@@ -1,7 +1,7 @@
 """InternViT (transformers `InternVLVisionModel`): pre-norm ViT with layer scale, LayerNorm or RMSNorm, optional qk norm.
 
 Params (transformers names, except that the stacked encoder layers are called `layers`: the checkpoint's
-`encoder.layer.{i}.X` is `encoder.layers.X[i]`, see models.internvl.InternVLFamily.canonical_key):
+`encoder.layer.{i}.X` is `encoder.layers.X[i]`, see models.internvl.InternVLFamily.stack_renames):
   embeddings.{cls_token [1, 1, E], patch_embeddings.projection.{weight [E, C, p, p], bias [E]},
               position_embeddings [1, N+1, E] (if absolute), mask_token [1, 1, E] (if use_mask_token; unused here)}
   encoder.layers.{layernorm_before, attention.{q,k,v}_proj (+bias if attention_bias), attention.{q,k}_norm (if qk

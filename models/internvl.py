@@ -246,13 +246,7 @@ class InternVLFamily(LlamaDecoderFamily):
   architectures = ("InternVLForConditionalGeneration",)
   config_types = (InternVLConfig,)
   key_prefixes = KEY_PREFIXES
-
-  def canonical_key(self, key):
-    name = super().canonical_key(key)
-    stack = "vision_tower.encoder.layer."
-    if name is not None and name.startswith(stack):  # stacked like decoder layers
-      name = "vision_tower.encoder.layers." + name[len(stack):]
-    return name
+  stack_renames = (("vision_tower.encoder.layer.", "vision_tower.encoder.layers."),)  # stacked like decoder layers
 
   def parse_config(self, raw):
     return config_from_dict(raw)

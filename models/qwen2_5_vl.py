@@ -294,12 +294,7 @@ class Qwen25VLFamily(LlamaDecoderFamily):
   architectures = ("Qwen2_5_VLForConditionalGeneration",)
   config_types = (Qwen25VLConfig,)
   key_prefixes = KEY_PREFIXES
-
-  def canonical_key(self, key):
-    name = super().canonical_key(key)
-    if name is not None and name.startswith("visual.blocks."):  # stacked like decoder layers
-      name = "visual.layers." + name[len("visual.blocks."):]
-    return name
+  stack_renames = (("visual.blocks.", "visual.layers."),)  # stacked like decoder layers
 
   def parse_config(self, raw):
     return config_from_dict(raw)

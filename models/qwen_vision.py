@@ -6,7 +6,7 @@ Flat patches of every image of a batch form one sequence; blocks attend within w
 RMSNorm + SwiGLU blocks, and a merger (RMSNorm, 2x2 concat, MLP) give one feature per 2x2 patches.
 
 Params (transformers names, except that the stacked blocks are called `layers`: the checkpoint's
-`visual.blocks.{i}.X` is `visual.layers.X[i]`, see models.qwen2_5_vl.Qwen25VLFamily.canonical_key):
+`visual.blocks.{i}.X` is `visual.layers.X[i]`, see models.qwen2_5_vl.Qwen25VLFamily.stack_renames):
   patch_embed.proj.weight [E, C, Tp, p, p]
   layers.{norm1, norm2, attn.{qkv [3E, E] + bias, proj}, mlp.{gate_proj, up_proj, down_proj} (+ biases)}
   merger.{ln_q.weight [E], mlp.0 [4E, 4E], mlp.2 [O, 4E]}
