@@ -68,14 +68,19 @@ class Timed:
                                                                   eos_ids=(), pad_id=0))
       return fn.lower(*args).compile()
 
+    out = self._build(make, args, n)
+    assert int(out["steps"]) == n
+
+  def _build(self, make, args, n: int) -> dict:
+    """Compiles make(n) and make(1) (timed), runs both once, resets the timings; returns the n-token output."""
     t = time.perf_counter()
     self.full, self.one = make(n), make(1)
     self.compile_s = time.perf_counter() - t
     self.args, self.n = args, n
     out = jax.block_until_ready(self.full(*args))
-    assert int(out["steps"]) == n
     jax.block_until_ready(self.one(*args))
     self.best_full = self.best_one = float("inf")
+    return out
 
   def time_once(self) -> None:
     t = time.perf_counter()
@@ -112,15 +117,9 @@ class TimedSearch(Timed):
                                                       early_stopping=plan.early_stopping))
       return fn.lower(*args).compile()
 
-    t = time.perf_counter()
-    self.full, self.one = make(n), make(1)
-    self.compile_s = time.perf_counter() - t
-    self.args, self.n = args, n
-    out = jax.block_until_ready(self.full(*args))
+    out = self._build(make, args, n)
     assert int(out["num_tokens"][0]) == n
     self.rollbacks, self.iterations = int(out["rollbacks"][0]), int(out["iterations"][0])
-    jax.block_until_ready(self.one(*args))
-    self.best_full = self.best_one = float("inf")
 
 
 class BenchTokenizer:
@@ -199,16 +198,8 @@ class TimedHalc(Timed):
     self.compile_s = time.perf_counter() - t
     assert int(out["num_tokens"][0]) == n
     self.checked, self.corrections = int(out["checked"][0]), int(out["corrections"][0])
-    self.n = n
+    self.args, self.n = (), n  # Timed.time_once calls the searches without arguments
     self.best_full = self.best_one = float("inf")
-
-  def time_once(self) -> None:
-    t = time.perf_counter()
-    self.one()
-    self.best_one = min(self.best_one, time.perf_counter() - t)
-    t = time.perf_counter()
-    self.full()
-    self.best_full = min(self.best_full, time.perf_counter() - t)
 
 
 def timed(ours, params, ids, pixels, n: int, cfg):
