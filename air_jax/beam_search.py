@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from air_jax import decoding
+from models.family import family_of
 
 NEG = -1.0e9  # transformers' "impossible" score
 
@@ -49,14 +50,11 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def reorder_rows(tree, rows: jax.Array, batch_axes):
-  """Gathers the batch rows of a cache pytree (`batch_axes` mirrors it: the batch axis of each leaf)."""
-  return jax.tree.map(lambda x, a: jnp.take(x, rows, axis=a), tree, batch_axes)
-
-
-def cache_batch_axes(cache):
-  """The batch axis of each cache leaf: [L, B, S, K, D] stacked (1) or per-layer [B, S, K, D] (0)."""
-  return jax.tree.map(lambda x: 1 if isinstance(cache, dict) else 0, cache)
+def reorder_cache(config, cache, rows: jax.Array):
+  """Gathers the batch rows `rows` [R] of a family's cache (through its `cache_view`) -> a cache of R rows."""
+  fam = family_of(config)
+  view, batch_axes, _ = fam.cache_view(config, cache)
+  return fam.cache_from_view(config, jax.tree.map(lambda x, a: jnp.take(x, rows, axis=a), view, batch_axes))
 
 
 def _is_eos(tokens, eos_ids):
@@ -131,7 +129,7 @@ def beam_search_tokens(params, config, input_ids, attention_mask, pixel_values, 
   logits, state, _ = decoding.prefill(params, config, input_ids, attention_mask, pixel_values, spec, cache_size)
   # Every beam of an example starts from the same prompt: prefill once, copy the rows K times.
   rows = jnp.repeat(jnp.arange(b), k)
-  state = state.replace(cache=reorder_rows(state.cache, rows, cache_batch_axes(state.cache)),
+  state = state.replace(cache=reorder_cache(config, state.cache, rows),
                         key_segments=state.key_segments[rows], next_position=state.next_position[rows])
   logits = logits[rows]
   fill = pad_id
@@ -153,7 +151,7 @@ def beam_search_tokens(params, config, input_ids, attention_mask, pixel_values, 
       log_probs = scores_hook(log_probs, i, state)
     bs, parents = step(bs, log_probs, i)
     flat = (jnp.arange(b)[:, None] * k + parents).reshape(-1)
-    state = state.replace(cache=reorder_rows(state.cache, flat, cache_batch_axes(state.cache)))
+    state = state.replace(cache=reorder_cache(config, state.cache, flat))
     return bs, state
 
   bs, state = advance(0, logits, state, bs)

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from air_jax import decoding
-from air_jax.beam_search import cache_batch_axes, reorder_rows
+from air_jax.beam_search import reorder_cache
 from models.family import family_of
 from models.segments import IMAGE, PAD, TEXT
 
@@ -158,7 +158,8 @@ class Carry:
   ban_beam: jax.Array  # [N + 2, C * K]
   ban_tok: jax.Array  # [N + 2, C * K]
   ban_n: jax.Array  # [N + 2]
-  kvlog: dict  # the cache's leaves with the slot axis replaced by a leading [N]: the slot each token wrote
+  kvlog: dict  # the cache view's leaves (Family.cache_view) with the slot axis removed and a leading [N]: the
+  # slot each token wrote
   attnlog: jax.Array  # [N, K, N]
   sumlog: jax.Array  # [N, K]
   parentlog: jax.Array  # [N, K] beam parents chosen at each position
@@ -172,8 +173,7 @@ def _search_one(params, config, logits0, dec0, off, fin_len, values, *, k, c, n,
   """The search of ONE example: logits0 [1, V] and dec0 (one row) from the prefill -> (tokens [N], num, stats)."""
   fam = family_of(config)
   rows = jnp.zeros((k,), jnp.int32)
-  axes = cache_batch_axes(dec0.cache)
-  dec0 = dec0.replace(cache=reorder_rows(dec0.cache, rows, axes), key_segments=dec0.key_segments[rows],
+  dec0 = dec0.replace(cache=reorder_cache(config, dec0.cache, rows), key_segments=dec0.key_segments[rows],
                       next_position=dec0.next_position[rows])
   np0 = dec0.next_position
   image = dec0.key_segments == IMAGE  # [K, S]
@@ -209,8 +209,9 @@ def _search_one(params, config, logits0, dec0, off, fin_len, values, *, k, c, n,
     logits, dec, row = feed(dec, tokens)
     j = dec.write_index - 1 - t
     cols, total = row[:, t:t + n], row.sum(-1)
-    kvlog = jax.tree.map(lambda lg, x, a: lg.at[j].set(jax.lax.dynamic_index_in_dim(x, t + j, a + 1, False)),
-                         cy.kvlog, dec.cache, axes)
+    view, _, slot_axes = fam.cache_view(config, dec.cache)
+    kvlog = jax.tree.map(lambda lg, x, a: lg.at[j].set(jax.lax.dynamic_index_in_dim(x, t + j, a, False)),
+                         cy.kvlog, view, slot_axes)
     return cy.replace(logits=logits, dec=dec, kvlog=kvlog, attnlog=cy.attnlog.at[j].set(cols),
                       sumlog=cy.sumlog.at[j].set(total), hist=cy.hist.at[:, j].set(cols),
                       hist_sum=cy.hist_sum.at[:, j].set(total))
@@ -257,7 +258,7 @@ def _search_one(params, config, logits0, dec0, off, fin_len, values, *, k, c, n,
                       snaps=jax.tree.map(lambda a, x: a.at[s + 1].set(x), cy.snaps, sc),
                       locs=jnp.where(cy.redo, cy.locs, locs), parentlog=cy.parentlog.at[s].set(parents),
                       toklog=cy.toklog.at[s].set(tokens), hist=cy.hist[parents], hist_sum=cy.hist_sum[parents])
-      return cy, cy.dec.replace(cache=reorder_rows(cy.dec.cache, parents, axes)), tokens
+      return cy, cy.dec.replace(cache=reorder_cache(config, cy.dec.cache, parents)), tokens
 
     def roll_back(cy):
       def step(a, j):  # ancestry of the beams of position q: rows of position j's log
@@ -268,15 +269,17 @@ def _search_one(params, config, logits0, dec0, off, fin_len, values, *, k, c, n,
       _, anc = jax.lax.scan(step, jnp.arange(k), jnp.arange(n)[::-1])
       anc = anc[::-1]  # [N, K]
 
-      def restore(x, lg, a):
-        g = jax.vmap(lambda l, i: jnp.take(l, i, axis=a))(lg, anc)
-        return jax.lax.dynamic_update_slice_in_dim(x, jnp.moveaxis(g, 0, a + 1).astype(x.dtype), t, axis=a + 1)
+      def restore(x, lg, a, sa):  # x a view leaf, batch axis a and slot axis sa; lg [N, view without slot]
+        g = jax.vmap(lambda l, i: jnp.take(l, i, axis=a if a < sa else a - 1))(lg, anc)
+        return jax.lax.dynamic_update_slice_in_dim(x, jnp.moveaxis(g, 0, sa).astype(x.dtype), t, axis=sa)
 
       keep = (r < q - 1)[None, :]
       hist = jnp.where(keep[..., None], jnp.swapaxes(jax.vmap(lambda l, i: l[i])(cy.attnlog, anc), 0, 1), 0.0)
       hist_sum = jnp.where(keep, jax.vmap(lambda l, i: l[i])(cy.sumlog, anc).T, 0.0)
       sq = jax.tree.map(lambda x: x[q], cy.snaps)
-      dec = cy.dec.replace(cache=jax.tree.map(restore, cy.dec.cache, cy.kvlog, axes), write_index=t + q - 1,
+      view, batch_axes, slot_axes = fam.cache_view(config, cy.dec.cache)
+      restored = fam.cache_from_view(config, jax.tree.map(restore, view, cy.kvlog, batch_axes, slot_axes))
+      dec = cy.dec.replace(cache=restored, write_index=t + q - 1,
                            next_position=np0 + q - 1)
       ban_beam = jax.lax.dynamic_update_slice(cy.ban_beam, cy.parentlog[q][None], (p, cy.ban_n[p]))
       ban_tok = jax.lax.dynamic_update_slice(cy.ban_tok, cy.toklog[q][None], (p, cy.ban_n[p]))
@@ -292,7 +295,8 @@ def _search_one(params, config, logits0, dec0, off, fin_len, values, *, k, c, n,
     return log_feed(cy, dec, feed_tokens).replace(iters=cy.iters + 1)
 
   sc0 = scorer_init(k, n, pad_id)
-  kvlog = jax.tree.map(lambda x, a: jnp.zeros((n,) + x.shape[:a + 1] + x.shape[a + 2:], x.dtype), dec0.cache, axes)
+  view0, _, slot_axes0 = fam.cache_view(config, dec0.cache)
+  kvlog = jax.tree.map(lambda x, a: jnp.zeros((n,) + x.shape[:a] + x.shape[a + 1:], x.dtype), view0, slot_axes0)
   cy = Carry(pos=jnp.int32(0), redo=jnp.asarray(False), ban_pos=jnp.int32(0), logits=logits0[rows].astype(jnp.float32),
              dec=dec0, sc=sc0, snaps=jax.tree.map(lambda x: jnp.broadcast_to(x, (n + 1,) + x.shape), sc0),
              hist=jnp.zeros((k, n, n), jnp.float32), hist_sum=jnp.zeros((k, n), jnp.float32),
@@ -330,17 +334,20 @@ def opera_search(params, config, input_ids, attention_mask, pixel_values, values
   fin = jnp.where(whole, official + n, n)
   one = functools.partial(_search_one, params, config, values=values, k=k, c=c, n=n, t=t, eos_ids=eos_ids,
                           pad_id=pad_id, early_stopping=early_stopping)
-  axes = cache_batch_axes(state.cache)
+  fam = family_of(config)
+  view, axes, _ = fam.cache_view(config, state.cache)
   if b == 1:
     tokens, num, rb, it = one(logits, state, off[0], fin[0])
     tokens, num, rb, it = tokens[None], num[None], rb[None], it[None]
   else:
     split = lambda x, a: x.reshape(x.shape[:a] + (b, 1) + x.shape[a + 1:])
-    st = decoding.DecodeState(cache=jax.tree.map(split, state.cache, axes), key_segments=split(state.key_segments, 0),
+    st = decoding.DecodeState(cache=jax.tree.map(split, view, axes), key_segments=split(state.key_segments, 0),
                               next_position=split(state.next_position, 0), write_index=state.write_index)
     in_axes = decoding.DecodeState(cache=axes, key_segments=0, next_position=0, write_index=None)
-    tokens, num, rb, it = jax.vmap(lambda lg, s, o, f: one(lg, s, o, f), in_axes=(0, in_axes, 0, 0))(
-        split(logits, 0), st, off, fin)
+    # Each vmapped item sees a one-row cache view; back to the family's cache layout before the search.
+    tokens, num, rb, it = jax.vmap(
+        lambda lg, s, o, f: one(lg, s.replace(cache=fam.cache_from_view(config, s.cache)), o, f),
+        in_axes=(0, in_axes, 0, 0))(split(logits, 0), st, off, fin)
   return {"tokens": tokens, "num_tokens": num, "rollbacks": rb, "iterations": it}
 
 

@@ -108,13 +108,15 @@ def plan(path: str, devices: int, dtype="bfloat16", *, model_parallel: int | Non
   _, state, _ = jax.eval_shape(lambda p, i: decoding.prefill(p, config, i, jnp.ones(i.shape, jnp.int32), None, None,
                                                              s), abstract, ids)
   kv_bytes = 0
-  for leaf in jax.tree.leaves(state.cache):
-    # [L, B, S, K, D] (Llama layout): batch over data; the KV-head axis over model when divisible.
+  view, batch_axes, _ = fam.cache_view(config, state.cache)
+  for leaf, ax in zip(jax.tree.leaves(view), jax.tree.leaves(batch_axes)):
+    # e.g. [L, B, S, K, D] (Llama, stacked): batch over data; the KV-head axis over model when divisible.
     spec = [None] * leaf.ndim
-    if b in leaf.shape and b % dp == 0:
-      spec[list(leaf.shape).index(b)] = DATA
-    if d.num_key_value_heads in leaf.shape and d.num_key_value_heads % mp == 0:
-      spec[len(leaf.shape) - 1 - list(leaf.shape)[::-1].index(d.num_key_value_heads)] = MODEL
+    if b % dp == 0:
+      spec[ax] = DATA
+    heads = [i for i, n in enumerate(leaf.shape) if n == d.num_key_value_heads and i != ax]
+    if heads and d.num_key_value_heads % mp == 0:
+      spec[heads[-1]] = MODEL
     kv_bytes += per_device_bytes(leaf.shape, leaf.dtype.itemsize, PartitionSpec(*spec), mesh_shape)
 
   bl = math.ceil(b / dp)

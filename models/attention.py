@@ -6,6 +6,11 @@ Shape legend:
   (equal to D except in multi-head latent attention, see models.mla).
 Sites (see models.rectify): `scores` [B, H, T, S] and `pattern` [B, H, T, S] in float32, `z` [B, T, H, D].
 Query head h reads key/value head h // G (transformers' `repeat_kv` order).
+
+Key/value layouts (`kv_layout`): "bskd" k [B, S, K, D], v [B, S, K, Dv] (a chunk, or a stacked cache), and
+"heads_major" k [B*K, D, S], v [B*K, Dv, S] (the per-layer KV cache, see models.llama.init_cache). The second is
+what XLA:CPU's batched matrix-vector kernels read in place: with "bskd" every decoding step copies (transposes)
+the whole cache twice per layer, which dominated decoding at long prompts (LLaVA-NeXT's 1300+ image tokens).
 """
 
 from __future__ import annotations
@@ -45,10 +50,13 @@ def attend(
     want_stats: bool = False,
     own: tuple | None = None,
     scale: float | None = None,
+    kv_layout: str = "bskd",
 ) -> tuple[jax.Array, dict]:
   """q [B, T, H, D], k [B, S, K, D], v [B, S, K, Dv] -> z [B, T, H, Dv] (after the `z` site) and extras.
 
   scale: the logit scale (default D ** -0.5).
+  kv_layout: "bskd", or "heads_major" for k [B*K, D, S], v [B*K, Dv, S] (see the module docstring); the
+  result is the same.
 
   own: optional (k_own, v_own [B, 1, K, D], slot []) for a read-only cache: the single query row's own key and
   value stand at `slot` instead of whatever k/v hold there, exactly as if they had been written to it. k/v can
@@ -58,11 +66,21 @@ def attend(
   row on system / image / text keys, after interventions) when want_stats.
   """
   b, t, h, d = q.shape
-  kv, dv = k.shape[2], v.shape[-1]
+  if kv_layout == "bskd":
+    kv, dv = k.shape[2], v.shape[-1]
+  elif kv_layout == "heads_major":
+    kv, dv = k.shape[0] // b, v.shape[1]
+  else:
+    raise ValueError(f"kv_layout must be 'bskd' or 'heads_major', got {kv_layout!r}")
   g = h // kv
   scale = d**-0.5 if scale is None else scale
   qg = q.reshape(b, t, kv, g, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(scale, q.dtype)
+  if kv_layout == "bskd":
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k)
+  else:  # rows m = (g, t) of each (b, k) pair against its [D, S] key block
+    qn = qg.transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, d)
+    scores = jnp.einsum("nmd,nds->nms", qn, k).reshape(b, kv, g, t, -1)
+  scores = scores * jnp.asarray(scale, q.dtype)
   scores = scores.reshape(b, h, t, -1).astype(jnp.float32)
   if own is not None:
     k_own, v_own, slot = own
@@ -81,10 +99,17 @@ def attend(
   pattern = rectify.edit_pattern(pattern, spec_l, ctx)
   pattern = _extra_ops(spec_l, "edit_pattern", pattern, ctx)
   p5 = pattern.astype(v.dtype).reshape(b, kv, g, t, -1)
+
+  def values(p):  # p [B, K, G, T, S] -> [B, T, K, G, Dv]
+    if kv_layout == "bskd":
+      return jnp.einsum("bkgts,bskd->btkgd", p, v)
+    zn = jnp.einsum("nms,nds->nmd", p.reshape(b * kv, g * t, -1), v)
+    return zn.reshape(b, kv, g, t, dv).transpose(0, 3, 1, 2, 4)
+
   if own is None:
-    z = jnp.einsum("bkgts,bskd->btkgd", p5, v).reshape(b, t, h, dv)
+    z = values(p5).reshape(b, t, h, dv)
   else:
-    z = jnp.einsum("bkgts,bskd->btkgd", jnp.where(at_slot, 0.0, p5), v)
+    z = values(jnp.where(at_slot, 0.0, p5))
     z = (z + jnp.einsum("bkgt,btkd->btkgd", p5[..., slot], v_own)).reshape(b, t, h, dv)
   z = rectify.edit_z(z, spec_l, ctx)
   extras = {}

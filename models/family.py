@@ -67,7 +67,10 @@ Model functions (pure, jit/vmap-able; `params` is the whole param tree, `vision`
     `cache_write=False` (one row) the cache is read only and the row's own key stands in at `write_index`
     (`attend(own=...)`). extras: "attentions" [L, B, H, T, S] and/or "segment_mass" [L, B, H, 3].
   - `init_cache(params, config, batch, size, dtype) -> cache`: an opaque pytree; decoding only threads it
-    through `decoder` and never looks inside. A family with another cache (e.g. DeepSeek-V2's MLA latent cache
+    through `decoder`. Searches that move whole rows (beam search, OPERA's roll-back log) look at it only through
+    `cache_view(config, cache) -> (view, batch_axes, slot_axes)` and `cache_from_view(config, view)`: the
+    leaves reshaped (no copy) so the batch has an axis of its own (e.g. the Llama per-layer cache [B*K, D, S]
+    is viewed as [B, K, D, S]). A family with another cache (e.g. DeepSeek-V2's MLA latent cache
     {"latent": [L, B, S, r], "k_rope": [L, B, S, d_r]}) returns that here and reads/writes it in its own
     decoder; the only rule is that slot s of every cache array holds the token at column s of
     [prompt | generated], so `write_index` and the key segments index it. Choose the layout (stacked vs
@@ -216,6 +219,18 @@ class Family:
 
   def per_layer_params(self, params):
     return params
+
+  def cache_view(self, config, cache):
+    """(view, batch_axes, slot_axes): the cache with every leaf reshaped (no copy) to have a batch axis of its own,
+    and per leaf the index of that axis and of the slot axis. Default: the cache is its own view, stacked
+    (a dict: [L, B, S, ...]) or per layer (a sequence: [B, S, ...])."""
+    stacked = isinstance(cache, dict)
+    return (cache, jax.tree.map(lambda _: 1 if stacked else 0, cache),
+            jax.tree.map(lambda _: 2 if stacked else 1, cache))
+
+  def cache_from_view(self, config, view):
+    """Inverse of `cache_view`; the batch axis may have changed size (beams, split examples)."""
+    return view
 
   def supports_layer_reuse(self, config) -> bool:
     """True when the decoder is a plain pre-norm Llama stack (models.llama_parts: 1-D RoPE, no sliding window,

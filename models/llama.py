@@ -3,8 +3,10 @@
 Params: embed_tokens.weight [V, E]; layers.{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
 mlp.{gate,up,down}_proj} with a leading layer axis L; norm.weight [E]; lm_head.weight [V, E] unless tied.
 `layers` may also be a tuple of per-layer trees (`unstack_layers`), run as a Python loop (faster decoding on CPU).
-Cache: {"k", "v"} of shape [L, B, S, K, D] (or a tuple of per-layer {"k", "v"} [B, S, K, D]); a chunk of T tokens is written at slot `write_index` and attends to
-every visible slot. The cache is returned updated, never mutated.
+Cache: {"k", "v"} of shape [L, B, S, K, D] with stacked layers, or with per-layer layers a tuple of per-layer
+{"k", "v"} [B*K, D, S] (heads major, slots minor: the layout XLA:CPU's decoding kernels read in place, see
+models.attention; `cache_view` gives it a separate batch axis). A chunk of T tokens is written at slot
+`write_index` and attends to every visible slot. The cache is returned updated, never mutated.
 """
 
 from __future__ import annotations
@@ -31,8 +33,14 @@ def lm_head(params: dict, lm_params: dict | None, hidden: jax.Array) -> jax.Arra
   return jnp.einsum("...e,ve->...v", hidden, w.astype(hidden.dtype)).astype(jnp.float32)
 
 
+def _to_heads_major(x: jax.Array) -> jax.Array:
+  """[B, T, K, D] -> [B*K, D, T] (the per-layer cache layout)."""
+  b, t, kv, d = x.shape
+  return x.transpose(0, 2, 3, 1).reshape(b * kv, d, t)
+
+
 def _layer(cfg: TextConfig, p, x, cos, sin, ctx, spec_l, cache_kv, write_index, want_pattern, want_stats,
-           cache_write=True):
+           cache_write=True, kv_layout="bskd"):
   b, t, _ = x.shape
   h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   a = p["self_attn"]
@@ -43,16 +51,21 @@ def _layer(cfg: TextConfig, p, x, cos, sin, ctx, spec_l, cache_kv, write_index, 
     q, k = rms_norm(a["q_norm"], q, cfg.rms_norm_eps), rms_norm(a["k_norm"], k, cfg.rms_norm_eps)
   q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
   v = linear(a["v_proj"], y).reshape(b, t, kv, d)
-  own = None
+  own, layout = None, "bskd"
   if cache_kv is not None and cache_write:
     ck, cv = cache_kv
-    ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_index, axis=1)
-    cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_index, axis=1)
-    k, v, cache_kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
+    if kv_layout == "heads_major":
+      kw, vw, axis = _to_heads_major(k), _to_heads_major(v), 2
+    else:
+      kw, vw, axis = k, v, 1
+    ck = jax.lax.dynamic_update_slice_in_dim(ck, kw.astype(ck.dtype), write_index, axis=axis)
+    cv = jax.lax.dynamic_update_slice_in_dim(cv, vw.astype(cv.dtype), write_index, axis=axis)
+    k, v, cache_kv, layout = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv), kv_layout
   elif cache_kv is not None:  # read-only cache: the row's own k/v stand in at write_index (see attend)
     own = (k, v, write_index)
-    k, v = cache_kv[0].astype(q.dtype), cache_kv[1].astype(q.dtype)
-  z, extras = attend(q, k, v, ctx, spec_l, want_pattern=want_pattern, want_stats=want_stats, own=own)
+    k, v, layout = cache_kv[0].astype(q.dtype), cache_kv[1].astype(q.dtype), kv_layout
+  z, extras = attend(q, k, v, ctx, spec_l, want_pattern=want_pattern, want_stats=want_stats, own=own,
+                     kv_layout=layout)
   x = x + linear(a["o_proj"], z.reshape(b, t, h * d))
   y = rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps)
   m = p["mlp"]
@@ -106,7 +119,7 @@ def decoder(
       spec_l = layer_slice(spec, li)
       cache_kv = None if cache is None else (cache[li]["k"], cache[li]["v"])
       x, cache_kv, extras = _layer(cfg, p, x, cos, sin, ctx, spec_l, cache_kv, write_index, output_attentions,
-                                   output_stats, cache_write)
+                                   output_stats, cache_write, kv_layout="heads_major")
       per_layer.append(extras)
       hidden.append(x)
       if cache is not None:
@@ -171,9 +184,30 @@ def stack_layers(params: dict) -> dict:
 
 
 def init_cache(cfg: TextConfig, batch: int, size: int, dtype, per_layer: bool = False):
-  """Zeros: {"k", "v"} [L, B, S, K, D], or with per_layer a tuple of L {"k", "v"} [B, S, K, D]."""
-  shape = (batch, size, cfg.num_key_value_heads, cfg.head_dim)
+  """Zeros: {"k", "v"} [L, B, S, K, D], or with per_layer a tuple of L {"k", "v"} [B*K, D, S]."""
+  kv, d = cfg.num_key_value_heads, cfg.head_dim
   if per_layer:
+    shape = (batch * kv, d, size)
     return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers))
-  shape = (cfg.num_hidden_layers,) + shape
+  shape = (cfg.num_hidden_layers, batch, size, kv, d)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cache_view(cfg: TextConfig, cache):
+  """(view, batch_axes, slot_axes): the cache's leaves reshaped (no copy) so the batch has an axis of its own.
+
+  Stacked {"k", "v"} [L, B, S, K, D] is its own view (batch axis 1, slot axis 2); per-layer [B*K, D, S] leaves
+  are viewed as [B, K, D, S] (batch 0, slot 3). `cache_from_view` inverts it.
+  """
+  if isinstance(cache, dict):
+    return cache, jax.tree.map(lambda _: 1, cache), jax.tree.map(lambda _: 2, cache)
+  kv = cfg.num_key_value_heads
+  view = jax.tree.map(lambda x: x.reshape(x.shape[0] // kv, kv, *x.shape[1:]), cache)
+  return view, jax.tree.map(lambda _: 0, cache), jax.tree.map(lambda _: 3, cache)
+
+
+def cache_from_view(cfg: TextConfig, view):
+  """Inverse of `cache_view` (the batch may have changed size, e.g. beams)."""
+  if isinstance(view, dict):
+    return view
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), view)

@@ -12,7 +12,7 @@ from models import llama
 
 
 class LlamaDecoderFamily(family_lib.Family):
-  """`embed_tokens`, `decoder`, `init_cache`, `logits`, `exit_logits`, `per_layer_params` on `models.llama`."""
+  """`embed_tokens`, `decoder`, `init_cache`, `logits`, `exit_logits`, `per_layer_params`, `cache_view` on `models.llama`."""
 
   def embed_tokens(self, params, config, ids):
     return llama.embed_tokens(params["language_model"], ids)
@@ -29,6 +29,12 @@ class LlamaDecoderFamily(family_lib.Family):
 
   def exit_logits(self, params, config, hidden, final_norm: bool):
     return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
+
+  def cache_view(self, config, cache):
+    return llama.cache_view(config.text, cache)
+
+  def cache_from_view(self, config, view):
+    return llama.cache_from_view(config.text, view)
 
   def per_layer_params(self, params):
     return dict(params, language_model=llama.unstack_layers(params["language_model"]))

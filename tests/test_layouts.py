@@ -46,3 +46,30 @@ def test_read_only_cache_step_equals_writing_step(tiny_model):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     jax.tree.map(np.testing.assert_array_equal, kept.cache, state.cache)
     assert not np.array_equal(jax.tree.leaves(new_state.cache)[0], jax.tree.leaves(state.cache)[0])
+
+
+def test_cache_view_is_the_same_cache_in_both_layouts(tiny_model):
+  """The per-layer cache [B*K, D, S] viewed as [B, K, D, S] holds what the stacked [L, B, S, K, D] holds, the view
+  round-trips without a copy of the values, and reordering rows through it agrees across layouts."""
+  from air_jax.beam_search import reorder_cache
+  from models.family import family_of
+
+  inputs = hf_inputs(tiny_model.processor, random_images(2, 28, seed=15), PROMPTS)
+  ids, mask = jnp.asarray(inputs["input_ids"].numpy()), jnp.asarray(inputs["attention_mask"].numpy())
+  pixels = jnp.asarray(inputs["pixel_values"])
+  config, stacked = tiny_model.config, tiny_model.params
+  split = dict(stacked, language_model=unstack_layers(stacked["language_model"]))
+  fam = family_of(config)
+  _, st, _ = decoding.prefill(stacked, config, ids, mask, pixels, None, ids.shape[1] + 3)
+  _, sp, _ = decoding.prefill(split, config, ids, mask, pixels, None, ids.shape[1] + 3)
+  view, batch_axes, slot_axes = fam.cache_view(config, sp.cache)
+  assert jax.tree.leaves(batch_axes) == [0] * len(jax.tree.leaves(view))
+  assert jax.tree.leaves(slot_axes) == [3] * len(jax.tree.leaves(view))
+  for li, layer in enumerate(view):
+    for name in ("k", "v"):
+      np.testing.assert_allclose(layer[name].transpose(0, 3, 1, 2), st.cache[name][li], atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, fam.cache_from_view(config, view), sp.cache)
+  rows = jnp.asarray([1, 1, 0])
+  a, b = reorder_cache(config, st.cache, rows), reorder_cache(config, sp.cache, rows)
+  for li, layer in enumerate(fam.cache_view(config, b)[0]):
+    np.testing.assert_allclose(layer["k"].transpose(0, 3, 1, 2), a["k"][li], atol=1e-5)
