@@ -26,7 +26,8 @@ from models.spec import AttnContext
 class DecodeState:
   """Everything a decoding step needs besides params.
 
-  cache: the family's cache pytree (Llama: {"k", "v"} [L, B, S, K, D], or per layer, see models.llama.init_cache);
+  cache: the family's cache pytree (Llama: {"k", "v"} [L, B, S, K, D], or per layer [B*K, D, S], see
+    models.llama.init_cache; searches reach its rows through `Family.cache_view`);
   key_segments [B, S] int32; next_position [B] int32 (position offset of the next token; the family's
   decode_positions turns it into RoPE positions); write_index [] int32 (the slot the next token goes to).
   """
