@@ -123,8 +123,9 @@ def decoder(
     # layer, and every attention edit in it, is then compiled once instead of once per layer (AIR's prefill edits
     # dominated its compile time); the switch copies one layer's weights per step, which a compute-bound chunk
     # hardly notices (~5-10 % of a 300-token prefill on CPU, less for longer prompts).
-    n = len(layers)
+    n, t = len(layers), embeds.shape[1]
     caches_in = None if cache is None else tuple((c["k"], c["v"]) for c in cache)
+    written = cache is not None and cache_write
 
     def step(x, xs):
       spec_l, li = xs
@@ -134,10 +135,15 @@ def decoder(
                                    output_stats, cache_write, kv_layout="heads_major")
       if output_hidden_layers:
         extras = dict(extras, hidden=x)  # the output of layer li (the residual stream after li + 1 layers)
-      return x, (extras, cache_kv)
+      # Only the chunk's keys/values leave the step (not a stacked copy of the whole cache).
+      chunk = None if not written else tuple(jax.lax.dynamic_slice_in_dim(c, write_index, t, axis=2)
+                                             for c in cache_kv)
+      return x, (extras, chunk)
 
     x, (extras, kv) = jax.lax.scan(step, embeds, (spec, jnp.arange(n)))
-    cache = None if cache is None else tuple({"k": kv[0][i], "v": kv[1][i]} for i in range(n))
+    if written:
+      put = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, write_index, axis=2)
+      cache = tuple({"k": put(c["k"], kv[0][i]), "v": put(c["v"], kv[1][i])} for i, c in enumerate(cache))
     if output_hidden_layers:
       after = jnp.concatenate([embeds[None], extras["hidden"]])  # [L + 1, B, T, E]
       extras = dict(extras, hidden=after[jnp.asarray(output_hidden_layers)])
