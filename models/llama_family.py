@@ -12,7 +12,8 @@ from models import llama
 
 
 class LlamaDecoderFamily(family_lib.Family):
-  """`embed_tokens`, `decoder`, `init_cache`, `logits`, `exit_logits`, `per_layer_params`, `cache_view` on `models.llama`."""
+  """`embed_tokens`, `decoder`, `init_cache`, `cache_view`, `logits`, `exit_logits`, `per_layer_params` on
+  `models.llama`."""
 
   def embed_tokens(self, params, config, ids):
     return llama.embed_tokens(params["language_model"], ids)
