@@ -81,28 +81,41 @@ def _write_json(path: str, obj: Any) -> None:
 def _write_split(root: str, split: str, n: int, seed: int, size: int) -> None:
   img_dir = os.path.join(root, split)
   os.makedirs(img_dir, exist_ok=True)
-  categories = [{"id": c.id, "name": c.name, "supercategory": c.scene} for c in CLASSES]
   images, instances, captions, scene_records = [], [], [], []
   for i in range(n):
     scene, first = make_scene(i, seed, split)
     image_id = ID_OFFSET[split] + i
-    file_name = f"{split}_{image_id:07d}.png"
-    Image.fromarray(render(scene, size)).save(os.path.join(img_dir, file_name), format="PNG")
-    images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
-    for name, box, area in object_boxes(scene, size):
-      instances.append({"id": len(instances) + 1, "image_id": image_id, "category_id": CLASS_BY_NAME[name].id,
-                        "bbox": box, "area": area, "iscrowd": 0})
+    file_name = add_image(scene, image_id, split, img_dir, size, images, instances)
     rng = _image_rng(seed, split, i, stream=1)
     k = int(rng.integers(1, MAX_REFERENCES + 1))
     for cap in reference_captions(scene, rng, first, k):
       captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": cap})
     scene_records.append({"image_id": image_id, "file_name": file_name, **scene.to_dict()})
   info = {"description": f"model-organism synthetic scenes, split {split}, seed {seed}", "version": "1"}
+  write_annotations(root, split, info, images, instances, captions, scene_records)
+
+
+def add_image(scene, image_id: int, split: str, img_dir: str, size: int, images: list, instances: list) -> str:
+  """Renders `scene` as a PNG in img_dir and appends its COCO image record and one instance record per object
+  (to `images`, `instances`); returns the file name."""
+  file_name = f"{split}_{image_id:07d}.png"
+  Image.fromarray(render(scene, size)).save(os.path.join(img_dir, file_name), format="PNG")
+  images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+  for name, box, area in object_boxes(scene, size):
+    instances.append({"id": len(instances) + 1, "image_id": image_id, "category_id": CLASS_BY_NAME[name].id,
+                      "bbox": box, "area": area, "iscrowd": 0})
+  return file_name
+
+
+def write_annotations(root: str, split: str, info: dict, images: list, instances: list, captions: list,
+                      scenes: list) -> None:
+  """annotations/{instances,captions,scenes}_{split}.json of one split (COCO layout plus the scene records)."""
   ann = os.path.join(root, "annotations")
+  categories = [{"id": c.id, "name": c.name, "supercategory": c.scene} for c in CLASSES]
   _write_json(os.path.join(ann, f"instances_{split}.json"),
               {"info": info, "images": images, "annotations": instances, "categories": categories})
   _write_json(os.path.join(ann, f"captions_{split}.json"), {"info": info, "images": images, "annotations": captions})
-  _write_json(os.path.join(ann, f"scenes_{split}.json"), {"info": info, "scenes": scene_records})
+  _write_json(os.path.join(ann, f"scenes_{split}.json"), {"info": info, "scenes": scenes})
 
 
 def write_dataset(root: str | os.PathLike, n_train: int, n_test: int, seed: int, size: int = 64) -> None:

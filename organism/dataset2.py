@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import os
 
-from PIL import Image
-
 from organism import scenes2
-from organism.dataset import _write_json
-from organism.scenes import object_boxes, render
-from organism.vocab import CLASS_BY_NAME, CLASSES, write_synonyms
+from organism.dataset import _write_json, add_image, write_annotations
+from organism.vocab import write_synonyms
 
 ID_OFFSET: dict[str, int] = {"text": 2_000_001, "train": 3_000_001, "test": 4_000_001}
 
@@ -40,24 +37,14 @@ def write_dataset2(root: str | os.PathLike, n: int, seed: int, split: str = "tes
   img_dir = os.path.join(root, split)
   os.makedirs(img_dir, exist_ok=True)
   os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-  categories = [{"id": c.id, "name": c.name, "supercategory": c.scene} for c in CLASSES]
   images, instances, captions, records, pope = [], [], [], [], []
   for i, scene in enumerate(scenes2.scenes2(n, seed, split)):
     image_id = ID_OFFSET[split] + i
-    file_name = f"{split}_{image_id:07d}.png"
-    Image.fromarray(render(scene, size)).save(os.path.join(img_dir, file_name), format="PNG")
-    images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
-    for name, box, area in object_boxes(scene, size):
-      instances.append({"id": len(instances) + 1, "image_id": image_id, "category_id": CLASS_BY_NAME[name].id,
-                        "bbox": box, "area": area, "iscrowd": 0})
+    file_name = add_image(scene, image_id, split, img_dir, size, images, instances)
     captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": scenes2.caption2(scene)})
     records.append({"image_id": image_id, "file_name": file_name, **scene.to_dict()})
     pope.append({"image_id": image_id, "file_name": file_name, **scenes2.pope_objects(scene)})
   info = {"description": f"model-organism v2 scenes, split {split}, seed {seed}", "version": "2"}
-  ann = os.path.join(root, "annotations")
-  _write_json(os.path.join(ann, f"instances_{split}.json"),
-              {"info": info, "images": images, "annotations": instances, "categories": categories})
-  _write_json(os.path.join(ann, f"captions_{split}.json"), {"info": info, "images": images, "annotations": captions})
-  _write_json(os.path.join(ann, f"scenes_{split}.json"), {"info": info, "scenes": records})
-  _write_json(os.path.join(ann, f"pope_{split}.json"), {"info": info, "images": pope})
+  write_annotations(root, split, info, images, instances, captions, records)
+  _write_json(os.path.join(root, "annotations", f"pope_{split}.json"), {"info": info, "images": pope})
   write_synonyms(os.path.join(root, "synonyms.txt"))
