@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import string
+import warnings
 from typing import Any, Sequence
 
 import flax.struct
@@ -366,8 +367,6 @@ def halc_search(params, config, input_ids, attention_mask, pixel_values, values,
   count = np.asarray(loop.count)
   done = np.asarray(loop.done)
   if not done.all():
-    import warnings
-
     warnings.warn(f"HALC: rows {np.nonzero(~done)[0].tolist()} ran out of cache slots after {corrections[~done]} "
                   f"corrections and stopped early ({count[~done]} tokens); raise HALCConfig.extra_slots",
                   stacklevel=2)

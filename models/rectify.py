@@ -48,7 +48,7 @@ EPS = 1e-8  # the official code's epsilon for energy ratios
 
 def _prefix_sum(x: jax.Array) -> jax.Array:
   """Inclusive prefix sum over the query axis (axis 2 of [B, H, T, K]) as one triangular matmul: on XLA:CPU a
-  cumsum lowers to a blocked scan of several kernels, which the per-layer CPU layout compiles once per layer."""
+  cumsum lowers to a blocked scan of several kernels, each compiled (one kernel here)."""
   t = x.shape[2]
   tri = jnp.tril(jnp.ones((t, t), x.dtype))
   return jnp.einsum("ts,bhsk->bhtk", tri, x, precision=jax.lax.Precision.HIGHEST)

@@ -29,10 +29,10 @@ What the official code does (read from the repository; facts only):
     computed as 0.5 * (F.kl_div(log P_i, M) + F.kl_div(log P_j, M)) = KL(M||P_i)/2 + KL(M||P_j)/2.
   - Selection: BLIP image-text similarity (`BlipModel` "Salesforce/blip-image-captioning-large", `score_type`
     "BLIP": logits_per_image, softmax over the candidates) scores the candidate captions (the caption so far +
-    the candidate) against the original image; the best one (distinct texts) replaces the whole word. When its text differs from the
-    word, the word is rolled back and decoding resumes after the candidate (the next token re-sampled with DoLa);
-    a multi-token word always "differs" (its first token's text is compared with the whole word), so it is
-    re-generated and checked again. An undetected word whose candidate keeps it (after 8 tokens) is replaced by
+    the candidate) against the original image; the best one (distinct texts) replaces the whole word. When its
+    text differs from the word, the word is rolled back and decoding resumes after the candidate (the next token
+    re-sampled with DoLa); a multi-token word always "differs" (its first token's text is compared with the whole
+    word), so it is re-generated and checked again. An undetected word whose candidate keeps it (after 8 tokens) is replaced by
     <unk> (id 0) tokens, which the model then reads and the final text drops.
 What the paper describes (sections 3-4 and the maintainer's answer in issue #18): token-level identification of
 object-related tokens, detector grounding, n FOVs sampled by exponential expansion, JSD between every pair, the
