@@ -32,8 +32,8 @@ What the official code does (read from the repository; facts only):
     the candidate) against the original image; the best one (distinct texts) replaces the whole word. When its
     text differs from the word, the word is rolled back and decoding resumes after the candidate (the next token
     re-sampled with DoLa); a multi-token word always "differs" (its first token's text is compared with the whole
-    word), so it is re-generated and checked again. An undetected word whose candidate keeps it (after 8 tokens) is replaced by
-    <unk> (id 0) tokens, which the model then reads and the final text drops.
+    word), so it is re-generated and checked again. An undetected word whose candidate keeps it (after 8 tokens)
+    is replaced by <unk> (id 0) tokens, which the model then reads and the final text drops.
 What the paper describes (sections 3-4 and the maintainer's answer in issue #18): token-level identification of
 object-related tokens, detector grounding, n FOVs sampled by exponential expansion, JSD between every pair, the
 top m pairs contrasted in both directions (2m candidates) with the adaptive plausibility constraint, and a BLIP
