@@ -28,6 +28,7 @@ differently).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -86,6 +87,14 @@ class Train2Config:
   ft_train: str = "mlp"  # "mlp": projector + LM MLPs; "all": projector + whole LM
   target_recall: float = 0.80
   eval_every: int = 50
+  # Attention budget (stages 3-4; 1.0 = off): the attention mass a caption row puts on image keys, per layer and
+  # head, is penalised above `image_budget` (budget_weight * mean hinge), which keeps the LM's heads text-dominated
+  # as LLaVA's are (see `budget_loss`).
+  image_budget: float = 1.0
+  budget_weight: float = 1.0
+  # Reuse stages 1-2 (vision tower, base LM) of an earlier run with the same seed and sizes: its LLaVA directory
+  # (vision tower) and its base_llm/ (the text LM). Empty: train them.
+  init_from: str = ""
   n_dev: int = 64
   warmup: int = 30
   weight_decay: float = 0.01
@@ -202,6 +211,33 @@ def lm_loss(params, config, batch):
   logits = llava.forward(params, config, batch["input_ids"], batch.get("pixel_values"),
                          attention_mask=batch["attention_mask"])["logits"]
   return _xent(logits, batch["input_ids"], batch["loss_mask"])
+
+
+def image_mass(attentions, input_ids, loss_mask, image_token_id: int):
+  """Attention mass of caption rows on image keys: ([L, B, H, T] mass, [B, T] rows that predict a caption token).
+
+  attentions [L, B, H, T, T]; a row t predicts token t + 1, so caption rows are those with loss_mask[:, t + 1].
+  """
+  image = (input_ids == image_token_id).astype(attentions.dtype)  # [B, T] image keys
+  mass = jnp.einsum("lbhts,bs->lbht", attentions, image)
+  rows = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+  return mass, rows
+
+
+def budget_loss(params, config, batch, budget: float, weight: float):
+  """lm_loss + weight * mean over layers, heads and caption rows of max(0, image mass - budget).
+
+  The hinge leaves heads under the budget alone, so the model still learns to read the image, but no head may
+  spend more than `budget` of a caption row's attention on the image: text dominates every head, as in LLaVA,
+  where the hallucination-sensitive heads' text/image mass ratio (MAI) is about 5.
+  """
+  out = llava.forward(params, config, batch["input_ids"], batch.get("pixel_values"),
+                      attention_mask=batch["attention_mask"], output_attentions=True)
+  xent = _xent(out["logits"], batch["input_ids"], batch["loss_mask"])
+  mass, rows = image_mass(out["attentions"], batch["input_ids"], batch["loss_mask"], config.image_token_id)
+  over = jnp.maximum(mass - budget, 0.0) * rows[None, :, None, :]
+  n = jnp.maximum(jnp.sum(rows), 1.0) * mass.shape[0] * mass.shape[2]
+  return xent + weight * jnp.sum(over) / n
 
 
 def vision_loss(params, config, batch):
@@ -356,6 +392,32 @@ def export_base_llm(params, config: LlavaConfig, tokenizer, out_dir: str, dtype=
 # The recipe
 
 
+def reuse_stages(params, config: LlavaConfig, run_dir: str):
+  """params with the vision tower of `run_dir` (an earlier train2 output) and its base LM (`run_dir/base_llm`).
+
+  Stages 1-2 do not depend on anything that stages 3-4 change, so a run with the same seed and sizes gives the
+  same params as training them again (float32 files). Raises ValueError when the sizes differ.
+  """
+  import air_jax
+  from air_jax.analysis.base_llm import load_base_llm
+
+  prev = air_jax.load_pretrained(run_dir, with_processor=False)
+  llm = load_base_llm(os.path.join(run_dir, "base_llm"))
+  for name, got, want in (("vision", prev.config.vision, config.vision), ("text", llm.config.text, config.text)):
+    if got != want:
+      raise ValueError(f"init_from {run_dir}: its {name} config differs from this run's; train with the same "
+                       f"sizes or leave init_from empty.\n  theirs: {got}\n  ours:   {want}")
+  out = dict(params, vision_tower=jax.tree.map(np.asarray, prev.params["vision_tower"]))
+  out["language_model"] = jax.tree.map(np.asarray, llm.params["language_model"])
+  if "lm_head" in params:
+    out["lm_head"] = jax.tree.map(np.asarray, llm.params["lm_head"])
+  shapes = jax.tree.map(np.shape, params)
+  if jax.tree.map(np.shape, out) != shapes:
+    raise ValueError(f"init_from {run_dir}: its parameters do not have this run's shapes")
+  reused = {"reused_from": os.path.abspath(run_dir)}
+  return out, dict(reused), dict(reused)
+
+
 def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs the four stages and writes the LLaVA directory to out_dir and the base LM to out_dir/base_llm."""
   from convert.export_hf import export_hf
@@ -367,7 +429,8 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
   config = model_config2(cfg, tokenizer)
   train_scenes = scenes2.scenes2(cfg.n_images, cfg.seed, "train")
   img = image_data(processor, train_scenes, cfg.image_size, cfg.patch_size)
-  txt = text_data(tokenizer, scenes2.scenes2(cfg.n_text, cfg.seed, "text"), cfg.seed, cfg.tag_p, cfg.tag_keep)
+  txt = {"input_ids": np.zeros((0, 0))} if cfg.init_from else text_data(
+      tokenizer, scenes2.scenes2(cfg.n_text, cfg.seed, "text"), cfg.seed, cfg.tag_p, cfg.tag_keep)
   dev_scenes = scenes2.scenes2(cfg.n_dev, cfg.seed + DEV_SEED_OFFSET, "test")
   dev_images = np.stack([render(s, cfg.image_size) for s in dev_scenes])
   log(f"data: {len(train_scenes)} image-caption pairs (length {img['input_ids'].shape[1]}), "
@@ -387,13 +450,21 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
   stages: dict[str, Any] = {}
   f = open(os.path.join(out_dir, "train_log.jsonl"), "w", encoding="utf-8")
 
-  vis = {k: img[k] for k in ("pixel_values", "patch_labels", "scene_ids")}
-  params, stages["vision"] = _fit(params, vision_loss, config, _trainable(params, "vision"), vis, cfg.vision_steps,
-                                  cfg.vision_lr, cfg, 1, log, "vision", log_file=f)
-  params.pop("head")
-  params, stages["text"] = _fit(params, lm_loss, config, _trainable(params, "text"), txt, cfg.text_steps,
-                                cfg.text_lr, cfg, 2, log, "text", log_file=f)
+  if cfg.init_from:
+    params.pop("head")
+    params, stages["vision"], stages["text"] = reuse_stages(params, config, cfg.init_from)
+    log(f"stages 1-2 reused from {cfg.init_from}")
+  else:
+    vis = {k: img[k] for k in ("pixel_values", "patch_labels", "scene_ids")}
+    params, stages["vision"] = _fit(params, vision_loss, config, _trainable(params, "vision"), vis,
+                                    cfg.vision_steps, cfg.vision_lr, cfg, 1, log, "vision", log_file=f)
+    params.pop("head")
+    params, stages["text"] = _fit(params, lm_loss, config, _trainable(params, "text"), txt, cfg.text_steps,
+                                  cfg.text_lr, cfg, 2, log, "text", log_file=f)
   base_params = jax.tree.map(np.asarray, params)
+  cap_loss = lm_loss
+  if cfg.image_budget < 1.0:
+    cap_loss = functools.partial(budget_loss, budget=cfg.image_budget, weight=cfg.budget_weight)
 
   cap = {k: img[k] for k in ("pixel_values", "input_ids", "attention_mask", "loss_mask")}
 
@@ -404,7 +475,7 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
     prev, cur = np.mean(losses[-2 * w:-w]), np.mean(losses[-w:])
     return (prev - cur) / prev < cfg.plateau_tol
 
-  params, stages["align"] = _fit(params, lm_loss, config, _trainable(params, "align"), cap, cfg.align_steps,
+  params, stages["align"] = _fit(params, cap_loss, config, _trainable(params, "align"), cap, cfg.align_steps,
                                  cfg.align_lr, cfg, 3, log, "align", stop=plateau, log_file=f)
   m = dev_recall(params, config, processor, dev_scenes, dev_images)
   log(f"after alignment: dev {json.dumps({k: round(v, 3) for k, v in m.items()})}")
@@ -420,7 +491,7 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
     return r["Recall"] >= cfg.target_recall
 
   if m["Recall"] < cfg.target_recall:
-    params, stages["ft"] = _fit(params, lm_loss, config, _trainable(params, "ft", cfg.ft_train), cap, cfg.ft_steps,
+    params, stages["ft"] = _fit(params, cap_loss, config, _trainable(params, "ft", cfg.ft_train), cap, cfg.ft_steps,
                                 cfg.ft_lr, cfg, 4, log, "ft", warmup=10, stop=reached, log_file=f)
     stages["ft"]["dev"] = evals
   f.close()

@@ -144,6 +144,52 @@ def test_train2_tiny_run_writes_llava_and_base_llm(tmp_path):
   assert args["stages"]["ft"]["steps"] == 2 and len(args["stages"]["ft"]["dev"]) == 1  # recall never reached
   log = [json.loads(x) for x in (tmp_path / "ckpt" / "train_log.jsonl").read_text().splitlines()]
   assert [r["stage"] for r in log][:3] == ["vision"] * 3 and all(np.isfinite(r["loss"]) for r in log)
+  # Stages 1-2 reused from that run: the same checkpoint, bit for bit.
+  assert main(["train2", "--out", str(tmp_path / "again"), *flags, "--init-from", str(tmp_path / "ckpt")]) == 0
+  again = air_jax.load_pretrained(str(tmp_path / "again"))
+  import jax
+
+  jax.tree.map(np.testing.assert_array_equal, model.params, again.params)
+  args2 = json.loads((tmp_path / "again" / "training_args.json").read_text())
+  assert args2["stages"]["vision"] == {"reused_from": str((tmp_path / "ckpt").resolve())}
+  bad = {**TINY, "text_heads": 2}
+  with pytest.raises(ValueError, match="init_from .*text config differs"):
+    main(["train2", "--out", str(tmp_path / "bad"), *[f"--{k.replace('_', '-')}={v}" for k, v in bad.items()],
+          "--init-from", str(tmp_path / "ckpt")])
+
+
+def test_budget_loss_penalises_image_mass_above_the_budget():
+  import jax
+  import jax.numpy as jnp
+
+  from models import llava
+  from models.params import init_params
+  from organism import train2
+  from organism.train import build_processor
+
+  cfg = train2.Train2Config(**TINY)
+  tok = train2.build_tokenizer2()
+  config = train2.model_config2(cfg, tok)
+  proc = build_processor(tok, cfg.image_size, cfg.patch_size)
+  data = train2.image_data(proc, scenes2.scenes2(3, 0, "train"), cfg.image_size, cfg.patch_size)
+  batch = {k: jnp.asarray(data[k]) for k in ("pixel_values", "input_ids", "attention_mask", "loss_mask")}
+  params = init_params(config, jax.random.PRNGKey(0))
+  xent = float(train2.lm_loss(params, config, batch))
+  assert float(train2.budget_loss(params, config, batch, budget=1.0, weight=5.0)) == pytest.approx(xent, abs=1e-6)
+  # Reference: the hinge over every layer, head and caption row (rows whose next token is a caption token).
+  att = np.asarray(llava.forward(params, config, batch["input_ids"], batch["pixel_values"],
+                                 attention_mask=batch["attention_mask"], output_attentions=True)["attentions"])
+  ids, lm = data["input_ids"], data["loss_mask"]
+  terms = []
+  for b in range(ids.shape[0]):
+    for t in range(ids.shape[1] - 1):
+      if lm[b, t + 1]:
+        mass = att[:, b, :, t][..., ids[b] == config.image_token_id].sum(-1)  # [L, H]
+        terms.append(np.maximum(mass - 0.05, 0.0))
+  want = xent + 2.0 * np.mean(terms)
+  assert np.mean(terms) > 0.01  # random init attends to the image: the test exercises the hinge
+  got = float(train2.budget_loss(params, config, batch, budget=0.05, weight=2.0))
+  assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_train2_stages_freeze_and_are_deterministic():
