@@ -15,6 +15,11 @@ Stages (all deterministic given the seed; data from organism.scenes2):
 4. a short limited fine-tune: projector + the LM's MLP weights only (attention keeps what the text model
    learned), stopped as soon as greedy object recall on a dev split (another seed) reaches `target_recall`.
 
+Optional attention budget (`image_budget` < 1, stages 3-4): the loss also penalises any head's attention mass on
+image keys above the budget at caption rows (`budget_loss`), to make the LM's heads text-dominated as LLaVA's are.
+`init_from` reuses stages 1-2 of an earlier run (same seed and sizes: the same params), so variants of stages 3-4
+cost minutes instead of the whole recipe.
+
   python -m organism train2 --out organism/checkpoint_v2 --seed 0
 
 The defaults are the full recipe (6 layers x 16 heads, hidden 256, 4.47M parameters): 1318 s on the shared 2-core
