@@ -54,6 +54,7 @@ from organism.vocab import CLASS_BY_NAME, CLASSES, SCENE_TYPES
 PROMPT = train1.PROMPT
 IMAGE_TOKEN = train1.IMAGE_TOKEN
 DEV_SEED_OFFSET = 1000  # the fine-tune's recall check uses test scenes of seed + this (never the eval seed)
+FT_TRAIN = ("mlp", "mlp_vo", "all")  # what the fine-tune trains besides the projector (Train2Config.ft_train)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,9 @@ class Train2Config:
   # 4. fine-tune
   ft_steps: int = 300
   ft_lr: float = 5e-4
-  ft_train: str = "mlp"  # "mlp": projector + LM MLPs; "all": projector + whole LM
+  # "mlp": projector + LM MLPs; "mlp_vo": also the attention's value and output projections (where each head
+  # attends, set by q/k, stays the text model's); "all": projector + whole LM
+  ft_train: str = "mlp"
   target_recall: float = 0.80
   eval_every: int = 50
   # Attention budget (stages 3-4; 1.0 = off): the attention mass a caption row puts on image keys, per layer and
@@ -274,6 +277,10 @@ def _trainable(params, stage: str, ft_train: str = "mlp"):
         return True
       if ft_train == "all":
         return top in ("language_model", "lm_head")
+      if ft_train == "mlp_vo":
+        return top == "language_model" and ("mlp" in names or "v_proj" in names or "o_proj" in names)
+      if ft_train != "mlp":
+        raise ValueError(f"ft_train must be one of {FT_TRAIN}, got {ft_train!r}")
       return top == "language_model" and "mlp" in names
     raise ValueError(stage)
   return jax.tree_util.tree_map_with_path(leaf, params)
@@ -427,6 +434,11 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
   """Runs the four stages and writes the LLaVA directory to out_dir and the base LM to out_dir/base_llm."""
   from convert.export_hf import export_hf
 
+  if cfg.ft_train not in FT_TRAIN:
+    raise ValueError(f"ft_train must be one of {FT_TRAIN}, got {cfg.ft_train!r}")
+  if not 0.0 <= cfg.image_budget <= 1.0 or cfg.budget_weight < 0:
+    raise ValueError(f"image_budget must be in [0, 1] and budget_weight >= 0, got {cfg.image_budget}, "
+                     f"{cfg.budget_weight}")
   t0 = time.time()
   os.makedirs(out_dir, exist_ok=True)
   tokenizer = build_tokenizer2()

@@ -3,6 +3,7 @@ the measurement helpers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -224,5 +225,12 @@ def test_train2_stages_freeze_and_are_deterministic():
   jax.tree.map(np.testing.assert_array_equal, att, p0["language_model"]["layers"]["self_attn"])  # attention kept
   assert not np.array_equal(pf["language_model"]["layers"]["mlp"]["up_proj"]["weight"],
                             p0["language_model"]["layers"]["mlp"]["up_proj"]["weight"])
+  vo = train2._trainable(p0, "ft", "mlp_vo")["language_model"]["layers"]
+  assert vo["self_attn"]["v_proj"]["weight"] and vo["self_attn"]["o_proj"]["weight"] and vo["mlp"]["up_proj"]["weight"]
+  assert not vo["self_attn"]["q_proj"]["weight"] and not vo["self_attn"]["k_proj"]["weight"]
+  with pytest.raises(ValueError, match="ft_train must be one of"):
+    train2.train2("/nonexistent", dataclasses.replace(cfg, ft_train="lora"))
+  with pytest.raises(ValueError, match="image_budget must be in"):
+    train2.train2("/nonexistent", dataclasses.replace(cfg, image_budget=1.5))
   labels = train2.patch_labels(scenes2.scenes2(1, 0, "train")[0], 64, 8)
   assert labels.shape == (64,) and labels.max() > 0 and (labels == 0).sum() > 20
