@@ -407,8 +407,9 @@ def export_base_llm(params, config: LlavaConfig, tokenizer, out_dir: str, dtype=
 def reuse_stages(params, config: LlavaConfig, run_dir: str):
   """params with the vision tower of `run_dir` (an earlier train2 output) and its base LM (`run_dir/base_llm`).
 
-  Stages 1-2 do not depend on anything that stages 3-4 change, so a run with the same seed and sizes gives the
-  same params as training them again (float32 files). Raises ValueError when the sizes differ.
+  Stages 1-2 do not depend on anything that stages 3-4 change, so a run with the same seed and stage 1-2 settings
+  gives the same params as training them again (float32 files); the stage records name the reused run and its
+  settings. Raises ValueError when the sizes differ.
   """
   import air_jax
   from air_jax.analysis.base_llm import load_base_llm
@@ -426,7 +427,13 @@ def reuse_stages(params, config: LlavaConfig, run_dir: str):
   shapes = jax.tree.map(np.shape, params)
   if jax.tree.map(np.shape, out) != shapes:
     raise ValueError(f"init_from {run_dir}: its parameters do not have this run's shapes")
+  # This run's stage 1-2 settings (steps, data sizes, seed) were not used: record the reused run's.
   reused = {"reused_from": os.path.abspath(run_dir)}
+  args_file = os.path.join(run_dir, "training_args.json")
+  if os.path.isfile(args_file):
+    with open(args_file, encoding="utf-8") as f:
+      theirs = json.load(f)
+    reused["train_config"] = theirs.get("train_config")
   return out, dict(reused), dict(reused)
 
 

@@ -152,7 +152,8 @@ def test_train2_tiny_run_writes_llava_and_base_llm(tmp_path):
 
   jax.tree.map(np.testing.assert_array_equal, model.params, again.params)
   args2 = json.loads((tmp_path / "again" / "training_args.json").read_text())
-  assert args2["stages"]["vision"] == {"reused_from": str((tmp_path / "ckpt").resolve())}
+  assert args2["stages"]["vision"]["reused_from"] == str((tmp_path / "ckpt").resolve())
+  assert args2["stages"]["text"]["train_config"] == args["train_config"]
   bad = {**TINY, "text_heads": 2}
   with pytest.raises(ValueError, match="init_from .*text config differs"):
     main(["train2", "--out", str(tmp_path / "bad"), *[f"--{k.replace('_', '-')}={v}" for k, v in bad.items()],
