@@ -472,13 +472,13 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
   n_params = count_params({k: v for k, v in params.items() if k != "head"})
   log(f"model: {n_params:,} parameters ({cfg.text_layers} layers x {cfg.text_heads} heads, hidden {cfg.text_hidden})")
   stages: dict[str, Any] = {}
-  f = open(os.path.join(out_dir, "train_log.jsonl"), "w", encoding="utf-8")
-
-  if cfg.init_from:
+  if cfg.init_from:  # before the log file is opened: a mismatch fails without leaving one behind
     params.pop("head")
     params, stages["vision"], stages["text"] = reuse_stages(params, config, cfg.init_from)
     log(f"stages 1-2 reused from {cfg.init_from}")
-  else:
+  f = open(os.path.join(out_dir, "train_log.jsonl"), "w", encoding="utf-8")
+
+  if not cfg.init_from:
     vis = {k: img[k] for k in ("pixel_values", "patch_labels", "scene_ids")}
     params, stages["vision"] = _fit(params, vision_loss, config, _trainable(params, "vision"), vis,
                                     cfg.vision_steps, cfg.vision_lr, cfg, 1, log, "vision", log_file=f)

@@ -158,6 +158,7 @@ def test_train2_tiny_run_writes_llava_and_base_llm(tmp_path):
   with pytest.raises(ValueError, match="init_from .*text config differs"):
     main(["train2", "--out", str(tmp_path / "bad"), *[f"--{k.replace('_', '-')}={v}" for k, v in bad.items()],
           "--init-from", str(tmp_path / "ckpt")])
+  assert not (tmp_path / "bad" / "train_log.jsonl").exists()
 
 
 def test_budget_loss_penalises_image_mass_above_the_budget():
