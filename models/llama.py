@@ -46,6 +46,13 @@ def _to_heads_major(x: jax.Array) -> jax.Array:
   return x.transpose(0, 2, 3, 1).reshape(b * kv, d, t)
 
 
+def _scanned_hidden(embeds: jax.Array, extras: dict, layers: tuple[int, ...]) -> dict:
+  """extras of a scan over layers with its per-layer outputs `hidden` [L, B, T, E] replaced by the residual streams
+  after each of `layers` layers (0 = the embeddings): [K, B, T, E]."""
+  after = jnp.concatenate([embeds[None], extras["hidden"]])  # [L + 1, B, T, E]
+  return dict(extras, hidden=after[jnp.asarray(layers)])
+
+
 def _layer(cfg: TextConfig, p, x, cos, sin, ctx, spec_l, cache_kv, write_index, want_pattern, want_stats,
            cache_write=True, kv_layout="bskd"):
   b, t, _ = x.shape
@@ -145,8 +152,7 @@ def decoder(
       put = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, write_index, axis=2)
       cache = tuple({"k": put(c["k"], kv[0][i]), "v": put(c["v"], kv[1][i])} for i, c in enumerate(cache))
     if output_hidden_layers:
-      after = jnp.concatenate([embeds[None], extras["hidden"]])  # [L + 1, B, T, E]
-      extras = dict(extras, hidden=after[jnp.asarray(output_hidden_layers)])
+      extras = _scanned_hidden(embeds, extras, output_hidden_layers)
   elif isinstance(layers, (list, tuple)):
     # Per-layer buffers (see `unstack_layers`): a Python loop. XLA:CPU reads separate buffers much faster than
     # slices of one stacked array, which matters for bandwidth-bound decoding steps.
@@ -182,8 +188,7 @@ def decoder(
     layer_ids = jnp.arange(cfg.num_hidden_layers)
     (x, cache), extras = jax.lax.scan(step, (embeds, cache), (layers, spec, layer_ids))
     if output_hidden_layers:
-      after = jnp.concatenate([embeds[None], extras["hidden"]])  # [L + 1, B, T, E]
-      extras = dict(extras, hidden=after[jnp.asarray(output_hidden_layers)])
+      extras = _scanned_hidden(embeds, extras, output_hidden_layers)
   out = {}
   if output_attentions:
     out["attentions"] = extras["pattern"]
@@ -230,20 +235,15 @@ def init_cache(cfg: TextConfig, batch: int, size: int, dtype, per_layer: bool = 
 
 
 def cache_view(cfg: TextConfig, cache):
-  """(view, batch_axes, slot_axes): the cache's leaves reshaped (no copy) so the batch has an axis of its own.
-
-  Stacked {"k", "v"} [L, B, S, K, D] is its own view (batch axis 1, slot axis 2); per-layer [B*K, D, S] leaves
-  are viewed as [B, K, D, S] (batch 0, slot 3). `cache_from_view` inverts it.
+  """(view, batch_axes, slot_axes) of a per-layer cache: its [B*K, D, S] leaves viewed (no copy) as [B, K, D, S]
+  (batch axis 0, slot axis 3). A stacked cache [L, B, S, K, D] is its own view (`Family.cache_view`'s default).
+  `cache_from_view` inverts it.
   """
-  if isinstance(cache, dict):
-    return cache, jax.tree.map(lambda _: 1, cache), jax.tree.map(lambda _: 2, cache)
   kv = cfg.num_key_value_heads
   view = jax.tree.map(lambda x: x.reshape(x.shape[0] // kv, kv, *x.shape[1:]), cache)
   return view, jax.tree.map(lambda _: 0, cache), jax.tree.map(lambda _: 3, cache)
 
 
 def cache_from_view(cfg: TextConfig, view):
-  """Inverse of `cache_view` (the batch may have changed size, e.g. beams)."""
-  if isinstance(view, dict):
-    return view
+  """Inverse of `cache_view` for a per-layer cache (the batch may have changed size, e.g. beams)."""
   return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), view)

@@ -32,9 +32,13 @@ class LlamaDecoderFamily(family_lib.Family):
     return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
 
   def cache_view(self, config, cache):
+    if isinstance(cache, dict):  # stacked [L, B, S, K, D]: the default view
+      return super().cache_view(config, cache)
     return llama.cache_view(config.text, cache)
 
   def cache_from_view(self, config, view):
+    if isinstance(view, dict):
+      return super().cache_from_view(config, view)
     return llama.cache_from_view(config.text, view)
 
   def per_layer_params(self, params):
