@@ -453,13 +453,14 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
   config = model_config2(cfg, tokenizer)
   train_scenes = scenes2.scenes2(cfg.n_images, cfg.seed, "train")
   img = image_data(processor, train_scenes, cfg.image_size, cfg.patch_size)
-  txt = {"input_ids": np.zeros((0, 0))} if cfg.init_from else text_data(
-      tokenizer, scenes2.scenes2(cfg.n_text, cfg.seed, "text"), cfg.seed, cfg.tag_p, cfg.tag_keep)
+  txt, text_info = None, "no text sequences (stages 1-2 reused)"
+  if not cfg.init_from:  # the text corpus only feeds stage 2
+    txt = text_data(tokenizer, scenes2.scenes2(cfg.n_text, cfg.seed, "text"), cfg.seed, cfg.tag_p, cfg.tag_keep)
+    text_info = f"{len(txt['input_ids'])} text sequences (length {txt['input_ids'].shape[1]})"
   dev_scenes = scenes2.scenes2(cfg.n_dev, cfg.seed + DEV_SEED_OFFSET, "test")
   dev_images = np.stack([render(s, cfg.image_size) for s in dev_scenes])
-  log(f"data: {len(train_scenes)} image-caption pairs (length {img['input_ids'].shape[1]}), "
-      f"{len(txt['input_ids'])} text sequences (length {txt['input_ids'].shape[1]}), vocab {len(tokenizer)}, "
-      f"prep {time.time() - t0:.0f}s")
+  log(f"data: {len(train_scenes)} image-caption pairs (length {img['input_ids'].shape[1]}), {text_info}, "
+      f"vocab {len(tokenizer)}, prep {time.time() - t0:.0f}s")
 
   key = jax.random.PRNGKey(cfg.seed)
   params = init_params(config, key)
