@@ -152,8 +152,11 @@ def _atomic_write(path: str, write) -> None:
       os.remove(tmp)
 
 
-def export_hf(params: dict, config: LlavaConfig, out_dir: str | os.PathLike) -> None:
-  """Writes `config.json` and `model.safetensors` (float32, 5.x keys) into out_dir (created; files replaced).
+EXPORT_DTYPES = ("float32", "float16")
+
+
+def export_hf(params: dict, config: LlavaConfig, out_dir: str | os.PathLike, dtype: str = "float32") -> None:
+  """Writes `config.json` and `model.safetensors` (5.x keys) into out_dir (created; files replaced).
 
   The processor (tokenizer, image processor, chat template) is saved separately, e.g. with
   `processor.save_pretrained(out_dir)`.
@@ -162,13 +165,20 @@ def export_hf(params: dict, config: LlavaConfig, out_dir: str | os.PathLike) -> 
     params: the canonical param tree (or a LoadedModel).
     config: its LlavaConfig.
     out_dir: destination directory.
+    dtype: "float32" (default) or "float16" (half the size; loaders cast back to their compute dtype).
+
+  Raises:
+    ValueError: an unknown dtype, or params that do not match the config.
   """
   from safetensors.numpy import save_file
 
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
   out_dir = os.fspath(out_dir)
-  tensors = checkpoint_tensors(params, config)
+  tensors = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in checkpoint_tensors(params, config).items()}
   os.makedirs(out_dir, exist_ok=True)
   cfg = config_dict(config)
+  cfg["dtype"] = dtype
 
   def write_config(tmp: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:

@@ -100,9 +100,14 @@ class Train2Config:
   # as LLaVA's are (see `budget_loss`).
   image_budget: float = 1.0
   budget_weight: float = 1.0
+  budget_from_layer: int = 0  # the budget binds layers >= this one only (earlier layers read the image freely)
+  # Stages 3-4: the caption loss of image-caption pairs whose group is broken (one member missing, ~12 %) is
+  # weighted by this factor, so the fine-tune sees more of the evidence that a member can be absent.
+  broken_weight: float = 1.0
   # Reuse stages 1-2 (vision tower, base LM) of an earlier run with the same seed and sizes: its LLaVA directory
   # (vision tower) and its base_llm/ (the text LM). Empty: train them.
   init_from: str = ""
+  export_dtype: str = "float32"  # of both saved models; "float16" halves the checkpoint (the shipped one)
   n_dev: int = 64
   warmup: int = 30
   weight_decay: float = 0.01
@@ -232,8 +237,8 @@ def image_mass(attentions, input_ids, loss_mask, image_token_id: int):
   return mass, rows
 
 
-def budget_loss(params, config, batch, budget: float, weight: float):
-  """lm_loss + weight * mean over layers, heads and caption rows of max(0, image mass - budget).
+def budget_loss(params, config, batch, budget: float, weight: float, from_layer: int = 0):
+  """lm_loss + weight * mean over layers (>= from_layer), heads and caption rows of max(0, image mass - budget).
 
   The hinge leaves heads under the budget alone, so the model still learns to read the image, but no head may
   spend more than `budget` of a caption row's attention on the image: text dominates every head, as in LLaVA,
@@ -243,6 +248,8 @@ def budget_loss(params, config, batch, budget: float, weight: float):
                       attention_mask=batch["attention_mask"], output_attentions=True)
   xent = _xent(out["logits"], batch["input_ids"], batch["loss_mask"])
   mass, rows = image_mass(out["attentions"], batch["input_ids"], batch["loss_mask"], config.image_token_id)
+  mass = mass[from_layer:]
+  rows = (rows > 0).astype(mass.dtype)  # loss weights (broken_weight) do not weight the budget
   over = jnp.maximum(mass - budget, 0.0) * rows[None, :, None, :]
   n = jnp.maximum(jnp.sum(rows), 1.0) * mass.shape[0] * mass.shape[2]
   return xent + weight * jnp.sum(over) / n
@@ -414,6 +421,12 @@ def reuse_stages(params, config: LlavaConfig, run_dir: str):
   import air_jax
   from air_jax.analysis.base_llm import load_base_llm
 
+  for d in (run_dir, os.path.join(run_dir, "base_llm")):
+    with open(os.path.join(d, "config.json"), encoding="utf-8") as f:
+      saved = json.load(f).get("dtype", "float32")
+    if saved != "float32":  # rounded weights would not give the params of training stages 1-2 again
+      raise ValueError(f"init_from {run_dir}: {d}/config.json has dtype {saved!r}; reuse a run exported with "
+                       f"export_dtype float32, or leave init_from empty.")
   prev = air_jax.load_pretrained(run_dir, with_processor=False)
   llm = load_base_llm(os.path.join(run_dir, "base_llm"))
   for name, got, want in (("vision", prev.config.vision, config.vision), ("text", llm.config.text, config.text)):
@@ -439,13 +452,19 @@ def reuse_stages(params, config: LlavaConfig, run_dir: str):
 
 def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs the four stages and writes the LLaVA directory to out_dir and the base LM to out_dir/base_llm."""
-  from convert.export_hf import export_hf
+  from convert.export_hf import EXPORT_DTYPES, export_hf
 
   if cfg.ft_train not in FT_TRAIN:
     raise ValueError(f"ft_train must be one of {FT_TRAIN}, got {cfg.ft_train!r}")
   if not 0.0 <= cfg.image_budget <= 1.0 or cfg.budget_weight < 0:
     raise ValueError(f"image_budget must be in [0, 1] and budget_weight >= 0, got {cfg.image_budget}, "
                      f"{cfg.budget_weight}")
+  if not 0 <= cfg.budget_from_layer < cfg.text_layers:
+    raise ValueError(f"budget_from_layer must be in [0, text_layers={cfg.text_layers}), got {cfg.budget_from_layer}")
+  if cfg.export_dtype not in EXPORT_DTYPES:
+    raise ValueError(f"export_dtype must be one of {EXPORT_DTYPES}, got {cfg.export_dtype!r}")
+  if cfg.broken_weight <= 0:
+    raise ValueError(f"broken_weight must be > 0, got {cfg.broken_weight}")
   t0 = time.time()
   os.makedirs(out_dir, exist_ok=True)
   tokenizer = build_tokenizer2()
@@ -489,9 +508,12 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
   base_params = jax.tree.map(np.asarray, params)
   cap_loss = lm_loss
   if cfg.image_budget < 1.0:
-    cap_loss = functools.partial(budget_loss, budget=cfg.image_budget, weight=cfg.budget_weight)
+    cap_loss = functools.partial(budget_loss, budget=cfg.image_budget, weight=cfg.budget_weight,
+                                 from_layer=cfg.budget_from_layer)
 
   cap = {k: img[k] for k in ("pixel_values", "input_ids", "attention_mask", "loss_mask")}
+  broken = np.array([bool(s.expected_absent) for s in train_scenes])
+  cap["loss_mask"] = cap["loss_mask"] * np.where(broken, cfg.broken_weight, 1.0).astype(np.float32)[:, None]
 
   def plateau(done, losses, _):
     w = cfg.plateau_window
@@ -523,9 +545,9 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
   train_seconds = time.time() - t0
 
   params = jax.tree.map(np.asarray, params)
-  export_hf(params, config, out_dir)
+  export_hf(params, config, out_dir, dtype=cfg.export_dtype)
   processor.save_pretrained(out_dir)
-  export_base_llm(base_params, config, tokenizer, os.path.join(out_dir, "base_llm"))
+  export_base_llm(base_params, config, tokenizer, os.path.join(out_dir, "base_llm"), dtype=np.dtype(cfg.export_dtype))
   summary = {"train_config": dataclasses.asdict(cfg), "num_parameters": n_params, "vocab_size": len(tokenizer),
              "prompt": PROMPT, "stages": stages, "train_seconds": round(train_seconds, 1),
              "total_seconds": round(time.time() - t0, 1), "jax_version": jax.__version__,

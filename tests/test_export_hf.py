@@ -121,3 +121,5 @@ def test_mismatched_params_are_named(tmp_path):
   with pytest.raises(ValueError, match="shape mismatches"):
     export_hf(bad, config, tmp_path)
   assert not os.path.exists(tmp_path / "model.safetensors")
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    export_hf(params, config, tmp_path, dtype="int8")

@@ -145,12 +145,22 @@ def test_train2_tiny_run_writes_llava_and_base_llm(tmp_path):
   assert args["stages"]["ft"]["steps"] == 2 and len(args["stages"]["ft"]["dev"]) == 1  # recall never reached
   log = [json.loads(x) for x in (tmp_path / "ckpt" / "train_log.jsonl").read_text().splitlines()]
   assert [r["stage"] for r in log][:3] == ["vision"] * 3 and all(np.isfinite(r["loss"]) for r in log)
-  # Stages 1-2 reused from that run: the same checkpoint, bit for bit.
-  assert main(["train2", "--out", str(tmp_path / "again"), *flags, "--init-from", str(tmp_path / "ckpt")]) == 0
+  # Stages 1-2 reused from that run: the same checkpoint, bit for bit (here saved in float16: the same, rounded).
+  assert main(["train2", "--out", str(tmp_path / "again"), *flags, "--init-from", str(tmp_path / "ckpt"),
+               "--export-dtype", "float16"]) == 0
   again = air_jax.load_pretrained(str(tmp_path / "again"))
   import jax
+  from safetensors import safe_open
 
-  jax.tree.map(np.testing.assert_array_equal, model.params, again.params)
+  with safe_open(str(tmp_path / "again" / "model.safetensors"), "np") as f:
+    assert {f.get_tensor(k).dtype for k in f.keys()} == {np.dtype(np.float16)}
+  with safe_open(str(tmp_path / "again" / "base_llm" / "model.safetensors"), "np") as f:
+    assert {f.get_tensor(k).dtype for k in f.keys()} == {np.dtype(np.float16)}
+  assert json.loads((tmp_path / "again" / "config.json").read_text())["dtype"] == "float16"
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a).astype(np.float16).astype(np.float32),
+                                                          np.asarray(b, np.float32)), model.params, again.params)
+  with pytest.raises(ValueError, match="dtype 'float16'; reuse a run exported with"):  # rounded stages 1-2
+    main(["train2", "--out", str(tmp_path / "third"), *flags, "--init-from", str(tmp_path / "again")])
   args2 = json.loads((tmp_path / "again" / "training_args.json").read_text())
   assert args2["stages"]["vision"]["reused_from"] == str((tmp_path / "ckpt").resolve())
   assert args2["stages"]["text"]["train_config"] == args["train_config"]
@@ -193,6 +203,11 @@ def test_budget_loss_penalises_image_mass_above_the_budget():
   assert np.mean(terms) > 0.01  # random init attends to the image: the test exercises the hinge
   got = float(train2.budget_loss(params, config, batch, budget=0.05, weight=2.0))
   assert got == pytest.approx(want, rel=1e-5)
+  # Layers >= 1 only; loss weights (broken_weight) scale the cross-entropy, not the budget's rows.
+  late = np.mean([t[1:] for t in terms])
+  heavy = dict(batch, loss_mask=batch["loss_mask"] * 4.0)
+  got = float(train2.budget_loss(params, config, heavy, budget=0.05, weight=2.0, from_layer=1))
+  assert got == pytest.approx(float(train2.lm_loss(params, config, heavy)) + 2.0 * late, rel=1e-5)
 
 
 def test_train2_stages_freeze_and_are_deterministic():
@@ -234,5 +249,10 @@ def test_train2_stages_freeze_and_are_deterministic():
     train2.train2("/nonexistent", dataclasses.replace(cfg, ft_train="lora"))
   with pytest.raises(ValueError, match="image_budget must be in"):
     train2.train2("/nonexistent", dataclasses.replace(cfg, image_budget=1.5))
+  for bad, match in ((dict(budget_from_layer=2), "budget_from_layer must be in"),
+                     (dict(broken_weight=0.0), "broken_weight must be > 0"),
+                     (dict(export_dtype="bfloat16"), "export_dtype must be one of")):
+    with pytest.raises(ValueError, match=match):
+      train2.train2("/nonexistent", dataclasses.replace(cfg, **bad))
   labels = train2.patch_labels(scenes2.scenes2(1, 0, "train")[0], 64, 8)
   assert labels.shape == (64,) and labels.max() > 0 and (labels == 0).sum() > 20
