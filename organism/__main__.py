@@ -22,8 +22,16 @@ def _train_flags(p: argparse.ArgumentParser, v2: bool = False) -> None:
   from organism.train2 import Train2Config
 
   for f in dataclasses.fields(Train2Config if v2 else TrainConfig):
-    p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                   help=f"default {f.default}")
+    kind = _bool if isinstance(f.default, bool) else type(f.default)
+    p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f"default {f.default}")
+
+
+def _bool(text: str) -> bool:
+  """argparse type of a bool flag: true/false, yes/no, 1/0 (bool("false") would be True)."""
+  value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+  if value is None:
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+  return value
 
 
 def build_parser() -> argparse.ArgumentParser:

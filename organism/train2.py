@@ -76,6 +76,7 @@ class Train2Config:
   vision_steps: int = 300
   vision_lr: float = 3e-3
   n_images: int = 6000
+  vision_global_weight: float = 0.0  # > 0: patch tokens also learn the image's object set (see vision_loss)
   # 2. text LM
   text_steps: int = 400
   text_lr: float = 2e-3
@@ -107,6 +108,7 @@ class Train2Config:
   # Reuse stages 1-2 (vision tower, base LM) of an earlier run with the same seed and sizes: its LLaVA directory
   # (vision tower) and its base_llm/ (the text LM). Empty: train them.
   init_from: str = ""
+  reuse_vision: bool = True  # with init_from: False reuses only the base LM and trains stage 1 again
   export_dtype: str = "float32"  # of both saved models; "float16" halves the checkpoint (the shipped one)
   n_dev: int = 64
   warmup: int = 30
@@ -184,6 +186,7 @@ def image_data(processor, scenes, size: int, patch: int, captions: bool = True) 
   data = train1.encode_examples(processor, images, caps)
   data["patch_labels"] = np.stack([patch_labels(s, size, patch) for s in scenes])
   data["scene_ids"] = np.array([[st.name for st in SCENE_TYPES].index(s.scene_type) for s in scenes], np.int32)
+  data["presence"] = np.array([[c.name in s.names for c in CLASSES] for s in scenes], np.float32)
   return data
 
 
@@ -255,8 +258,13 @@ def budget_loss(params, config, batch, budget: float, weight: float, from_layer:
   return xent + weight * jnp.sum(over) / n
 
 
-def vision_loss(params, config, batch):
-  """Per-patch class cross-entropy + scene-type cross-entropy from the class token (last layer)."""
+def vision_loss(params, config, batch, global_weight: float = 0.0):
+  """Per-patch class cross-entropy + scene-type cross-entropy from the class token (last layer).
+
+  global_weight > 0 adds that times the mean over patches of a multi-label (sigmoid) cross-entropy of every patch
+  token predicting which classes the whole image holds (batch["presence"] [B, C]): every token then carries the
+  image's object set, absences included, as CLIP's patch tokens carry global content.
+  """
   vc = config.vision
   h = clip.forward(params["vision_tower"], vc, batch["pixel_values"])[-1]  # [B, 1+P, Ev]
   patch_logits = h[:, 1:] @ params["head"]["patch_w"] + params["head"]["patch_b"]
@@ -265,7 +273,12 @@ def vision_loss(params, config, batch):
   l1 = -jnp.mean(jnp.take_along_axis(lp, batch["patch_labels"][..., None], -1))
   ls = jax.nn.log_softmax(scene_logits, -1)
   l2 = -jnp.mean(jnp.take_along_axis(ls, batch["scene_ids"][:, None], -1))
-  return l1 + l2
+  if not global_weight:
+    return l1 + l2
+  z = h[:, 1:] @ params["head"]["global_w"] + params["head"]["global_b"]  # [B, P, C]
+  y = batch["presence"][:, None, :]
+  l3 = jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+  return l1 + l2 + global_weight * l3
 
 
 def _trainable(params, stage: str, ft_train: str = "mlp"):
@@ -411,8 +424,10 @@ def export_base_llm(params, config: LlavaConfig, tokenizer, out_dir: str, dtype=
 # The recipe
 
 
-def reuse_stages(params, config: LlavaConfig, run_dir: str):
+def reuse_stages(params, config: LlavaConfig, run_dir: str, vision: bool = True):
   """params with the vision tower of `run_dir` (an earlier train2 output) and its base LM (`run_dir/base_llm`).
+
+  vision=False keeps params' own vision tower (stage 1 is then trained again) and checks only the text sizes.
 
   Stages 1-2 do not depend on anything that stages 3-4 change, so a run with the same seed and stage 1-2 settings
   gives the same params as training them again (float32 files); the stage records name the reused run and its
@@ -430,10 +445,12 @@ def reuse_stages(params, config: LlavaConfig, run_dir: str):
   prev = air_jax.load_pretrained(run_dir, with_processor=False)
   llm = load_base_llm(os.path.join(run_dir, "base_llm"))
   for name, got, want in (("vision", prev.config.vision, config.vision), ("text", llm.config.text, config.text)):
-    if got != want:
+    if got != want and (vision or name == "text"):
       raise ValueError(f"init_from {run_dir}: its {name} config differs from this run's; train with the same "
                        f"sizes or leave init_from empty.\n  theirs: {got}\n  ours:   {want}")
-  out = dict(params, vision_tower=jax.tree.map(np.asarray, prev.params["vision_tower"]))
+  out = dict(params)
+  if vision:
+    out["vision_tower"] = jax.tree.map(np.asarray, prev.params["vision_tower"])
   out["language_model"] = jax.tree.map(np.asarray, llm.params["language_model"])
   if "lm_head" in params:
     out["lm_head"] = jax.tree.map(np.asarray, llm.params["lm_head"])
@@ -472,7 +489,7 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
   config = model_config2(cfg, tokenizer)
   train_scenes = scenes2.scenes2(cfg.n_images, cfg.seed, "train")
   img = image_data(processor, train_scenes, cfg.image_size, cfg.patch_size)
-  txt, text_info = None, "no text sequences (stages 1-2 reused)"
+  txt, text_info = None, "no text sequences (stage 2 reused)"
   if not cfg.init_from:  # the text corpus only feeds stage 2
     txt = text_data(tokenizer, scenes2.scenes2(cfg.n_text, cfg.seed, "text"), cfg.seed, cfg.tag_p, cfg.tag_keep)
     text_info = f"{len(txt['input_ids'])} text sequences (length {txt['input_ids'].shape[1]})"
@@ -489,20 +506,29 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
                     "patch_b": jnp.zeros(len(CLASSES) + 1),
                     "scene_w": 0.02 * jax.random.normal(k2, (ev, len(SCENE_TYPES))),
                     "scene_b": jnp.zeros(len(SCENE_TYPES))}
+  if cfg.vision_global_weight:  # its own key: runs without it keep their params
+    k3 = jax.random.fold_in(key, 2)
+    params["head"].update(global_w=0.02 * jax.random.normal(k3, (ev, len(CLASSES))), global_b=jnp.zeros(len(CLASSES)))
   n_params = count_params({k: v for k, v in params.items() if k != "head"})
   log(f"model: {n_params:,} parameters ({cfg.text_layers} layers x {cfg.text_heads} heads, hidden {cfg.text_hidden})")
   stages: dict[str, Any] = {}
   if cfg.init_from:  # before the log file is opened: a mismatch fails without leaving one behind
-    params.pop("head")
-    params, stages["vision"], stages["text"] = reuse_stages(params, config, cfg.init_from)
-    log(f"stages 1-2 reused from {cfg.init_from}")
+    head = params.pop("head")
+    params, vision_record, stages["text"] = reuse_stages(params, config, cfg.init_from, vision=cfg.reuse_vision)
+    if cfg.reuse_vision:
+      stages["vision"] = vision_record
+    else:  # stage 1 runs below; it does not read the LM, so the result equals a full run's
+      params["head"] = head
+    log(f"stages {'1-2' if cfg.reuse_vision else '2'} reused from {cfg.init_from}")
   f = open(os.path.join(out_dir, "train_log.jsonl"), "w", encoding="utf-8")
 
-  if not cfg.init_from:
-    vis = {k: img[k] for k in ("pixel_values", "patch_labels", "scene_ids")}
-    params, stages["vision"] = _fit(params, vision_loss, config, _trainable(params, "vision"), vis,
+  if "vision" not in stages:
+    vis = {k: img[k] for k in ("pixel_values", "patch_labels", "scene_ids", "presence")}
+    vloss = functools.partial(vision_loss, global_weight=cfg.vision_global_weight)
+    params, stages["vision"] = _fit(params, vloss, config, _trainable(params, "vision"), vis,
                                     cfg.vision_steps, cfg.vision_lr, cfg, 1, log, "vision", log_file=f)
     params.pop("head")
+  if "text" not in stages:
     params, stages["text"] = _fit(params, lm_loss, config, _trainable(params, "text"), txt, cfg.text_steps,
                                   cfg.text_lr, cfg, 2, log, "text", log_file=f)
   base_params = jax.tree.map(np.asarray, params)

@@ -159,6 +159,12 @@ def test_train2_tiny_run_writes_llava_and_base_llm(tmp_path):
   assert json.loads((tmp_path / "again" / "config.json").read_text())["dtype"] == "float16"
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a).astype(np.float16).astype(np.float32),
                                                           np.asarray(b, np.float32)), model.params, again.params)
+  # Only the base LM reused, stage 1 trained again: the same checkpoint too.
+  assert main(["train2", "--out", str(tmp_path / "v"), *flags, "--init-from", str(tmp_path / "ckpt"),
+               "--reuse-vision", "false"]) == 0
+  jax.tree.map(np.testing.assert_array_equal, model.params, air_jax.load_pretrained(str(tmp_path / "v")).params)
+  args3 = json.loads((tmp_path / "v" / "training_args.json").read_text())
+  assert "reused_from" not in args3["stages"]["vision"] and "reused_from" in args3["stages"]["text"]
   with pytest.raises(ValueError, match="dtype 'float16'; reuse a run exported with"):  # rounded stages 1-2
     main(["train2", "--out", str(tmp_path / "third"), *flags, "--init-from", str(tmp_path / "again")])
   args2 = json.loads((tmp_path / "again" / "training_args.json").read_text())
@@ -208,6 +214,39 @@ def test_budget_loss_penalises_image_mass_above_the_budget():
   heavy = dict(batch, loss_mask=batch["loss_mask"] * 4.0)
   got = float(train2.budget_loss(params, config, heavy, budget=0.05, weight=2.0, from_layer=1))
   assert got == pytest.approx(float(train2.lm_loss(params, config, heavy)) + 2.0 * late, rel=1e-5)
+
+
+def test_vision_loss_global_term():
+  import jax
+
+  from models import clip
+  from models.params import init_params
+  from organism import train2
+  from organism.train import build_processor
+  from organism.vocab import CLASSES
+
+  cfg = train2.Train2Config(**TINY)
+  tok = train2.build_tokenizer2()
+  config = train2.model_config2(cfg, tok)
+  proc = build_processor(tok, cfg.image_size, cfg.patch_size)
+  scenes = scenes2.scenes2(3, 0, "train")
+  data = train2.image_data(proc, scenes, cfg.image_size, cfg.patch_size)
+  assert data["presence"].shape == (3, len(CLASSES)) and data["presence"].sum(1).tolist() == [len(s.names) for s in scenes]
+  params = init_params(config, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  ev, c = cfg.vision_hidden, len(CLASSES)
+  params["head"] = {"patch_w": rng.normal(size=(ev, c + 1)).astype(np.float32), "patch_b": np.zeros(c + 1, np.float32),
+                    "scene_w": rng.normal(size=(ev, 6)).astype(np.float32), "scene_b": np.zeros(6, np.float32),
+                    "global_w": rng.normal(size=(ev, c)).astype(np.float32), "global_b": np.ones(c, np.float32)}
+  batch = {k: data[k] for k in ("pixel_values", "patch_labels", "scene_ids", "presence")}
+  h = np.asarray(clip.forward(params["vision_tower"], config.vision, batch["pixel_values"])[-1])[:, 1:]
+  z = h @ params["head"]["global_w"] + 1.0
+  p = 1 / (1 + np.exp(-z.astype(np.float64)))
+  y = data["presence"][:, None, :]
+  bce = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+  plain = float(train2.vision_loss(params, config, batch))
+  assert float(train2.vision_loss(params, config, batch, global_weight=0.5)) == pytest.approx(plain + 0.5 * bce,
+                                                                                             rel=1e-5)
 
 
 def test_train2_stages_freeze_and_are_deterministic():
