@@ -519,7 +519,7 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
       stages["vision"] = vision_record
     else:  # stage 1 runs below; it does not read the LM, so the result equals a full run's
       params["head"] = head
-    log(f"stages {'1-2' if cfg.reuse_vision else '2'} reused from {cfg.init_from}")
+    log(f"{'stages 1-2' if cfg.reuse_vision else 'stage 2'} reused from {cfg.init_from}")
   f = open(os.path.join(out_dir, "train_log.jsonl"), "w", encoding="utf-8")
 
   if "vision" not in stages:
