@@ -19,7 +19,9 @@ Splits (organism.scenes2 "test" priors, seeds disjoint from training's seed 0 an
 - MAI (text mass / image mass of the generating row, pooled) at object-word steps of the greedy captions: top
   heads vs the others, and top heads at hallucinated vs correct object steps;
 - CHAIR with AIR (lambda 3.5, gamma 0.1, tau 0.3, beta 0.3) on the top-k heads by E_h, with reallocation alone on
-  them, and on --random-draws sets of k random other heads.
+  them, and on --random-draws sets of k random other heads;
+- with --scan-heads: AIR on each head alone, its mean change of log P(m) on absent and on present items of the dev
+  seed (`head_scan`), and where the top-k heads by E_h rank by that gap (which heads AIR would help on).
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ def slot_prefix(scene, m: str) -> str:
   return " ".join([scenes2.opening(scene)] + [scenes2.object_sentence(o) for o in before] + [f"There is {art}"])
 
 
+_FWD: dict = {}  # model config -> jitted last-position log-softmax
+
+
 def _last_logprobs(model, prompts: list[str], images, spec=None, batch: int = 32) -> np.ndarray:
   """log-softmax of the last position of each left-padded prompt [N, V] (images None: text only)."""
   import jax
@@ -95,8 +100,10 @@ def _last_logprobs(model, prompts: list[str], images, spec=None, batch: int = 32
 
   tok = getattr(model.processor, "tokenizer", model.processor)
   out = []
-  fwd = jax.jit(lambda p, ids, m, px, sp: jax.nn.log_softmax(
-      llava.forward(p, model.config, ids, px, attention_mask=m, spec=sp)["logits"][:, -1], -1))
+  fwd = _FWD.get(model.config)
+  if fwd is None:  # one compile per model config: head scans call this once per head
+    fwd = _FWD[model.config] = jax.jit(lambda p, ids, m, px, sp: jax.nn.log_softmax(
+        llava.forward(p, model.config, ids, px, attention_mask=m, spec=sp)["logits"][:, -1], -1))
   for s in range(0, len(prompts), batch):
     chunk = prompts[s:s + batch]
     if images is None:
@@ -141,6 +148,28 @@ def name_logprob(model, scenes, items, with_image: bool, spec=None, text_model=N
   lp = _last_logprobs(m_, prompts, images, spec)
   ids = [tok.convert_tokens_to_ids("\u2581" + m) for _, m, _ in items]
   return lp[np.arange(len(items)), ids]
+
+
+def head_scan(model, scenes, items, **air_settings) -> dict[str, np.ndarray]:
+  """AIR on one head at a time: mean change of log P(m) at absent and at present items, and the AUC, per head.
+
+  Returns {"d_absent", "d_present", "auc"}, each [L, H]; gap = d_present - d_absent > 0 means AIR on that head
+  separates present from absent members better (what AIR needs of the heads it edits).
+  """
+  import air_jax
+
+  present = np.array([p for *_, p in items])
+  base = name_logprob(model, scenes, items, with_image=True)
+  nl, nh = model.config.text.num_hidden_layers, model.config.text.num_attention_heads
+  out = {k: np.zeros((nl, nh)) for k in ("d_absent", "d_present", "auc")}
+  for l in range(nl):
+    for h in range(nh):
+      spec = air_jax.AIRConfig.preset("air", heads=[(l, h)], **air_settings).compile(model.config)
+      lp = name_logprob(model, scenes, items, with_image=True, spec=spec)
+      out["d_absent"][l, h] = np.mean(lp[~present] - base[~present])
+      out["d_present"][l, h] = np.mean(lp[present] - base[present])
+      out["auc"][l, h] = auc(lp[present], lp[~present])
+  return out
 
 
 def image_token_features(model, scenes) -> np.ndarray:
@@ -228,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--top-k", type=int, default=None, help="default: 5 %% of the heads (at least 2)")
   ap.add_argument("--heads", default=None, help="heads JSON to use instead of attributing on the dev seed")
   ap.add_argument("--random-draws", type=int, default=3)
+  ap.add_argument("--scan-heads", action="store_true", help="AIR on each head alone at the dev seed's items "
+                  "(head_scan; about 5 s per head on 2 CPU cores for the full-size model)")
   ap.add_argument("--max-new-tokens", type=int, default=96)
   ap.add_argument("--batch-size", type=int, default=100)
   ap.add_argument("--out", default="results/organism_v2")
@@ -342,6 +373,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   lp_air = name_logprob(model, scenes, items, with_image=True, spec=air.compile(model.config))
   res["counterfactual_auc_air"] = auc([x for x, (_, _, p) in zip(lp_air, items) if p],
                                       [x for x, (_, _, p) in zip(lp_air, items) if not p])
+  if args.scan_heads:
+    dev_scenes = scenes2.scenes2(args.n_dev, args.dev_seed, "test")
+    scan = head_scan(model, dev_scenes, slot_items(dev_scenes), **PAPER)
+    gap = scan["d_present"] - scan["d_absent"]
+    rank = np.argsort(np.argsort(-gap.ravel())).reshape(gap.shape)  # 0 = the head AIR helps most
+    res["head_scan"] = {k: v.round(5).tolist() for k, v in scan.items()}
+    res["head_scan"]["top_heads_gap_rank"] = [int(rank[l, h]) for l, h in top]
+    best = np.dstack(np.unravel_index(np.argsort(-gap.ravel())[:k], gap.shape))[0]
+    res["head_scan"]["best_heads"] = [(int(l), int(h), round(float(gap[l, h]), 4)) for l, h in best]
+    print(f"head scan: gap ranks of the top heads {res['head_scan']['top_heads_gap_rank']} of {gap.size}; "
+          f"best {res['head_scan']['best_heads']}  [{time.time() - t0:.0f}s]", flush=True)
   probe_scenes = scenes2.scenes2(args.n_probe, args.probe_seed, "test")
   res["probe_auc"] = probe_auc(model, probe_scenes, scenes, items)
   res["seconds"] = round(time.time() - t0, 1)

@@ -295,3 +295,33 @@ def test_train2_stages_freeze_and_are_deterministic():
       train2.train2("/nonexistent", dataclasses.replace(cfg, **bad))
   labels = train2.patch_labels(scenes2.scenes2(1, 0, "train")[0], 64, 8)
   assert labels.shape == (64,) and labels.max() > 0 and (labels == 0).sum() > 20
+
+
+def test_head_scan_is_air_on_one_head_at_a_time():
+  import types
+
+  import jax
+
+  import air_jax
+  from models.params import init_params
+  from organism import train2
+  from organism.measure import PAPER, head_scan, name_logprob, slot_items
+  from organism.train import build_processor
+
+  cfg = train2.Train2Config(**{**TINY, "image_size": 64})  # name_logprob renders the scenes at 64 pixels
+  tok = train2.build_tokenizer2()
+  config = train2.model_config2(cfg, tok)
+  model = types.SimpleNamespace(params=init_params(config, jax.random.PRNGKey(3)), config=config,
+                                processor=build_processor(tok, 64, 8))
+  scenes = scenes2.scenes2(12, 8, "test")
+  items = slot_items(scenes)
+  present = np.array([p for *_, p in items])
+  assert present.any() and (~present).any()
+  scan = head_scan(model, scenes, items, **PAPER)
+  assert all(v.shape == (2, 4) for v in scan.values())
+  base = name_logprob(model, scenes, items, with_image=True)
+  spec = air_jax.AIRConfig.preset("air", heads=[(1, 2)], **PAPER).compile(config)
+  lp = name_logprob(model, scenes, items, with_image=True, spec=spec)
+  assert scan["d_absent"][1, 2] == pytest.approx(np.mean(lp[~present] - base[~present]), abs=1e-6)
+  assert scan["d_present"][1, 2] == pytest.approx(np.mean(lp[present] - base[present]), abs=1e-6)
+  assert np.abs(scan["d_present"]).max() > 0  # AIR on a single head changes the name's probability
