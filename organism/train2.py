@@ -102,6 +102,7 @@ class Train2Config:
   image_budget: float = 1.0
   budget_weight: float = 1.0
   budget_from_layer: int = 0  # the budget binds layers >= this one only (earlier layers read the image freely)
+  budget_head_fraction: float = 1.0  # and in each of them this fraction of the heads (seeded draw; budget_heads)
   # Stages 3-4: the caption loss of image-caption pairs whose group is broken (one member missing, ~12 %) is
   # weighted by this factor, so the fine-tune sees more of the evidence that a member can be absent.
   broken_weight: float = 1.0
@@ -240,21 +241,35 @@ def image_mass(attentions, input_ids, loss_mask, image_token_id: int):
   return mass, rows
 
 
-def budget_loss(params, config, batch, budget: float, weight: float, from_layer: int = 0):
-  """lm_loss + weight * mean over layers (>= from_layer), heads and caption rows of max(0, image mass - budget).
+def budget_heads(cfg: Train2Config) -> np.ndarray:
+  """[L, H] float 0/1: the heads the attention budget binds (layers >= budget_from_layer; in each, the fraction
+  budget_head_fraction of its heads, drawn by the seed)."""
+  mask = np.zeros((cfg.text_layers, cfg.text_heads), np.float32)
+  rng = np.random.default_rng([cfg.seed, 17])
+  k = int(round(cfg.budget_head_fraction * cfg.text_heads))
+  for layer in range(cfg.text_layers):
+    chosen = rng.permutation(cfg.text_heads)[:k]  # drawn for every layer, so the choice per layer is stable
+    if layer >= cfg.budget_from_layer:
+      mask[layer, chosen] = 1.0
+  return mask
 
-  The hinge leaves heads under the budget alone, so the model still learns to read the image, but no head may
-  spend more than `budget` of a caption row's attention on the image: text dominates every head, as in LLaVA,
-  where the hallucination-sensitive heads' text/image mass ratio (MAI) is about 5.
+
+def budget_loss(params, config, batch, budget: float, weight: float, heads=None):
+  """lm_loss + weight * mean over the bound heads (all, or the [L, H] 0/1 mask `heads`) and caption rows of
+  max(0, image mass - budget).
+
+  The hinge leaves heads under the budget alone, so the model still learns to read the image, but no bound head
+  may spend more than `budget` of a caption row's attention on the image: text dominates it, as in LLaVA, where
+  the hallucination-sensitive heads' text/image mass ratio (MAI) is about 5 (the insensitive ones' about 1.5).
   """
   out = llava.forward(params, config, batch["input_ids"], batch.get("pixel_values"),
                       attention_mask=batch["attention_mask"], output_attentions=True)
   xent = _xent(out["logits"], batch["input_ids"], batch["loss_mask"])
   mass, rows = image_mass(out["attentions"], batch["input_ids"], batch["loss_mask"], config.image_token_id)
-  mass = mass[from_layer:]
+  heads = jnp.ones(mass.shape[::2], mass.dtype) if heads is None else jnp.asarray(heads, mass.dtype)  # [L, H]
   rows = (rows > 0).astype(mass.dtype)  # loss weights (broken_weight) do not weight the budget
-  over = jnp.maximum(mass - budget, 0.0) * rows[None, :, None, :]
-  n = jnp.maximum(jnp.sum(rows), 1.0) * mass.shape[0] * mass.shape[2]
+  over = jnp.maximum(mass - budget, 0.0) * rows[None, :, None, :] * heads[:, None, :, None]
+  n = jnp.maximum(jnp.sum(rows), 1.0) * jnp.maximum(jnp.sum(heads), 1.0)
   return xent + weight * jnp.sum(over) / n
 
 
@@ -478,6 +493,8 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
                      f"{cfg.budget_weight}")
   if not 0 <= cfg.budget_from_layer < cfg.text_layers:
     raise ValueError(f"budget_from_layer must be in [0, text_layers={cfg.text_layers}), got {cfg.budget_from_layer}")
+  if not 0.0 < cfg.budget_head_fraction <= 1.0:
+    raise ValueError(f"budget_head_fraction must be in (0, 1], got {cfg.budget_head_fraction}")
   if cfg.export_dtype not in EXPORT_DTYPES:
     raise ValueError(f"export_dtype must be one of {EXPORT_DTYPES}, got {cfg.export_dtype!r}")
   if cfg.broken_weight <= 0:
@@ -535,7 +552,7 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
   cap_loss = lm_loss
   if cfg.image_budget < 1.0:
     cap_loss = functools.partial(budget_loss, budget=cfg.image_budget, weight=cfg.budget_weight,
-                                 from_layer=cfg.budget_from_layer)
+                                 heads=budget_heads(cfg))
 
   cap = {k: img[k] for k in ("pixel_values", "input_ids", "attention_mask", "loss_mask")}
   broken = np.array([bool(s.expected_absent) for s in train_scenes])

@@ -209,11 +209,14 @@ def test_budget_loss_penalises_image_mass_above_the_budget():
   assert np.mean(terms) > 0.01  # random init attends to the image: the test exercises the hinge
   got = float(train2.budget_loss(params, config, batch, budget=0.05, weight=2.0))
   assert got == pytest.approx(want, rel=1e-5)
-  # Layers >= 1 only; loss weights (broken_weight) scale the cross-entropy, not the budget's rows.
-  late = np.mean([t[1:] for t in terms])
+  # Half the heads of layers >= 1 only; loss weights (broken_weight) scale the cross-entropy, not the budget's rows.
+  heads = train2.budget_heads(dataclasses.replace(cfg, budget_from_layer=1, budget_head_fraction=0.5))
+  assert heads[0].sum() == 0 and heads[1].sum() == 2
+  bound = np.mean([t[heads > 0] for t in terms])
   heavy = dict(batch, loss_mask=batch["loss_mask"] * 4.0)
-  got = float(train2.budget_loss(params, config, heavy, budget=0.05, weight=2.0, from_layer=1))
-  assert got == pytest.approx(float(train2.lm_loss(params, config, heavy)) + 2.0 * late, rel=1e-5)
+  got = float(train2.budget_loss(params, config, heavy, budget=0.05, weight=2.0, heads=heads))
+  assert got == pytest.approx(float(train2.lm_loss(params, config, heavy)) + 2.0 * bound, rel=1e-5)
+  assert train2.budget_heads(cfg).sum() == cfg.text_layers * cfg.text_heads  # default: every head
 
 
 def test_vision_loss_global_term():
@@ -290,6 +293,7 @@ def test_train2_stages_freeze_and_are_deterministic():
     train2.train2("/nonexistent", dataclasses.replace(cfg, image_budget=1.5))
   for bad, match in ((dict(budget_from_layer=2), "budget_from_layer must be in"),
                      (dict(broken_weight=0.0), "broken_weight must be > 0"),
+                     (dict(budget_head_fraction=0.0), "budget_head_fraction must be in"),
                      (dict(export_dtype="bfloat16"), "export_dtype must be one of")):
     with pytest.raises(ValueError, match=match):
       train2.train2("/nonexistent", dataclasses.replace(cfg, **bad))
