@@ -2,7 +2,8 @@
 
 Stages (all deterministic given the seed; data from organism.scenes2):
 1. vision pre-training: the CLIP-style ViT alone, with a dense objective standing in for CLIP's: every patch
-   token predicts the class of the object covering it (or background), the class token the scene type;
+   token predicts the class of the object covering it (or background), the class token the scene type
+   (`vision_global_weight` > 0: every patch token also predicts the image's whole object set);
 2. text-only language model (the base LLM, also exported as a Hugging Face LlamaForCausalLM directory): the
    chat template with an empty image slot, captions of the "text" split (groups complete ~97 %). Optionally
    (`tag_p` > 0, off by default) the image slot holds a noisy shuffled word list of the scene (each word kept
@@ -13,12 +14,15 @@ Stages (all deterministic given the seed; data from organism.scenes2):
    ~12 %), until the loss plateaus (relative gain over `plateau_window` steps below `plateau_tol`) or
    `align_steps`;
 4. a short limited fine-tune: projector + the LM's MLP weights only (attention keeps what the text model
-   learned), stopped as soon as greedy object recall on a dev split (another seed) reaches `target_recall`.
+   learned; `ft_train` "mlp_vo" adds the heads' value/output projections, "all" the whole LM), stopped as soon
+   as greedy object recall on a dev split (another seed) reaches `target_recall`.
 
-Optional attention budget (`image_budget` < 1, stages 3-4): the loss also penalises any head's attention mass on
-image keys above the budget at caption rows (`budget_loss`), to make the LM's heads text-dominated as LLaVA's are.
-`init_from` reuses stages 1-2 of an earlier run (same seed and sizes: the same params), so variants of stages 3-4
-cost minutes instead of the whole recipe.
+Optional attention budget (`image_budget` < 1, stages 3-4): the loss also penalises a head's attention mass on
+image keys above the budget at caption rows (`budget_loss`), to make the LM's heads text-dominated as LLaVA's are;
+`budget_from_layer` and `budget_head_fraction` restrict it to some heads (`budget_heads`). `broken_weight` weights
+the captions of broken groups in stages 3-4. `init_from` reuses stages 1-2 of an earlier run (same seed and
+sizes: the same params; `reuse_vision` false: stage 2 only), so variants of stages 3-4 cost minutes instead of
+the whole recipe. `export_dtype` float16 halves the saved files.
 
   python -m organism train2 --out organism/checkpoint_v2 --seed 0
 
