@@ -100,10 +100,11 @@ def _last_logprobs(model, prompts: list[str], images, spec=None, batch: int = 32
 
   tok = getattr(model.processor, "tokenizer", model.processor)
   out = []
-  fwd = _FWD.get(model.config)
-  if fwd is None:  # one compile per model config: head scans call this once per head
-    fwd = _FWD[model.config] = jax.jit(lambda p, ids, m, px, sp: jax.nn.log_softmax(
-        llava.forward(p, model.config, ids, px, attention_mask=m, spec=sp)["logits"][:, -1], -1))
+  config = model.config
+  fwd = _FWD.get(config)
+  if fwd is None:  # one compile per model config (head scans call this once per head); closes over the config only
+    fwd = _FWD[config] = jax.jit(lambda p, ids, m, px, sp: jax.nn.log_softmax(
+        llava.forward(p, config, ids, px, attention_mask=m, spec=sp)["logits"][:, -1], -1))
   for s in range(0, len(prompts), batch):
     chunk = prompts[s:s + batch]
     if images is None:
