@@ -110,6 +110,8 @@ class Train2Config:
   # Stages 3-4: the caption loss of image-caption pairs whose group is broken (one member missing, ~12 %) is
   # weighted by this factor, so the fine-tune sees more of the evidence that a member can be absent.
   broken_weight: float = 1.0
+  # Stages 3-4: weight of `word_gap_loss` (0 = off), which keeps image tokens out of the object words' embedding span.
+  word_gap_weight: float = 0.0
   # Reuse stages 1-2 (vision tower, base LM) of an earlier run with the same seed and sizes: its LLaVA directory
   # (vision tower) and its base_llm/ (the text LM). Empty: train them.
   init_from: str = ""
@@ -275,6 +277,21 @@ def budget_loss(params, config, batch, budget: float, weight: float, heads=None)
   over = jnp.maximum(mass - budget, 0.0) * rows[None, :, None, :] * heads[:, None, :, None]
   n = jnp.maximum(jnp.sum(rows), 1.0) * jnp.maximum(jnp.sum(heads), 1.0)
   return xent + weight * jnp.sum(over) / n
+
+
+def word_gap_loss(params, config, batch, base_loss, weight: float, word_ids):
+  """base_loss + weight * mean over image tokens of the share of their squared norm that lies in the span of the
+  LM's input embeddings of the object words (`word_ids`; the span is not trained through this term).
+
+  Keeps the projected image tokens out of the directions object words occupy, so heads that key on object words
+  in the text (the co-occurrence prior) do not read image tokens as those words.
+  """
+  loss = base_loss(params, config, batch)
+  emb = jax.lax.stop_gradient(params["language_model"]["embed_tokens"]["weight"][jnp.asarray(word_ids)])  # [W, E]
+  basis, _ = jnp.linalg.qr(emb.T)  # [E, W] orthonormal
+  x = llava.image_features(params, config, batch["pixel_values"])  # [B, P, E]
+  share = jnp.sum((x @ basis) ** 2, -1) / jnp.maximum(jnp.sum(x * x, -1), 1e-12)
+  return loss + weight * jnp.mean(share)
 
 
 def vision_loss(params, config, batch, global_weight: float = 0.0):
@@ -501,6 +518,8 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
     raise ValueError(f"budget_head_fraction must be in (0, 1], got {cfg.budget_head_fraction}")
   if cfg.export_dtype not in EXPORT_DTYPES:
     raise ValueError(f"export_dtype must be one of {EXPORT_DTYPES}, got {cfg.export_dtype!r}")
+  if cfg.word_gap_weight < 0:
+    raise ValueError(f"word_gap_weight must be >= 0, got {cfg.word_gap_weight}")
   if cfg.broken_weight <= 0:
     raise ValueError(f"broken_weight must be > 0, got {cfg.broken_weight}")
   t0 = time.time()
@@ -557,6 +576,9 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
   if cfg.image_budget < 1.0:
     cap_loss = functools.partial(budget_loss, budget=cfg.image_budget, weight=cfg.budget_weight,
                                  heads=budget_heads(cfg))
+  if cfg.word_gap_weight:
+    words = [tokenizer.convert_tokens_to_ids("\u2581" + c.name) for c in CLASSES]
+    cap_loss = functools.partial(word_gap_loss, base_loss=cap_loss, weight=cfg.word_gap_weight, word_ids=words)
 
   cap = {k: img[k] for k in ("pixel_values", "input_ids", "attention_mask", "loss_mask")}
   broken = np.array([bool(s.expected_absent) for s in train_scenes])

@@ -219,6 +219,34 @@ def test_budget_loss_penalises_image_mass_above_the_budget():
   assert train2.budget_heads(cfg).sum() == cfg.text_layers * cfg.text_heads  # default: every head
 
 
+def test_word_gap_loss_is_the_image_tokens_share_in_the_word_span():
+  import jax
+  import jax.numpy as jnp
+
+  from models import llava
+  from models.params import init_params
+  from organism import train2
+  from organism.train import build_processor
+  from organism.vocab import CLASSES
+
+  cfg = train2.Train2Config(**TINY)
+  tok = train2.build_tokenizer2()
+  config = train2.model_config2(cfg, tok)
+  proc = build_processor(tok, cfg.image_size, cfg.patch_size)
+  data = train2.image_data(proc, scenes2.scenes2(2, 0, "train"), cfg.image_size, cfg.patch_size)
+  batch = {k: jnp.asarray(data[k]) for k in ("pixel_values", "input_ids", "attention_mask", "loss_mask")}
+  params = init_params(config, jax.random.PRNGKey(1))
+  words = [tok.convert_tokens_to_ids("\u2581" + c.name) for c in CLASSES]
+  assert tok.unk_token_id not in words
+  x = np.asarray(llava.image_features(params, config, batch["pixel_values"]), np.float64).reshape(-1, 32)
+  emb = np.asarray(params["language_model"]["embed_tokens"]["weight"], np.float64)[words]  # [24, 32]
+  proj = emb.T @ np.linalg.pinv(emb.T)  # projector onto the span of the word embeddings
+  want = np.mean(np.sum((x @ proj) ** 2, 1) / np.sum(x ** 2, 1))
+  got = float(train2.word_gap_loss(params, config, batch, train2.lm_loss, 2.0, words))
+  assert got == pytest.approx(float(train2.lm_loss(params, config, batch)) + 2.0 * want, rel=1e-4)
+  assert 0.1 < want < 1.0  # 24 of 32 dimensions: the term is exercised
+
+
 def test_vision_loss_global_term():
   import jax
 
@@ -293,6 +321,7 @@ def test_train2_stages_freeze_and_are_deterministic():
     train2.train2("/nonexistent", dataclasses.replace(cfg, image_budget=1.5))
   for bad, match in ((dict(budget_from_layer=2), "budget_from_layer must be in"),
                      (dict(broken_weight=0.0), "broken_weight must be > 0"),
+                     (dict(word_gap_weight=-1.0), "word_gap_weight must be >= 0"),
                      (dict(budget_head_fraction=0.0), "budget_head_fraction must be in"),
                      (dict(export_dtype="bfloat16"), "export_dtype must be one of")):
     with pytest.raises(ValueError, match=match):
