@@ -262,7 +262,8 @@ def test_vision_loss_global_term():
   proc = build_processor(tok, cfg.image_size, cfg.patch_size)
   scenes = scenes2.scenes2(3, 0, "train")
   data = train2.image_data(proc, scenes, cfg.image_size, cfg.patch_size)
-  assert data["presence"].shape == (3, len(CLASSES)) and data["presence"].sum(1).tolist() == [len(s.names) for s in scenes]
+  assert data["presence"].shape == (3, len(CLASSES))
+  assert data["presence"].sum(1).tolist() == [len(s.names) for s in scenes]
   params = init_params(config, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   ev, c = cfg.vision_hidden, len(CLASSES)
