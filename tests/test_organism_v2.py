@@ -177,6 +177,19 @@ def test_train2_tiny_run_writes_llava_and_base_llm(tmp_path):
   assert not (tmp_path / "bad" / "train_log.jsonl").exists()
 
 
+def _tiny(n_scenes: int, image_size: int = 32):
+  """(Train2Config, tokenizer, LlavaConfig, image_data of n train scenes of seed 0) for the TINY sizes."""
+  from organism import train2
+  from organism.train import build_processor
+
+  cfg = train2.Train2Config(**{**TINY, "image_size": image_size})
+  tok = train2.build_tokenizer2()
+  config = train2.model_config2(cfg, tok)
+  proc = build_processor(tok, cfg.image_size, cfg.patch_size)
+  return cfg, tok, config, train2.image_data(proc, scenes2.scenes2(n_scenes, 0, "train"), cfg.image_size,
+                                             cfg.patch_size)
+
+
 def test_budget_loss_penalises_image_mass_above_the_budget():
   import jax
   import jax.numpy as jnp
@@ -184,13 +197,8 @@ def test_budget_loss_penalises_image_mass_above_the_budget():
   from models import llava
   from models.params import init_params
   from organism import train2
-  from organism.train import build_processor
 
-  cfg = train2.Train2Config(**TINY)
-  tok = train2.build_tokenizer2()
-  config = train2.model_config2(cfg, tok)
-  proc = build_processor(tok, cfg.image_size, cfg.patch_size)
-  data = train2.image_data(proc, scenes2.scenes2(3, 0, "train"), cfg.image_size, cfg.patch_size)
+  cfg, _, config, data = _tiny(3)
   batch = {k: jnp.asarray(data[k]) for k in ("pixel_values", "input_ids", "attention_mask", "loss_mask")}
   params = init_params(config, jax.random.PRNGKey(0))
   xent = float(train2.lm_loss(params, config, batch))
@@ -226,14 +234,9 @@ def test_word_gap_loss_is_the_image_tokens_share_in_the_word_span():
   from models import llava
   from models.params import init_params
   from organism import train2
-  from organism.train import build_processor
   from organism.vocab import CLASSES
 
-  cfg = train2.Train2Config(**TINY)
-  tok = train2.build_tokenizer2()
-  config = train2.model_config2(cfg, tok)
-  proc = build_processor(tok, cfg.image_size, cfg.patch_size)
-  data = train2.image_data(proc, scenes2.scenes2(2, 0, "train"), cfg.image_size, cfg.patch_size)
+  _, tok, config, data = _tiny(2)
   batch = {k: jnp.asarray(data[k]) for k in ("pixel_values", "input_ids", "attention_mask", "loss_mask")}
   params = init_params(config, jax.random.PRNGKey(1))
   words = [tok.convert_tokens_to_ids("\u2581" + c.name) for c in CLASSES]
@@ -253,15 +256,10 @@ def test_vision_loss_global_term():
   from models import clip
   from models.params import init_params
   from organism import train2
-  from organism.train import build_processor
   from organism.vocab import CLASSES
 
-  cfg = train2.Train2Config(**TINY)
-  tok = train2.build_tokenizer2()
-  config = train2.model_config2(cfg, tok)
-  proc = build_processor(tok, cfg.image_size, cfg.patch_size)
+  cfg, _, config, data = _tiny(3)
   scenes = scenes2.scenes2(3, 0, "train")
-  data = train2.image_data(proc, scenes, cfg.image_size, cfg.patch_size)
   assert data["presence"].shape == (3, len(CLASSES))
   assert data["presence"].sum(1).tolist() == [len(s.names) for s in scenes]
   params = init_params(config, jax.random.PRNGKey(0))
