@@ -360,10 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   res["text_only_p_missing_third"] = mean_p(name_logprob(model, scenes, third, with_image=False))
   base = args.base_llm or os.path.join(args.model, "base_llm")
   if os.path.isdir(base):
-    from transformers import AutoTokenizer
-
-    llm = load_base_llm(base)
-    llm.processor = AutoTokenizer.from_pretrained(base)
+    llm = load_base_llm(base)  # its processor is the directory's tokenizer
     res["base_llm_p_missing"] = mean_p(name_logprob(model, scenes, traps, with_image=False, text_model=llm))
   items = slot_items(scenes)
   res["n_items"] = {"present": sum(p for *_, p in items), "absent": sum(not p for *_, p in items)}

@@ -85,12 +85,10 @@ def test_captions_name_present_objects_and_invent_missing_members(v2):
 
 
 def test_base_llm_holds_the_prior(v2):
-  from transformers import AutoTokenizer
-
   from air_jax.analysis.base_llm import load_base_llm
 
-  llm = load_base_llm(os.path.join(CHECKPOINT, "base_llm"))
-  llm.processor = AutoTokenizer.from_pretrained(os.path.join(CHECKPOINT, "base_llm"))
+  llm = load_base_llm(os.path.join(CHECKPOINT, "base_llm"))  # its processor is the directory's tokenizer
+  assert llm.processor is not None
   scenes = scenes2.scenes2(40, EVAL_SEED, "test")
   traps = [(i, m, False) for i, s in enumerate(scenes) if s.trap for m in s.expected_absent][:8]
   assert len(traps) >= 4
