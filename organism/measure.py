@@ -65,6 +65,13 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> tuple[np.nda
   return r.x[:d], float(r.x[d])
 
 
+def item_auc(logprobs, items) -> float:
+  """AUC of per-item scores (e.g. log P(m)) separating items whose member is present from absent ones."""
+  present = np.array([p for *_, p in items], bool)
+  logprobs = np.asarray(logprobs)
+  return auc(logprobs[present], logprobs[~present])
+
+
 def slot_items(scenes) -> list[tuple[int, str, bool]]:
   """(scene index, group member m, m present) for every group member whose two partners are present."""
   from organism.vocab import GROUP_OF
@@ -169,7 +176,7 @@ def head_scan(model, scenes, items, **air_settings) -> dict[str, np.ndarray]:
       lp = name_logprob(model, scenes, items, with_image=True, spec=spec)
       out["d_absent"][l, h] = np.mean(lp[~present] - base[~present])
       out["d_present"][l, h] = np.mean(lp[present] - base[present])
-      out["auc"][l, h] = auc(lp[present], lp[~present])
+      out["auc"][l, h] = item_auc(lp, items)
   return out
 
 
@@ -366,19 +373,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   res["n_items"] = {"present": sum(p for *_, p in items), "absent": sum(not p for *_, p in items)}
   res["p_missing_with_image"] = mean_p(name_logprob(model, scenes, traps, with_image=True))
   lp = name_logprob(model, scenes, items, with_image=True)
-  res["counterfactual_auc"] = auc([x for x, (_, _, p) in zip(lp, items) if p],
-                                  [x for x, (_, _, p) in zip(lp, items) if not p])
+  res["counterfactual_auc"] = item_auc(lp, items)
   lp_air = name_logprob(model, scenes, items, with_image=True, spec=air.compile(model.config))
-  res["counterfactual_auc_air"] = auc([x for x, (_, _, p) in zip(lp_air, items) if p],
-                                      [x for x, (_, _, p) in zip(lp_air, items) if not p])
+  res["counterfactual_auc_air"] = item_auc(lp_air, items)
   if args.scan_heads:
     dev_scenes = scenes2.scenes2(args.n_dev, args.dev_seed, "test")
     scan = head_scan(model, dev_scenes, slot_items(dev_scenes), **PAPER)
     gap = scan["d_present"] - scan["d_absent"]
-    rank = np.argsort(np.argsort(-gap.ravel())).reshape(gap.shape)  # 0 = the head AIR helps most
+    order = np.argsort(-gap.ravel())  # flat head indices, the head AIR helps most first
+    rank = np.argsort(order).reshape(gap.shape)
     res["head_scan"] = {k: v.round(5).tolist() for k, v in scan.items()}
     res["head_scan"]["top_heads_gap_rank"] = [int(rank[l, h]) for l, h in top]
-    best = np.dstack(np.unravel_index(np.argsort(-gap.ravel())[:k], gap.shape))[0]
+    best = np.dstack(np.unravel_index(order[:k], gap.shape))[0]
     res["head_scan"]["best_heads"] = [(int(l), int(h), round(float(gap[l, h]), 4)) for l, h in best]
     print(f"head scan: gap ranks of the top heads {res['head_scan']['top_heads_gap_rank']} of {gap.size}; "
           f"best {res['head_scan']['best_heads']}  [{time.time() - t0:.0f}s]", flush=True)
