@@ -175,7 +175,7 @@ def export_hf(params: dict, config: LlavaConfig, out_dir: str | os.PathLike, dty
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
   out_dir = os.fspath(out_dir)
-  tensors = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in checkpoint_tensors(params, config).items()}
+  tensors = {k: v.astype(dtype, copy=False) for k, v in checkpoint_tensors(params, config).items()}  # contiguous
   os.makedirs(out_dir, exist_ok=True)
   cfg = config_dict(config)
   cfg["dtype"] = dtype
