@@ -20,7 +20,8 @@ Stages (all deterministic given the seed; data from organism.scenes2):
 Optional attention budget (`image_budget` < 1, stages 3-4): the loss also penalises a head's attention mass on
 image keys above the budget at caption rows (`budget_loss`), to make the LM's heads text-dominated as LLaVA's are;
 `budget_from_layer` and `budget_head_fraction` restrict it to some heads (`budget_heads`). `broken_weight` weights
-the captions of broken groups in stages 3-4. `init_from` reuses stages 1-2 of an earlier run (same seed and
+the captions of broken groups in stages 3-4; `modality_drop` hides the text keys from random heads at training steps
+(head-level modality dropout, so every head's image read must serve the caption). `init_from` reuses stages 1-2 of an earlier run (same seed and
 sizes: the same params; `reuse_vision` false: stage 2 only), so variants of stages 3-4 cost minutes instead of
 the whole recipe. `export_dtype` float16 halves the saved files.
 
@@ -43,11 +44,13 @@ import os
 import time
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import clip, llava
+from models import attention, clip, llava, segments
+from models.spec import RectificationSpec
 from models.config import LlavaConfig
 from models.params import count_params, init_params
 from organism import scenes2, train as train1
@@ -112,6 +115,11 @@ class Train2Config:
   broken_weight: float = 1.0
   # Stages 3-4: weight of `word_gap_loss` (0 = off), which keeps image tokens out of the object words' embedding span.
   word_gap_weight: float = 0.0
+  # Stages 3-4: head-level modality dropout (0 = off). At each training step every (example, layer, head) that the
+  # budget binds is dropped with this probability: its caption rows then see no text keys, only the system and
+  # image keys (`TextKeyDrop`), and the budget does not apply to it. The heads' image reads must then carry what
+  # the caption needs (see `drop_mask`).
+  modality_drop: float = 0.0
   # Reuse stages 1-2 (vision tower, base LM) of an earlier run with the same seed and sizes: its LLaVA directory
   # (vision tower) and its base_llm/ (the text LM). Empty: train them.
   init_from: str = ""
@@ -230,9 +238,47 @@ def _xent(logits, ids, w):
   return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def lm_loss(params, config, batch):
+@flax.struct.dataclass
+class TextKeyDrop:
+  """Method-style attention op (site `edit_masked`, see models.attention): in the dropped heads of each example,
+  text query rows see no text keys (their logits set to the mask value), only system and image keys.
+
+  drop [L, B, H] float 0/1 (the layer axis is sliced away by the model before the op runs).
+  """
+
+  drop: jax.Array
+
+  def edit_masked(self, scores, ctx):  # scores [B, H, T, S]
+    rows = ctx.query_segments == segments.TEXT  # [B, T]
+    keys = ctx.key_segments == segments.TEXT  # [B, S]
+    hit = (self.drop[:, :, None, None] > 0) & rows[:, None, :, None] & keys[:, None, None, :]
+    return jnp.where(hit, attention.NEG, scores)
+
+
+def _drop_spec(config, drop):
+  """The RectificationSpec that applies TextKeyDrop(drop [L, B, H]); None when drop is None."""
+  if drop is None:
+    return None
+  layers, _, heads = drop.shape
+  return RectificationSpec(head_gate=jnp.ones((layers, heads), jnp.float32), extra=(TextKeyDrop(drop),))
+
+
+def drop_mask(cfg: Train2Config, step, batch_size: int) -> jax.Array:
+  """[L, B, H] float 0/1: the (layer, example, head) triples modality dropout drops at this training step.
+
+  Bernoulli(cfg.modality_drop) on the heads the budget binds (`budget_heads`), from a key of (seed, step): the
+  draw is reproducible and differs between steps.
+  """
+  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 7919), step)
+  shape = (cfg.text_layers, batch_size, cfg.text_heads)
+  hit = jax.random.bernoulli(key, cfg.modality_drop, shape).astype(jnp.float32)
+  return hit * jnp.asarray(budget_heads(cfg))[:, None, :]
+
+
+def lm_loss(params, config, batch, drop=None):
+  """Caption / text cross-entropy; drop [L, B, H] optionally applies modality dropout (`TextKeyDrop`)."""
   logits = llava.forward(params, config, batch["input_ids"], batch.get("pixel_values"),
-                         attention_mask=batch["attention_mask"])["logits"]
+                         attention_mask=batch["attention_mask"], spec=_drop_spec(config, drop))["logits"]
   return _xent(logits, batch["input_ids"], batch["loss_mask"])
 
 
@@ -260,33 +306,40 @@ def budget_heads(cfg: Train2Config) -> np.ndarray:
   return mask
 
 
-def budget_loss(params, config, batch, budget: float, weight: float, heads=None):
+def budget_loss(params, config, batch, budget: float, weight: float, heads=None, drop=None):
   """lm_loss + weight * mean over the bound heads (all, or the [L, H] 0/1 mask `heads`) and caption rows of
-  max(0, image mass - budget).
+  max(0, image mass - budget). drop [L, B, H]: modality dropout as in lm_loss; dropped heads are not bound.
 
   The hinge leaves heads under the budget alone, so the model still learns to read the image, but no bound head
   may spend more than `budget` of a caption row's attention on the image: text dominates it, as in LLaVA, where
   the hallucination-sensitive heads' text/image mass ratio (MAI) is about 5 (the insensitive ones' about 1.5).
   """
   out = llava.forward(params, config, batch["input_ids"], batch.get("pixel_values"),
-                      attention_mask=batch["attention_mask"], output_attentions=True)
+                      attention_mask=batch["attention_mask"], output_attentions=True, spec=_drop_spec(config, drop))
   xent = _xent(out["logits"], batch["input_ids"], batch["loss_mask"])
   mass, rows = image_mass(out["attentions"], batch["input_ids"], batch["loss_mask"], config.image_token_id)
   heads = jnp.ones(mass.shape[::2], mass.dtype) if heads is None else jnp.asarray(heads, mass.dtype)  # [L, H]
+  bound = heads[:, None, :] * (1.0 if drop is None else 1.0 - drop)  # [L, B, H]
   rows = (rows > 0).astype(mass.dtype)  # loss weights (broken_weight) do not weight the budget
-  over = jnp.maximum(mass - budget, 0.0) * rows[None, :, None, :] * heads[:, None, :, None]
+  over = jnp.maximum(mass - budget, 0.0) * rows[None, :, None, :] * bound[..., None]
   n = jnp.maximum(jnp.sum(rows), 1.0) * jnp.maximum(jnp.sum(heads), 1.0)
   return xent + weight * jnp.sum(over) / n
 
 
-def word_gap_loss(params, config, batch, base_loss, weight: float, word_ids):
+def modality_drop_loss(params, config, batch, base_loss, cfg: Train2Config):
+  """base_loss (lm_loss or a budget_loss partial) with modality dropout drawn for batch["step"] (`drop_mask`)."""
+  drop = drop_mask(cfg, batch["step"], batch["input_ids"].shape[0])
+  return base_loss(params, config, batch, drop=drop)
+
+
+def word_gap_loss(params, config, batch, base_loss, weight: float, word_ids, drop=None):
   """base_loss + weight * mean over image tokens of the share of their squared norm that lies in the span of the
   LM's input embeddings of the object words (`word_ids`; the span is not trained through this term).
 
   Keeps the projected image tokens out of the directions object words occupy, so heads that key on object words
   in the text (the co-occurrence prior) do not read image tokens as those words.
   """
-  loss = base_loss(params, config, batch)
+  loss = base_loss(params, config, batch) if drop is None else base_loss(params, config, batch, drop=drop)
   emb = jax.lax.stop_gradient(params["language_model"]["embed_tokens"]["weight"][jnp.asarray(word_ids)])  # [W, E]
   basis, _ = jnp.linalg.qr(emb.T)  # [E, W] orthonormal
   x = llava.image_features(params, config, batch["pixel_values"])  # [B, P, E]
@@ -374,6 +427,7 @@ def _fit(params, loss_fn, config, trainable, data, steps, lr, cfg: Train2Config,
   for s in range(steps):
     idx = np.sort(order[s * cfg.batch_size:(s + 1) * cfg.batch_size])
     batch = {k: jnp.asarray(v[idx]) for k, v in data.items()}
+    batch["step"] = jnp.asarray(s, jnp.int32)  # traced: per-step randomness (modality_drop) without a retrace
     train_p, state, loss = step(train_p, frozen_p, state, batch)
     losses.append(float(loss))
     done = s + 1
@@ -514,6 +568,8 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
                      f"{cfg.budget_weight}")
   if not 0 <= cfg.budget_from_layer < cfg.text_layers:
     raise ValueError(f"budget_from_layer must be in [0, text_layers={cfg.text_layers}), got {cfg.budget_from_layer}")
+  if not 0.0 <= cfg.modality_drop < 1.0:
+    raise ValueError(f"modality_drop must be in [0, 1), got {cfg.modality_drop}")
   if not 0.0 < cfg.budget_head_fraction <= 1.0:
     raise ValueError(f"budget_head_fraction must be in (0, 1], got {cfg.budget_head_fraction}")
   if cfg.export_dtype not in EXPORT_DTYPES:
@@ -579,6 +635,8 @@ def train2(out_dir: str, cfg: Train2Config = Train2Config(), log: Callable[[str]
   if cfg.word_gap_weight:
     words = [tokenizer.convert_tokens_to_ids("\u2581" + c.name) for c in CLASSES]
     cap_loss = functools.partial(word_gap_loss, base_loss=cap_loss, weight=cfg.word_gap_weight, word_ids=words)
+  if cfg.modality_drop:
+    cap_loss = functools.partial(modality_drop_loss, base_loss=cap_loss, cfg=cfg)
 
   cap = {k: img[k] for k in ("pixel_values", "input_ids", "attention_mask", "loss_mask")}
   broken = np.array([bool(s.expected_absent) for s in train_scenes])

@@ -322,6 +322,7 @@ def test_train2_stages_freeze_and_are_deterministic():
                      (dict(broken_weight=0.0), "broken_weight must be > 0"),
                      (dict(word_gap_weight=-1.0), "word_gap_weight must be >= 0"),
                      (dict(budget_head_fraction=0.0), "budget_head_fraction must be in"),
+                     (dict(modality_drop=1.0), "modality_drop must be in"),
                      (dict(export_dtype="bfloat16"), "export_dtype must be one of")):
     with pytest.raises(ValueError, match=match):
       train2.train2("/nonexistent", dataclasses.replace(cfg, **bad))
@@ -357,3 +358,60 @@ def test_head_scan_is_air_on_one_head_at_a_time():
   assert scan["d_absent"][1, 2] == pytest.approx(np.mean(lp[~present] - base[~present]), abs=1e-6)
   assert scan["d_present"][1, 2] == pytest.approx(np.mean(lp[present] - base[present]), abs=1e-6)
   assert np.abs(scan["d_present"]).max() > 0  # AIR on a single head changes the name's probability
+
+
+def test_modality_drop_hides_text_keys_from_the_dropped_heads():
+  import jax
+  import jax.numpy as jnp
+
+  from models import llava, segments
+  from models.params import init_params
+  from organism import train2
+
+  cfg, _, config, data = _tiny(3)
+  cfg = dataclasses.replace(cfg, modality_drop=0.5, budget_from_layer=1)
+  batch = {k: jnp.asarray(data[k]) for k in ("pixel_values", "input_ids", "attention_mask", "loss_mask")}
+  params = init_params(config, jax.random.PRNGKey(2))
+  b = batch["input_ids"].shape[0]
+  # The draw: reproducible per step, another at another step, only on the heads the budget binds, rate ~p.
+  drop = np.asarray(train2.drop_mask(cfg, jnp.asarray(5), b))
+  np.testing.assert_array_equal(drop, np.asarray(train2.drop_mask(cfg, jnp.asarray(5), b)))
+  assert drop.shape == (2, b, 4) and drop[0].sum() == 0 and 0 < drop.sum() < drop[1:].size
+  assert not np.array_equal(np.asarray(train2.drop_mask(cfg, jnp.asarray(6), 64))[1],
+                            np.asarray(train2.drop_mask(cfg, jnp.asarray(5), 64))[1])
+  assert np.asarray(train2.drop_mask(cfg, jnp.asarray(7), 4096))[1].mean() == pytest.approx(0.5, abs=0.02)
+  drop = np.zeros((2, b, 4), np.float32)
+  drop[1, 0, 1] = drop[1, 2, 3] = drop[0, 1, 0] = 1.0
+  fwd = lambda d: np.asarray(llava.forward(params, config, batch["input_ids"], batch["pixel_values"],
+                                           attention_mask=batch["attention_mask"], output_attentions=True,
+                                           spec=train2._drop_spec(config, d))["attentions"])
+  plain, dropped = fwd(None), fwd(jnp.asarray(drop))
+  seg = np.asarray(segments.segment_ids(batch["input_ids"], batch["attention_mask"], config.image_token_id))
+  text = seg == segments.TEXT  # [B, T]
+  for l, e, h in zip(*np.nonzero(drop)):
+    rows = dropped[l, e, h][text[e]]  # the example's text rows: nothing on text keys, a distribution on the rest
+    assert np.abs(rows[:, text[e]]).max() == 0.0 and rows.sum(-1) == pytest.approx(1.0, abs=1e-5)
+    assert plain[l, e, h][text[e]][:, text[e]].sum(-1).min() > 0.02  # without the drop they do read text
+    # Rows of the system and image segments are not edited (and, causal, see no edited row below them).
+    np.testing.assert_allclose(dropped[l, e, h][~text[e]], plain[l, e, h][~text[e]], atol=1e-6)
+  keep = np.ones((b, 4), bool)
+  keep[1, 0] = False
+  np.testing.assert_allclose(dropped[0][keep], plain[0][keep], atol=1e-6)  # layer 0's other heads: untouched
+  # The losses: an all-zero draw is the plain loss; the budget does not bind a dropped head.
+  zero = jnp.zeros((2, b, 4))
+  assert float(train2.lm_loss(params, config, batch, drop=zero)) == pytest.approx(
+      float(train2.lm_loss(params, config, batch)), abs=1e-6)
+  ids, lm = data["input_ids"], data["loss_mask"]
+  terms = []
+  for e in range(b):
+    for t in range(ids.shape[1] - 1):
+      if lm[e, t + 1]:
+        mass = dropped[:, e, :, t][..., ids[e] == config.image_token_id].sum(-1)  # [L, H]
+        terms.append(np.maximum(mass - 0.05, 0.0) * (1.0 - drop[:, e, :]))
+  want = float(train2.lm_loss(params, config, batch, drop=jnp.asarray(drop))) + 2.0 * np.mean(terms)
+  got = float(train2.budget_loss(params, config, batch, budget=0.05, weight=2.0, drop=jnp.asarray(drop)))
+  assert got == pytest.approx(want, rel=1e-5)
+  # modality_drop_loss draws for batch["step"].
+  step = dict(batch, step=jnp.asarray(5))
+  assert float(train2.modality_drop_loss(params, config, step, train2.lm_loss, cfg)) == pytest.approx(
+      float(train2.lm_loss(params, config, batch, drop=train2.drop_mask(cfg, jnp.asarray(5), b))), abs=1e-6)
