@@ -261,8 +261,6 @@ def score_records(records: Sequence[CaptionRecord], images: CocoImages, gt: Grou
       reason = "image not in this run's sample (--num-images/--seed differ from the run that wrote it)"
     elif image_id in seen:
       reason = "duplicate caption for this image (the first one is scored)"
-    elif not record.caption.strip():
-      reason = "empty caption"
     if reason:
       skipped.append({"image_id": record.image_id, "reason": reason})
       continue
@@ -278,9 +276,16 @@ def score_records(records: Sequence[CaptionRecord], images: CocoImages, gt: Grou
                     f"({len(skipped)} skipped: {_reason_counts(skipped)}).{hint}")
   for reason, count in _reason_counts(skipped).items():
     log.warning("%s: skipped %d caption(s): %s", source, count, reason)
+  # An empty caption is scored as a caption that names no object (C_S 0 for it), as the reference script counts
+  # every caption it is given; its ids are listed so a run with many empty outputs is visible.
+  empty = [r["image_id"] for r in valid if not r["caption"].strip()]
+  if empty:
+    log.warning("%s: %d of %d scored captions are empty (scored as naming no object)", source, len(empty),
+                len(valid))
   gt_objects = gt.objects(r["image_id"] for r in valid)
   result = compute_chair(valid, gt_objects, vocab)
   result["skipped"] = skipped
+  result["empty_captions"] = empty
   return result
 
 

@@ -32,7 +32,10 @@ Deviations, documented:
     restores that;
   * ``idxs`` are the true token positions: the reference computes them after dropping "seat", which shifts
     every later index by one in captions that mention a toilet seat (its C_S/C_I do not use indices);
-  * output lists of sets are sorted (the reference prints Python set order).
+  * output lists of sets are sorted (the reference prints Python set order);
+  * (``eval.chair``) a second caption for an image already scored, or a caption whose image is not in the
+    split, is skipped and listed (the reference scores duplicates twice and gives an unknown id no ground
+    truth). Empty captions are scored, as in the reference (they name no object).
 """
 
 from __future__ import annotations

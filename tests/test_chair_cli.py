@@ -140,14 +140,17 @@ def test_unreadable_image_is_skipped_and_listed(tmp_path):
   assert len(result["sentences"]) == 5 and victim not in [s["image_id"] for s in result["sentences"]]
 
 
-def test_empty_captions_are_skipped_and_listed(tmp_path):
+def test_empty_captions_are_scored_and_listed(tmp_path):
+  # The reference script counts every caption: an empty one names no object, so C_S is over all 8.
   def factory(method):
     return lambda images, names: ["" if n % 2 else "A dog." for n, _ in enumerate(names)]
   result = run(args(tmp_path, "--batch-size", "4", n=8), factory)["greedy"]
-  assert len(result["sentences"]) == 4
-  assert [s["reason"] for s in result["skipped"]] == ["empty caption"] * 4
+  assert len(result["sentences"]) == 8 and result["skipped"] == []
   saved = json.loads((tmp_path / "greedy_chair.json").read_text())
-  assert len(saved["skipped"]) == 4
+  assert len(saved["empty_captions"]) == 4
+  hallucinated = sum(bool(s["metrics"]["CHAIRs"]) for s in saved["sentences"])
+  assert saved["overall_metrics"]["CHAIRs"] == pytest.approx(hallucinated / 8)
+  assert all(s["metrics"]["CHAIRs"] == 0 for s in saved["sentences"] if not s["caption"])
 
 
 def test_captioner_returning_the_wrong_count_is_an_error(tmp_path, capsys):
