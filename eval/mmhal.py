@@ -152,6 +152,8 @@ def judge_all(records: Sequence[Mapping[str, Any]], answers: Mapping[int, str], 
              "strict": score(strict, types, missing_as_zero=False),
              "unparsed_reference": sum(r is None for r in ref), "unparsed_strict": sum(r is None for r in strict),
              "judge_failures": failures, "unanswered": sum(r["status"] == "unanswered" for r in rows)}
+  # The official script rates all 96 questions: a run with unanswered ones is not comparable, so it is incomplete.
+  metrics["complete"] = metrics["judge_failures"] == 0 and metrics["unanswered"] == 0
   return metrics, rows
 
 
@@ -217,7 +219,8 @@ def format_table(result: Mapping[str, Any]) -> str:
     lines.append(f"{name:<10} n {s['n']:>3}  score {s['average_score']:.2f}  hallucination "
                  f"{100 * s['hallucination_rate']:.1f}%  |  {types}")
   lines.append(f"unparsed (reference/strict) {m['unparsed_reference']}/{m['unparsed_strict']}, judge failures "
-               f"{m['judge_failures']}, unanswered {m['unanswered']}")
+               f"{m['judge_failures']}, unanswered {m['unanswered']}"
+               + ("" if m["complete"] else "  (INCOMPLETE: retry the failed gradings / answer every question)"))
   return "\n".join(lines)
 
 
@@ -225,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   def body() -> int:
     result = run(argv)
     print(format_table(result))
-    return 0 if result["metrics"]["judge_failures"] == 0 else 1
+    return 0 if result["metrics"]["complete"] else 1
 
   return run_cli(body, (RunError, MMHalDataError, manifest_lib.ManifestError))
 

@@ -214,8 +214,11 @@ def run(argv: Sequence[str] | None = None, *, answerer=None, judge: CachedJudge 
     row["status"] = "judge_failed" if any(g["error"] for g in row["grades"]) else "graded"
     rows.append(row)
   metrics = scores(data, grades, args.num_runs)
-  metrics.update(judge_failures=failures, unparsed_scored_zero=unparsed,
-                 unanswered=sum(r["status"] == "unanswered" for r in rows), complete=failures == 0)
+  unanswered = sum(r["status"] == "unanswered" for r in rows)
+  # The official evaluator scores every sample of the benchmark (a missing answer stops it), so a run with
+  # unanswered samples is not comparable with published totals: it is reported incomplete.
+  metrics.update(judge_failures=failures, unparsed_scored_zero=unparsed, unanswered=unanswered,
+                 complete=failures == 0 and unanswered == 0)
   settings = {"data": str(Path(args.data).resolve()),
               "responses": None if not args.responses else str(Path(args.responses).resolve()),
               "prompt_template": args.prompt_template, "max_new_tokens": args.max_new_tokens,
@@ -233,6 +236,15 @@ def run(argv: Sequence[str] | None = None, *, answerer=None, judge: CachedJudge 
   return result
 
 
+def _incomplete(m: Mapping[str, Any]) -> str:
+  why = []
+  if m["judge_failures"]:
+    why.append("rerun to retry the failed gradings")
+  if m["unanswered"]:
+    why.append(f"{m['unanswered']} samples have no answer: the total is over the answered ones only")
+  return "  (INCOMPLETE: " + "; ".join(why) + ")"
+
+
 def format_table(result: Mapping[str, Any]) -> str:
   m = result["metrics"]
   fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
@@ -241,7 +253,7 @@ def format_table(result: Mapping[str, Any]) -> str:
   lines = [f"MM-Vet  method {result['method']['name']}  judge {result['judge']}",
            f"total {fmt(m['total'])}{std}  |  {caps}",
            f"judge failures {m['judge_failures']}, unparsed (scored 0) {m['unparsed_scored_zero']}, unanswered "
-           f"{m['unanswered']}" + ("" if m["complete"] else "  (INCOMPLETE: rerun to retry the failed gradings)")]
+           f"{m['unanswered']}" + ("" if m["complete"] else _incomplete(m))]
   return "\n".join(lines)
 
 

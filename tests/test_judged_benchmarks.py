@@ -69,7 +69,7 @@ def test_mmhal_end_to_end_failures_cache_and_manifest(tmp_path):
     res = mmhal.run(argv, answerer=_answerer(by_question), judge=judge)
     m = res["metrics"]
     # ratings: good 5, bad 1, best 6, bold (reference: none -> 0; strict 4), vague (none), good 5, bad 1, slow fails
-    assert m["judge_failures"] == 1 and m["unanswered"] == 0
+    assert m["judge_failures"] == 1 and m["unanswered"] == 0 and not m["complete"]
     assert m["reference"]["n"] == 7 and m["reference"]["average_score"] == pytest.approx((5 + 1 + 6 + 0 + 0 + 5 + 1) / 7)
     assert m["reference"]["hallucination_rate"] == pytest.approx(4 / 7)  # 1, 0, 0, 1 are below 3
     assert m["strict"]["n"] == 6 and m["strict"]["average_score"] == pytest.approx((5 + 1 + 6 + 4 + 5 + 1) / 6)
@@ -166,6 +166,15 @@ def test_mmvet_responses_file_and_bad_input(tmp_path):
     res = mmvet.run(["--data", str(FIX / "mmvet"), "--responses", str(preds), "--out", str(tmp_path / "o")],
                     judge=judge)
   assert res["metrics"]["total"] == pytest.approx(100.0) and res["metrics"]["complete"]
+  # A responses file that answers one sample of six: scored, but incomplete (the official evaluator needs all),
+  # and the CLI says so and exits 1.
+  preds.write_text(json.dumps({"v1_1": "right"}))
+  with StubServer(_mmvet_responder) as srv:
+    argv = ["--data", str(FIX / "mmvet"), "--responses", str(preds), "--out", str(tmp_path / "p")]
+    part = mmvet.run(argv, judge=judges.CachedJudge(judges.OpenAIChatJudge(srv.url, "stub", max_retries=0),
+                                                    tmp_path / "cache"))
+    assert part["metrics"]["unanswered"] == 5 and not part["metrics"]["complete"]
+    assert "5 samples have no answer" in mmvet.format_table(part)
   bad = tmp_path / "bad"
   bad.mkdir()
   (bad / "mm-vet.json").write_text(json.dumps({"v1_0": {"imagename": "a.png", "question": "q", "answer": "a"}}))
