@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="builder seed")
   p.add_argument("--split", action="append", default=None, help="only these splits (repeat or comma-separate)")
   p.add_argument("--answers", action="append", default=None, metavar="SPLIT=FILE",
-                 help="score existing answers instead of generating: JSONL with question_id and text (LLaVA) or "
-                      "answer (POPE); repeat per split; --method names them")
+                 help="score existing answers instead of generating: JSONL with question_id and text (LLaVA), or "
+                      "question and answer without ids (POPE's format, paired with the split's questions by line "
+                      "order); repeat per split; --method names them")
   p.add_argument("--model", help="converted model directory")
   p.add_argument("--method", action="append", default=None, help="greedy|air|air_star|adhh; repeat or "
                                                                  "comma-separate (default greedy)")
@@ -363,24 +364,54 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def read_answer_files(specs: Sequence[str]) -> dict[str, dict[Any, str]]:
-  """``SPLIT=FILE`` -> split -> question_id -> answer text (key "text" as LLaVA writes, or "answer" as POPE)."""
+def read_answer_files(specs: Sequence[str]) -> dict[str, dict[Any, str] | list[dict]]:
+  """``SPLIT=FILE`` -> split -> question_id -> answer text (key "text" as LLaVA writes, or "answer" as POPE).
+
+  A file whose lines have no ``question_id`` (the official POPE answer format: {"question", "answer"} per line,
+  paired with the question file by line order) gives the list of its lines instead; `score_answers` pairs them.
+  """
   from eval.captions_io import iter_jsonl
 
-  out: dict[str, dict[Any, str]] = {}
+  out: dict[str, Any] = {}
   for spec in specs:
     split, sep, path = spec.partition("=")
     if not sep or split not in pope_data.SPLITS:
       raise RunError(f"--answers {spec!r}: expected SPLIT=FILE with SPLIT one of {', '.join(pope_data.SPLITS)}")
     if not Path(path).is_file():
       raise FileNotFoundError(f"answers file not found: {path}")
-    table = out.setdefault(split, {})
+    if split in out:
+      raise RunError(f"--answers: split {split!r} given twice")
+    lines = []
     for n, obj in iter_jsonl(path):
       text = obj.get("text", obj.get("answer"))
-      if "question_id" not in obj or not isinstance(text, str):
-        raise RunError(f"{path}:{n}: an answer needs 'question_id' and a string 'text' or 'answer'")
-      table[obj["question_id"]] = text
+      if not isinstance(text, str):
+        raise RunError(f"{path}:{n}: an answer needs a string 'text' or 'answer'")
+      lines.append({"line": n, "question_id": obj.get("question_id"), "question": obj.get("question"),
+                    "text": text, "path": path})
+    keyed = [x["question_id"] is not None for x in lines]
+    if all(keyed):
+      out[split] = {x["question_id"]: x["text"] for x in lines}
+    elif not any(keyed):
+      out[split] = lines
+    else:
+      n = lines[keyed.index(False)]["line"]
+      raise RunError(f"{path}:{n}: no 'question_id' while other lines have one; give it on every line, or on none "
+                     f"(then answers pair with the questions by line order, as POPE's evaluate.py does)")
   return out
+
+
+def _pair_by_order(split: str, questions: Sequence[Mapping[str, Any]], lines: Sequence[Mapping[str, Any]]
+                   ) -> dict[Any, str]:
+  """question_id -> answer for an answer file without ids: line i answers question i of the split."""
+  path = lines[0]["path"] if lines else "?"
+  if len(lines) != len(questions):
+    raise RunError(f"{path}: {len(lines)} answers without 'question_id' for the {len(questions)} questions of "
+                   f"split {split!r}: answers pair with questions by line order, so the counts must match")
+  for q, a in zip(questions, lines):
+    if a["question"] is not None and a["question"].strip() != str(q["text"]).strip():
+      raise RunError(f"{path}:{a['line']}: question {a['question']!r} is not question {q['question_id']} of split "
+                     f"{split!r} ({q['text']!r}): the answers are not in the question file's order")
+  return {q["question_id"]: a["text"] for q, a in zip(questions, lines)}
 
 
 def score_answers(plan: Mapping[str, Any], answers: Mapping[str, Mapping[Any, str]], label: str, specs: Sequence[str],
@@ -389,6 +420,8 @@ def score_answers(plan: Mapping[str, Any], answers: Mapping[str, Mapping[Any, st
   questions = {s: qs for s, qs in plan["questions"].items() if s in answers}
   if not questions:
     raise RunError(f"no --answers for any of the splits {list(plan['questions'])}")
+  answers = {s: _pair_by_order(s, questions[s], a) if isinstance(a, list) else a for s, a in answers.items()
+             if s in questions}
   q_split = {id(q): s for s, qs in questions.items() for q in qs}
   metrics, rows = score_questions(questions, lambda q: answers[q_split[id(q)]].get(q["question_id"]))
   mrec = {"name": label, "answers": [str(Path(s.partition("=")[2]).resolve()) for s in specs]}

@@ -284,6 +284,29 @@ def test_score_only_from_answer_files(tmp_path, official):
   assert res["metrics"]["strict"]["splits"]["random"] == m["random"]
   assert (tmp_path / "o" / "pope_llava_manifest.json").is_file()
   assert pope.main(["--pope-dir", str(POPE_DIR), "--answers", "weird=x.jsonl", "--out", str(tmp_path)]) == 2
+  # POPE's own answer format ({"question", "answer"} per line, no ids: paired with the questions by line order,
+  # as its evaluate.py does) scores the same.
+  plain = tmp_path / "plain.jsonl"
+  with open(plain, "w") as f:
+    for q in official["random"]:
+      text = "Yes, there is." if q["label"] == "yes" or q["question_id"] % 10 == 0 else "There is no such thing."
+      f.write(json.dumps({"question": q["text"], "answer": text}) + "\n")
+  res2 = pope.run(["--pope-dir", str(POPE_DIR), "--method", "pope", "--out", str(tmp_path / "o2"),
+                   "--answers", f"random={plain}"])["pope"]
+  assert res2["metrics"]["reference"]["splits"]["random"] == m["random"]
+  lines = plain.read_text().splitlines()
+  (tmp_path / "short.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+  with pytest.raises(pope.RunError, match="2999 answers without 'question_id' for the 3000 questions"):
+    pope.run(["--pope-dir", str(POPE_DIR), "--out", str(tmp_path / "o3"), "--answers",
+              f"random={tmp_path / 'short.jsonl'}"])
+  (tmp_path / "swapped.jsonl").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+  with pytest.raises(pope.RunError, match="swapped.jsonl:1: question .* is not question 1 of split 'random'"):
+    pope.run(["--pope-dir", str(POPE_DIR), "--out", str(tmp_path / "o3"), "--answers",
+              f"random={tmp_path / 'swapped.jsonl'}"])
+  mixed = tmp_path / "mixed.jsonl"
+  mixed.write_text(json.dumps({"question_id": 1, "text": "Yes"}) + "\n" + json.dumps({"text": "No"}) + "\n")
+  with pytest.raises(pope.RunError, match="mixed.jsonl:2: no 'question_id' while other lines have one"):
+    pope.read_answer_files([f"random={mixed}"])
 
 
 def test_question_mode_with_a_tiny_llava_is_batch_invariant(tmp_path, tiny_dir):
