@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from air_jax.config_checks import check_config_dict, check_param_memory
+from convert.checkpoint import resolve_tied_head
 from models.family import family_for_config_dict, family_of
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -109,6 +110,7 @@ def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True, 
   """
   path = os.fspath(path)
   config, fam = load_config(path)
+  config = resolve_tied_head(path, config, fam)
   np_dtype = np.dtype(resolve_dtype(dtype))
   if mesh is None:  # a mesh spreads the params over its devices; the host holds one slice at a time
     check_param_memory(fam.param_shapes(config), np_dtype.itemsize, os.path.join(path, "config.json"))

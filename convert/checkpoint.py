@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import re
 from typing import Callable
@@ -24,6 +25,8 @@ import jax
 import numpy as np
 
 from convert.safetensors_io import SafetensorsFile
+
+log = logging.getLogger(__name__)
 
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 _LAYER = re.compile(r"^(.*?\blayers)\.(\d+)\.(.*)$")
@@ -54,6 +57,41 @@ def checkpoint_files(path: str) -> list[str]:
         "air-jax loads safetensors only, since unpickling can run arbitrary code. Convert the checkpoint to "
         "safetensors in a trusted environment (e.g. `model.save_pretrained(dir, safe_serialization=True)`)")
   raise FileNotFoundError(f"no *.safetensors weights in {path}")
+
+
+def resolve_tied_head(path: str, config, family=None):
+  """The config to load `path` with: a tied config is untied when the checkpoint stores an LM head that differs
+  from the input embeddings (transformers keeps such a head and warns); otherwise `config` unchanged.
+
+  Only the two tensors are read, and only when the config is tied and both are stored.
+  """
+  from models.family import _tied, family_of
+
+  fam = family if family is not None else family_of(config)
+  if not _tied(config):
+    return config
+  found: dict[str, tuple[str, str]] = {}
+  for file in checkpoint_files(path):
+    with SafetensorsFile(file) as st:
+      for key in st.keys():
+        role = fam.head_key_role(key)
+        if role is not None:
+          found[role] = (file, key)
+  if len(found) < 2:
+    return config
+
+  def read(role):
+    file, key = found[role]
+    with SafetensorsFile(file) as st:
+      return np.asarray(st.get(key))
+
+  head, embed = read("head"), read("embed")
+  if head.shape == embed.shape and np.array_equal(head, embed):
+    return config
+  log.warning("%s: the config ties the LM head to the input embeddings, but the checkpoint stores a different "
+              "'%s'; it is used as stored (untied), as transformers does. Set \"tie_word_embeddings\": false in "
+              "config.json to silence this.", path, found["head"][1])
+  return fam.untie(config)
 
 
 def _is_shape(x) -> bool:

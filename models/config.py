@@ -169,6 +169,18 @@ def vision_config_from_dict(d: dict) -> VisionConfig:
   )
 
 
+def tied_flag(d: dict) -> bool:
+  """Whether a composite config asks for a tied LM head: its top-level flag or (pre-5.x saves) its text config's.
+
+  transformers' rules differ by family and version (5.x LLaVA and Qwen2.5-VL OR the two flags, LLaVA-NeXT reads
+  the top level only, 4.x composites tied through the text model's own flag), and every version
+  keeps a stored lm_head that differs from the embeddings. So air-jax ties when either flag says so and then lets
+  the checkpoint decide (`convert.checkpoint.resolve_tied_head`): a stored, different head is used untied.
+  """
+  text = d.get("text_config") or {}
+  return bool(d.get("tie_word_embeddings", False)) or bool(text.get("tie_word_embeddings", False))
+
+
 def text_config_from_dict(d: dict, tie_default: bool = False) -> TextConfig:
   model_type = d.get("model_type", "llama")
   _check(model_type in ("llama", "mistral"), "text_config.model_type", model_type, "'llama' or 'mistral'")
@@ -236,7 +248,7 @@ def llava_config_from_dict(d: dict) -> LlavaConfig:
   act = d.get("projector_hidden_act", "gelu")
   _check(act in _ACTIVATIONS, "projector_hidden_act", act, f"one of {_ACTIVATIONS}")
   image_token = d.get("image_token_id", d.get("image_token_index", 32000))
-  text = text_config_from_dict(d["text_config"], tie_default=bool(d.get("tie_word_embeddings", False)))
+  text = text_config_from_dict(dict(d["text_config"], tie_word_embeddings=tied_flag(d)))
   return LlavaConfig(
       vision=vision,
       text=text,

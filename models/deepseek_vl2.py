@@ -314,6 +314,9 @@ def _family():
     def param_shapes(self, config):
       return param_shapes(config)
 
+    def head_key_role(self, key):
+      return {"language.lm_head.weight": "head", "language.model.embed_tokens.weight": "embed"}.get(key)
+
     def load_params(self, path, config, dtype, sharding=None):
       from convert.hf_deepseek_vl2 import load_params, tokenizer_image_token_id
       from convert.tree_fill import place

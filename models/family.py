@@ -24,7 +24,9 @@ Config and checkpoint
     `visual.blocks.{i}` -> `visual.layers`). `ignored_keys`: regexes of non-parameter buffers.
     `skip_key(name, config)`: canonical names present in some checkpoints but not parameters of this config
     (e.g. a tied `lm_head.weight`). The loader checks that every other key is used and every param filled with
-    the right shape.
+    the right shape. `head_key_role(key)`, `untie(config)`: which checkpoint keys hold the LM head / the input
+    embeddings, and the config with an untied head (a tied config whose checkpoint stores a different head is
+    untied on load, as transformers does).
   - `decoder_path`: the top-level params key of the language decoder (its `layers` may be unstacked into per-layer
     buffers on CPU, see `per_layer_params`).
 
@@ -148,6 +150,17 @@ class Family:
   def skip_key(self, name: str, config) -> bool:
     """Canonical names to drop silently (default: a stored lm_head when embeddings are tied)."""
     return name == "lm_head.weight" and _tied(config)
+
+  def head_key_role(self, key: str) -> str | None:
+    """"head" / "embed" for the checkpoint keys of the LM head and the LM's input embeddings, else None (default:
+    through `canonical_key`). Used by `convert.checkpoint.resolve_tied_head`."""
+    return {"lm_head.weight": "head", "language_model.embed_tokens.weight": "embed"}.get(self.canonical_key(key))
+
+  def untie(self, config):
+    """The config with an untied LM head (a stored head that differs from the embeddings is used as stored)."""
+    import dataclasses
+
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, tie_word_embeddings=False))
 
   def load_params(self, path: str, config, dtype, sharding=None) -> dict:
     """The validated param tree of checkpoint `path` (default: the generic prefix-table loader,

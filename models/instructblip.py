@@ -20,7 +20,7 @@ import numpy as np
 
 from models import blip_vision, llama, qformer
 from models.blip_vision import BlipVisionConfig
-from models.config import _ACTIVATIONS, TextConfig, _check, text_config_from_dict
+from models.config import _ACTIVATIONS, TextConfig, _check, text_config_from_dict, tied_flag
 from models.layers import linear
 from models.llava import merge_image_features
 from models.qformer import QFormerConfig
@@ -73,7 +73,7 @@ def config_from_dict(d: dict) -> InstructBlipConfig:
     raise ValueError("config has no image_token_index / image_token_id; InstructBLIP checkpoints saved by "
                      "transformers >= 4.46 carry one (re-save the checkpoint with a current processor)")
   return InstructBlipConfig(vision=vision, qformer=qf,
-                            text=text_config_from_dict(d["text_config"], bool(d.get("tie_word_embeddings", False))),
+                            text=text_config_from_dict(dict(d["text_config"], tie_word_embeddings=tied_flag(d))),
                             num_query_tokens=int(d.get("num_query_tokens", 32)), image_token_id=int(image_token))
 
 
@@ -168,6 +168,11 @@ def _family():
 
     def param_shapes(self, config):
       return param_shapes(config)
+
+    def head_key_role(self, key):
+      from convert.hf_instructblip import canonical_key
+
+      return {"lm_head.weight": "head", "language_model.embed_tokens.weight": "embed"}.get(canonical_key(key))
 
     def load_params(self, path, config, dtype, sharding=None):
       from convert.hf_instructblip import load_params

@@ -69,9 +69,11 @@ def config_from_dict(d: dict) -> InternVLConfig:
          "'default' (the CLS token is dropped so that the patches form a square grid)")
   vision = intern_vit.vision_config_from_dict(d["vision_config"])
   text_d = d["text_config"]
-  # transformers' InternVLConfig defaults to a tied head when the top-level flag is unset, but then keeps a stored
+  # transformers' InternVLConfig defaults to a tied head when the top-level flag is unset, but keeps a stored
   # lm_head that differs from the embeddings (it warns). InternVL-HF conversions leave the top-level flag unset
-  # and carry the language model's own flag in text_config (8B: false, head stored; 1B: true), so that flag decides.
+  # and carry the language model's own flag in text_config (8B: false, head stored; 1B: true, none stored), so
+  # that flag sizes the model from config.json alone; on load the checkpoint decides
+  # (convert.checkpoint.resolve_tied_head: a tied config whose checkpoint stores a different head is untied).
   tie = bool(d.get("tie_word_embeddings", text_d.get("tie_word_embeddings", True)))
   text = qwen_text_config_from_dict(dict(text_d, tie_word_embeddings=tie))
   ratio = float(d.get("downsample_ratio", 0.5))

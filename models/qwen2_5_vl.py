@@ -23,7 +23,7 @@ import numpy as np
 from models import llama, qwen_vision
 from models import family as family_lib
 from models.llama_family import LlamaDecoderFamily
-from models.config import TextConfig, _check
+from models.config import TextConfig, _check, tied_flag
 from models.vl_inputs import encode_turns, merge_rows
 from models.qwen_text import decoder_param_shapes, qwen_text_config_from_dict
 from models.qwen_vision import QwenVisionConfig
@@ -60,9 +60,8 @@ def config_from_dict(d: dict) -> Qwen25VLConfig:
     if k not in ("text_config", "vision_config", "model_type"):
       text.setdefault(k, v)
   text["model_type"] = "qwen2_5_vl_text"
-  # transformers: tied when the top level or (pre-5.x saves) the text config says so.
-  tie = bool(d.get("tie_word_embeddings", False)) or bool((d.get("text_config") or {}).get("tie_word_embeddings", False))
-  tc = qwen_text_config_from_dict(dict(text, tie_word_embeddings=tie))
+  # Tied when the top level or (pre-5.x saves) the text config says so; a stored, different head wins (tied_flag).
+  tc = qwen_text_config_from_dict(dict(text, tie_word_embeddings=tied_flag(d)))
   _check(tc.mrope_section is not None, "text_config.rope_parameters.mrope_section", None,
          "the multimodal RoPE sections (e.g. [16, 24, 24])")
   vc = qwen_vision.vision_config_from_dict(d["vision_config"])

@@ -34,7 +34,11 @@ def qwen_text_config_from_dict(d: dict, *, tie_default: bool = False, field: str
   if kind in ("mrope", "default"):  # "mrope" is the 4.x spelling of default frequencies + sections
     rope_params["rope_type"] = "default"
     rope_params.pop("type", None)
+  # Defaults of the transformers config classes for fields a config.json leaves out: Qwen2 / Qwen3 theta 1e4 and
+  # eps 1e-6 (Qwen2Config, Qwen3Config), the Qwen2(.5)-VL text model theta 1e6 and eps 1e-5.
+  theta, eps = (10000.0, 1e-6) if model_type in ("qwen2",) + QWEN3_TYPES else (1000000.0, 1e-5)
   llama_like = dict(d, model_type="llama", rope_parameters=rope_params or None, rope_scaling=None)
+  llama_like.setdefault("rms_norm_eps", eps)
   base = text_config_from_dict(llama_like, tie_default=tie_default)
   qwen3 = model_type in QWEN3_TYPES
   if mrope is not None:
@@ -43,8 +47,8 @@ def qwen_text_config_from_dict(d: dict, *, tie_default: bool = False, field: str
            f"sections summing to head_dim // 2 = {base.head_dim // 2}")
   return dataclasses.replace(
       base,
-      rope=_rope_from_dict({"rope_parameters": rope_params, "rope_theta": d.get("rope_theta", 1000000.0)},
-                           1000000.0, base.max_position_embeddings),
+      rope=_rope_from_dict({"rope_parameters": rope_params, "rope_theta": d.get("rope_theta", theta)},
+                           theta, base.max_position_embeddings),
       attention_bias=bool(d.get("attention_bias", False)) if qwen3 else False,
       qkv_bias=not qwen3,
       qk_norm=qwen3,

@@ -111,3 +111,67 @@ def test_orbax_round_trip(tiny_model, reference, tmp_path):
   save_params(str(tmp_path / "ckpt"), tiny_model.params)
   restored = restore_params(str(tmp_path / "ckpt"), like=tiny_model.params)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), reference)
+
+
+def _logits(model, inputs):
+  from models import family
+
+  out = family.forward(model.params, model.config, inputs["input_ids"].numpy(), inputs["pixel_values"].numpy(),
+                       attention_mask=inputs["attention_mask"].numpy())
+  return np.asarray(out["logits"])
+
+
+def test_tied_head_follows_the_checkpoint_as_transformers_does(tiny_dir, tensors, tmp_path, caplog):
+  """A tied config with a stored, different lm_head is loaded untied (transformers keeps the head and warns);
+  a tied flag at either level with no stored head ties it. Both equal transformers' logits."""
+  import torch
+  from transformers import LlavaForConditionalGeneration
+
+  from models.config import tied_flag
+  from tests.conftest import PROMPTS, hf_inputs
+  from tests.tiny import random_images
+
+  def variant(name, top, text, drop_head):
+    path = str(tmp_path / name)
+    kept = {k: v for k, v in tensors.items() if not (drop_head and k.endswith("lm_head.weight"))}
+    _copy_with(tiny_dir, path, kept)
+    with open(os.path.join(path, "config.json")) as f:
+      cfg = json.load(f)
+    cfg["tie_word_embeddings"], cfg["text_config"]["tie_word_embeddings"] = top, text
+    with open(os.path.join(path, "config.json"), "w") as f:
+      json.dump(cfg, f)
+    return path
+
+  assert any(k.endswith("lm_head.weight") for k in tensors)  # the fixture's head is stored (untied model)
+  cases = {"stored_top": (True, False, False), "stored_text": (False, True, False),
+           "tied_top": (True, False, True), "tied_text": (False, True, True)}
+  for name, (top, text, drop_head) in cases.items():
+    path = variant(name, top, text, drop_head)
+    caplog.clear()
+    model = air_jax.load_pretrained(path)
+    assert model.config.text.tie_word_embeddings == drop_head, name
+    assert ("it is used as stored (untied)" in caplog.text) == (not drop_head), name
+    ref = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    if name == "tied_text":  # transformers 5 reads LLaVA's top-level flag OR the text config's: tied as well
+      assert ref.config.tie_word_embeddings
+    inputs = hf_inputs(model.processor, random_images(2, 28, seed=3), PROMPTS)
+    with torch.no_grad():
+      want = ref(**inputs).logits.numpy()
+    mask = inputs["attention_mask"].numpy().astype(bool)
+    np.testing.assert_allclose(_logits(model, inputs)[mask], want[mask], atol=1e-5, rtol=1e-5, err_msg=name)
+  assert tied_flag({"tie_word_embeddings": False, "text_config": {"tie_word_embeddings": True}})
+  assert not tied_flag({"text_config": {}})
+
+
+def test_qwen_text_defaults_are_transformers_config_defaults():
+  """Fields a config.json leaves out take the transformers config class's defaults (rope theta, RMSNorm eps)."""
+  from transformers import Qwen2Config, Qwen3Config
+  from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+
+  from models.qwen_text import qwen_text_config_from_dict
+
+  for model_type, cls in (("qwen2", Qwen2Config), ("qwen3", Qwen3Config), ("qwen2_5_vl_text", Qwen2_5_VLTextConfig)):
+    ref = cls()
+    ours = qwen_text_config_from_dict({"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4})
+    theta = (ref.rope_parameters or {}).get("rope_theta", getattr(ref, "rope_theta", None))
+    assert ours.rope.rope_theta == theta and ours.rms_norm_eps == ref.rms_norm_eps, model_type
