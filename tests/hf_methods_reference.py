@@ -152,7 +152,10 @@ def pai_patch(cfg, num_layers: int, image_cols: tuple[int, int]):
 
 
 def pai_step(main: _Cached, text: _Cached, cfg, last_token):
-  _PAIState.active = True
+  # The official layers' `use_cfg` flag: set by llama_modify when the text-only view is on, cleared by CFGLogits
+  # after its first call (never when gamma is 1); it disables the amplification. The paper amplifies every step.
+  first = last_token is None
+  _PAIState.active = not (getattr(cfg, "official_prefill", False) and cfg.use_cfg and (first or cfg.gamma == 1))
   try:
     scores = main.logits(last_token)
   finally:

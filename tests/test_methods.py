@@ -20,6 +20,7 @@ CASES = {
     "dola": lambda: methods.make("dola"),
     "dola_official_no_norm": lambda: methods.make("dola", final_norm=False),
     "pai": lambda: methods.make("pai", alpha=0.5, gamma=1.5),
+    "pai_official_prefill": lambda: methods.make("pai", alpha=0.5, gamma=1.5, official_prefill=True),
     "farsight": lambda: methods.make("farsight"),
 }
 

@@ -7,7 +7,8 @@ layer's distribution and q_j the premature ones (official `dola_greedy_decode` /
   averaged over the vocabulary, which does not change the argmax),
   j* = argmax_j JSD_j (first on ties),
   d = log_softmax(l_N) - log_softmax(l_j*),
-  d := relative_top_value (official -1000) where log q_N < max log q_N + log(relative_top),
+  d := relative_top_value (-1000, official `lm_score`; the official generation path gives -inf, the same
+  greedy choice) where log q_N < max log q_N + log(relative_top),
 then the repetition penalty (transformers' RepetitionPenaltyLogitsProcessor, over the prompt and the generated
 tokens: d / p where d > 0, d * p where d < 0), then the sampler.
 

@@ -14,6 +14,13 @@ Preset "pai" (the official README's CHAIR / POPE command for LLaVA-1.5): alpha 0
 of the 32-layer model (scaled to other depths like AIRConfig ranges), plausibility 0.1. The official argparse
 default gamma is 2; the README command (used for the paper's tables) passes 1.1.
 
+Official vs paper, both offered (`official_prefill`): the paper amplifies image attention at every generated
+token (default). The official run does not amplify the prompt pass when the text-only view is on: `llama_modify`
+sets the layers' `use_cfg` flag, which disables the amplification, and only `CFGLogits` clears it, after the
+first token; with gamma = 1 `CFGLogits` returns before clearing it, so nothing is ever amplified.
+`official_prefill=True` reproduces both (the first token of the official run then comes from the plain prompt
+pass); without the text-only view (`use_cfg=False`) both modes amplify from the prompt pass on.
+
 Neutral: alpha 0 and gamma 1 decode exactly like greedy (gamma 1 gives log-probabilities, the same argmax).
 In the HF LLaVA layout the text-only view keeps the template's newline after the image token (the official
 LLaVA template has a space there): it is the same prompt, token for token, without the image tokens.
@@ -44,9 +51,13 @@ class PAIAttentionOp:
   alpha: jax.Array  # [L]
   on: jax.Array  # [L] 0/1
   rows: jax.Array  # [L, R] 0/1
+  prefill_on: jax.Array | None = None  # [L] 0/1: also in the prompt pass (None: 1)
 
   def edit_scores(self, scores, ctx):
-    edit = (self.on > 0.5) & (self.rows > 0.5)[:, None, None, None]  # [R, 1, 1, 1]
+    on = self.on > 0.5
+    if ctx.prefill and self.prefill_on is not None:  # static: the prompt pass
+      on = on & (self.prefill_on > 0.5)
+    edit = on & (self.rows > 0.5)[:, None, None, None]  # [R, 1, 1, 1]
     last = ctx.last_row[None, None, :, None] & (ctx.query_segments != PAD)[:, None, :, None]
     image = (ctx.key_segments == IMAGE)[:, None, None, :]
     return jnp.where(edit & last & image, scores + self.alpha * jnp.abs(scores), scores)
@@ -58,6 +69,7 @@ class PAIValues:
   gamma: jax.Array
   plausibility: jax.Array
   layers: jax.Array  # [L] 0/1
+  prefill: jax.Array = None  # [] 0/1: amplify in the prompt pass too (None: 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +85,9 @@ class PAIPlan(Plan):
     text = config.dims
     nl, nh = text.num_hidden_layers, text.num_attention_heads
     rows = per_view_rows(self.num_views, batch, (0,))
+    prefill_on = None if values.prefill is None else jnp.broadcast_to(values.prefill, (nl,))
     op = PAIAttentionOp(alpha=jnp.broadcast_to(values.alpha, (nl,)), on=values.layers,
-                        rows=jnp.broadcast_to(rows, (nl,) + rows.shape))
+                        rows=jnp.broadcast_to(rows, (nl,) + rows.shape), prefill_on=prefill_on)
     return RectificationSpec(head_gate=jnp.ones((nl, nh), jnp.float32), extra=(op,))
 
   def combine(self, values: PAIValues, logits, exit_logits, state):
@@ -91,7 +104,9 @@ class PAIPlan(Plan):
 @dataclasses.dataclass(frozen=True)
 class PAIConfig(ConfigMixin):
   """alpha >= 0 (attention amplification), gamma >= 0 (logit refinement; 1 = none), plausibility in (0, 1],
-  layers: half-open range of a `layer_ref`-layer model (None = all), use_cfg: run the text-only view."""
+  layers: half-open range of a `layer_ref`-layer model (None = all), use_cfg: run the text-only view,
+  official_prefill: follow the official code's `use_cfg` flag (no amplification in the prompt pass with the
+  text-only view on, none at all with gamma 1; see the module docstring)."""
 
   name: str = "pai"
   alpha: float = 0.2
@@ -100,12 +115,14 @@ class PAIConfig(ConfigMixin):
   layers: tuple[int, int] | None = (2, 32)
   layer_ref: int | None = 32
   use_cfg: bool = True
+  official_prefill: bool = False
 
   def __post_init__(self):
     check_number("PAIConfig", "alpha", self.alpha, lo=0.0)
     check_number("PAIConfig", "gamma", self.gamma, lo=0.0)
     check_number("PAIConfig", "plausibility", self.plausibility, lo=0.0, hi=1.0, lo_open=True)
     check_bool("PAIConfig", "use_cfg", self.use_cfg)
+    check_bool("PAIConfig", "official_prefill", self.official_prefill)
     _check_range("PAIConfig", "layers", self.layers, self.layer_ref)
     if self.layers is not None:
       object.__setattr__(self, "layers", (int(self.layers[0]), int(self.layers[1])))
@@ -116,10 +133,12 @@ class PAIConfig(ConfigMixin):
     if stop > nl:
       raise ValueError(f"PAIConfig.layers={list(self.layers)} is outside the model's {nl} layers")
     on = np.zeros(nl, np.float32)
-    on[start:stop] = 1.0
+    # Official: CFGLogits never clears `use_cfg` when gamma is 1, so the amplification never runs.
+    on[start:stop] = 0.0 if self.official_prefill and self.use_cfg and self.gamma == 1 else 1.0
     f = lambda x: jnp.asarray(x, jnp.float32)
+    prefill = None if not self.official_prefill else f(0.0 if self.use_cfg else 1.0)
     values = PAIValues(alpha=f(self.alpha), gamma=f(self.gamma), plausibility=f(self.plausibility),
-                       layers=jnp.asarray(on))
+                       layers=jnp.asarray(on), prefill=prefill)
     return CompiledMethod(plan=PAIPlan(num_views=2 if self.use_cfg else 1), values=values)
 
 
