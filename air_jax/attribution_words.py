@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 # NLTK's word_tokenize rewrites double quotes as `` and ''.
 _QUOTE_FORMS = {"``": ('"', "``", "\u201c"), "''": ('"', "''", "\u201d")}
@@ -78,11 +78,12 @@ def align_words(text: str, words: Sequence[str]) -> list[tuple[int, int] | None]
   return spans
 
 
-def first_token_overlapping(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> int | None:
-  """Index of the first token whose [start, end) overlaps span; None if none does."""
+def first_token_overlapping(offsets: Sequence[tuple[int, int]], span: tuple[int, int],
+                            skip: Callable[[int], bool] | None = None) -> int | None:
+  """Index of the first token whose [start, end) overlaps span (and that `skip` does not reject); None if none."""
   s, e = span
   for i, (a, b) in enumerate(offsets):
-    if a < e and b > s and b > a:
+    if a < e and b > s and b > a and not (skip is not None and skip(i)):
       return i
   return None
 
@@ -90,10 +91,11 @@ def first_token_overlapping(offsets: Sequence[tuple[int, int]], span: tuple[int,
 def chair_mentions(sentence: Mapping[str, Any]) -> list[tuple[str, str, str, int | None]]:
   """(set, word, category, word index or None) of every object mention of a CHAIR sentence entry."""
   out = []
-  for set_name, words_key, idx_key in (("H", "mscoco_hallucinated_words", "hallucination_idxs"),
-                                       ("N", "mscoco_non_hallucinated_words", "correct_idxs")):
+  for set_name, words_key, idx_keys in (("H", "mscoco_hallucinated_words", ("hallucination_idxs",)),
+                                        ("N", "mscoco_non_hallucinated_words",
+                                         ("correct_idxs", "non_hallucination_idxs"))):  # the second: AD-HH's
     words = sentence.get(words_key) or []
-    idxs = sentence.get(idx_key)
+    idxs = next((sentence[k] for k in idx_keys if sentence.get(k) is not None), None)
     if idxs is not None and len(idxs) != len(words):
       idxs = None  # inconsistent entry: locate by text instead
     for n, item in enumerate(words):
@@ -102,9 +104,33 @@ def chair_mentions(sentence: Mapping[str, Any]) -> list[tuple[str, str, str, int
   return out
 
 
-def _text_spans(text: str, word: str) -> list[tuple[int, int]]:
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+  return a[0] < b[1] and b[0] < a[1]
+
+
+def _text_spans(text: str, word: str, exclude: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+  """Spans of the whole-word occurrences of `word` in `text` outside the `exclude` spans (other mentions' double
+  words: "dog" is not the "dog" of "hot dog"); when there are none, of the caption words whose singular (CHAIR's
+  singulariser) is `word`: CHAIR outputs of the Rohrbach style record "dog" for "dogs"."""
   pattern = r"(?<![\w])" + re.escape(word) + r"(?![\w])"
-  return [(m.start(), m.end()) for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+  found = [(m.start(), m.end()) for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+  found = [sp for sp in found if not any(_overlaps(sp, x) for x in exclude)]
+  if found:
+    return found
+  from eval.chair_metric import singularize
+  from eval.word_tokenize import word_tokenize
+
+  lower, parts = text.lower(), word.lower().split()
+  if len(lower) != len(text):
+    return []
+  tokens = word_tokenize(lower)
+  spans = align_words(lower, tokens)
+  for i in range(len(tokens) - len(parts) + 1):
+    window = spans[i:i + len(parts)]
+    if all(sp is not None for sp in window) and all(
+        t == p or singularize(t) == p for t, p in zip(tokens[i:i + len(parts)], parts)):
+      found.append((window[0][0], window[-1][1]))
+  return [sp for sp in found if not any(_overlaps(sp, x) for x in exclude)]
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -148,19 +174,22 @@ def scored_tokens(sentence: Mapping[str, Any], caption: str, tokenizer, ids: Seq
   words = sentence.get("tokens")
   spans = align_words(lower, words) if (words and same_length) else None
   seen: dict[str, int] = {}
+  # Where the double words ("hot dog") of this entry stand: a single word is not looked for inside them.
+  doubles = [sp for w in {m[1] for m in mentions if " " in m[1]} for sp in _text_spans(caption, w)]
   for set_name, word, category, idx in sorted(mentions, key=lambda m: (m[3] is None, m[3] or 0)):
     span, locate = None, "position"
     if spans is not None and idx is not None and 0 <= idx < len(spans):
       span = spans[idx]
     if span is None:
       locate = "text"
-      found = _text_spans(caption, word)
+      found = _text_spans(caption, word, () if " " in word else doubles)
       k = seen.get(word, 0)
       span = found[k] if k < len(found) else None
     seen[word] = seen.get(word, 0) + 1
     if span is None:
       continue
-    i = first_token_overlapping(offsets, span)
+    # A bare word-boundary piece ("▁", empty once decoded) is passed over, as token mode does.
+    i = first_token_overlapping(offsets, span, skip=lambda j: not _token_text(tokenizer, ids[j]))
     if i is None or i in out:
       continue
     out[i] = ScoredToken(set_name, word, category, idx, span, i, _token_text(tokenizer, ids[i]), locate)

@@ -176,11 +176,33 @@ def test_word_to_first_sub_token_hand_checked(tiny_model):
   assert 18 in [t.token_index for t in official if t.set == "N"]
 
 
+def test_external_chair_outputs_without_tokens(tiny_model):
+  """Rohrbach-style CHAIR entries (singular words, no tokens or indices) and AD-HH's index key still locate every
+  mention; a bare word-boundary piece is never the scored token."""
+  tok = tiny_model.processor.tokenizer
+  caption = "People sit near two dogs and a hot dog."
+  full = score_caption(1, caption, {"person"}, Vocabulary.coco(style="rohrbach"))
+  assert [w for w, _ in full["mscoco_hallucinated_words"]] == ["dog", "hot dog"]  # singularised, as Rohrbach's
+  bare = {k: full[k] for k in ("mscoco_hallucinated_words", "mscoco_non_hallucinated_words")}
+  ids, offsets = caption_tokens(tok, caption)
+  got = scored_tokens(bare, caption, tok, ids, offsets)
+  spans = [(t.set, t.word, caption[t.char_span[0]:t.char_span[1]]) for t in got]
+  assert spans == [("N", "person", "People"), ("H", "dog", "dogs"), ("H", "hot dog", "hot dog")]
+  assert all(t.token and t.locate == "text" for t in got)
+  # AD-HH's chair.py names the correct-object indices non_hallucination_idxs.
+  adhh = score_caption(1, HAND_CAPTION, {"chair"}, Vocabulary.coco())
+  adhh["non_hallucination_idxs"] = adhh.pop("correct_idxs")
+  ids, offsets = caption_tokens(tok, HAND_CAPTION)
+  located = scored_tokens(adhh, HAND_CAPTION, tok, ids, offsets)
+  assert [(t.token_index, t.locate) for t in located] == [(7, "position"), (18, "position"), (32, "position")]
+
+
 def test_align_words_and_overlap():
   assert align_words('a "b" c', ["a", "``", "b", "''", "c"]) == [(0, 1), (2, 3), (3, 4), (4, 5), (6, 7)]
   assert align_words("a b", ["a", "x", "b"]) == [(0, 1), None, (2, 3)]
   assert first_token_overlapping([(0, 1), (1, 2), (2, 5)], (2, 4)) == 2
   assert first_token_overlapping([(0, 1)], (3, 4)) is None
+  assert first_token_overlapping([(0, 1), (0, 3)], (0, 3), skip=lambda i: i == 0) == 1
 
 
 def test_incremental_offsets_match_tokenizer_offsets(tiny_model):
