@@ -499,7 +499,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     masses = np.concatenate([g.segment_mass for g in gens])
     num = np.concatenate([g.num_tokens for g in gens])
     mai = imbalance.mai(masses, num)
-    result["mai"] = imbalance.mai_summary(mai, sens, masses, num)
+    result["mai"] = imbalance.mai_summary(mai, sens, masses, num,
+                                          insensitive=imbalance.head_mask(non, nl, nh) if non else None)
     live = masses * (np.arange(masses.shape[1])[None, :] < num[:, None])[..., None, None, None]
     result["mai"]["per_head_pooled"] = (live[..., 2].sum((0, 1)) / np.maximum(live[..., 1].sum((0, 1)), 1e-9)).tolist()
     fig.save(fig.mai_figure(masses, num, sens, title=f"MAI, {len(ids)} greedy captions"), out_dir / "mai.png")
@@ -649,7 +650,8 @@ def summary_lines(result: dict) -> list[str]:
     m = result["mai"]
     lines.append(f"MAI (pooled text/image mass): sensitive heads {m['sensitive_pooled']:.2f}, other heads "
                  f"{m['other_pooled']:.2f} (medians per head and step {m['sensitive_median']:.2f} / "
-                 f"{m['other_median']:.2f})")
+                 f"{m['other_median']:.2f})" + (f"; insensitive heads {m['insensitive_pooled']:.2f}"
+                                                 if "insensitive_pooled" in m else ""))
   if "variance" in result:
     c = result["variance"]["correlation_rows"]
     lines.append(f"B.2: corr(variance, entropy) over rows: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}")

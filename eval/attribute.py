@@ -39,7 +39,8 @@ SCORES = ("prob", "abs", "logprob")
 STATE = "attribution_state.npz"
 RECORDS = "attribution_records.jsonl"
 # Settings a resumed run must share with the run that wrote the state.
-RESUME_KEYS = ("chair_json", "model", "semantics", "match", "prompt", "all_captions", "generate", "split", "screen")
+RESUME_KEYS = ("chair_json", "model", "semantics", "match", "prompt", "all_captions", "generate", "split", "screen",
+               "max_new_tokens", "dtype")
 
 
 class AttributionError(RuntimeError):
@@ -113,6 +114,7 @@ class RunState:
 
     with np.load(path, allow_pickle=False) as z:
       saved = json.loads(str(z["settings"]))
+      saved.setdefault("dtype", "float32")  # states written before the dtype was recorded
       for key in RESUME_KEYS:
         if saved.get(key) != self.settings.get(key):
           raise AttributionError(f"{path} was written with {key}={saved.get(key)!r} but this run asks "
@@ -184,16 +186,25 @@ def write_outputs(out: Path, state: RunState, score: str, top_k: int, non_hal: s
   for name, st in state.stats.items():
     arrays.update({f"{name}_{k}": v for k, v in summary_arrays(st).items()})
   _atomic_savez(out / "attribution.npz", arrays)
-  heads = {}
+  heads, warnings = {}, []
+  n_h, n_n = int(np.nanmax(arrays["count_H"], initial=0)), int(np.nanmax(arrays["count_N"], initial=0))
+  if min(n_h, n_n) < 2:  # E_h needs a variance in both sets; S_h a mean in both
+    warnings.append(f"only {n_h} hallucinated and {n_n} correct object tokens were scored: E_h needs at least 2 "
+                    "of each (its heads file is empty or short); score more captions")
   for key in ("S", "E"):
     sel = select_heads(arrays[key], top_k, non_hal)
+    if len(sel["hal_heads"]) < top_k:
+      warnings.append(f"heads_{key}.json lists {len(sel['hal_heads'])} hallucination heads of the {top_k} asked "
+                      f"({key}_h is undefined for the other heads)")
     write_heads_file(out / f"heads_{key}.json", sel["hal_heads"], sel["non_hal_heads"])
     save_heatmap(out / f"heatmap_{key}.png", arrays[key], f"{key}_h ({score}); black: hal, green: non-hal",
                  hal_heads=sel["hal_heads"], non_hal_heads=sel["non_hal_heads"])
     heads[key] = {k: [[l, h, float(arrays[key][l, h])] for l, h in v] for k, v in sel.items()}
+  for w in warnings:
+    log.warning("%s", w)
   summary = {"config": state.settings, "out": str(out), "score": score, "top_k": top_k, "non_hal": non_hal,
-             "num_samples": len(state.done), "num_tokens_H": int(np.nanmax(arrays["count_H"], initial=0)),
-             "num_tokens_N": int(np.nanmax(arrays["count_N"], initial=0)), "heads": heads}
+             "num_samples": len(state.done), "num_tokens_H": n_h, "num_tokens_N": n_n, "heads": heads,
+             "warnings": warnings}
   if state.screen_heads is not None:
     summary["screen"] = screen_summary(state, score)
     extra = {f"screen_{k}": v for k, v in summary_arrays(state.screen_stats[score]).items()}
@@ -268,7 +279,7 @@ def run(argv: Sequence[str] | None = None, on_sample: Callable[[int], None] | No
               "semantics": args.semantics, "match": args.match, "prompt": prompt,
               "all_captions": args.all_captions, "generate": args.generate, "split": args.split,
               "coco_root": str(args.coco_root), "max_new_tokens": args.max_new_tokens if args.generate else None,
-              "screen": args.screen}
+              "screen": args.screen, "dtype": args.dtype}
   state = RunState(attributor.num_layers, attributor.num_heads, settings)
   state_path, records_path = out / STATE, out / RECORDS
   if state_path.exists():

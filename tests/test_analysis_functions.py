@@ -118,6 +118,11 @@ def test_mai_on_hand_made_masses():
   assert s["sensitive_median"] == pytest.approx(3.0)
   # head 1: 3 steps at 0.6/0.2 and 2 steps at 0.3/0.6 pooled
   assert s["other_pooled"] == pytest.approx((3 * 0.6 + 2 * 0.3) / (3 * 0.2 + 2 * 0.6))
+  # The insensitive heads as their own group (the paper's comparison); an empty group is NaN, not 0.
+  s2 = imbalance.mai_summary(v, sens, m, np.array([3, 2]), insensitive=~sens)
+  assert s2["insensitive_pooled"] == s["other_pooled"] and s2["insensitive_median"] == s["other_median"]
+  none = imbalance.mai_summary(v, np.zeros_like(sens), m, np.array([3, 2]))
+  assert np.isnan(none["sensitive_pooled"]) and np.isnan(none["sensitive_median"])
   pooled = imbalance.pooled_mai(m, np.array([3, 2]), heads=~sens)
   assert pooled[2] == pytest.approx(3.0) and pooled[0] == pytest.approx(0.9 / 0.8)
 

@@ -94,6 +94,8 @@ def test_end_to_end_and_resume(tmp_path, tiny_dir, chair_json):
   # A resumed run must use the same settings.
   with pytest.raises(attribute.AttributionError, match="semantics"):
     attribute.run(_args(chair_json, tiny_dir, part, "--semantics", "full_sequence"))
+  with pytest.raises(attribute.AttributionError, match="dtype='float32' but this run asks dtype='bfloat16'"):
+    attribute.run(_args(chair_json, tiny_dir, part, "--dtype", "bfloat16"))
 
 
 def test_user_errors(tmp_path, tiny_dir, capsys):
@@ -103,3 +105,18 @@ def test_user_errors(tmp_path, tiny_dir, capsys):
   assert "sentences" in capsys.readouterr().err
   assert attribute.main(_args(bad, str(tmp_path / "missing"), tmp_path / "o")) == 2
   assert "not a directory" in capsys.readouterr().err
+
+
+def test_too_few_scored_tokens_warn_in_the_summary(tmp_path, caplog):
+  """One hallucinated token: E_h is undefined everywhere, so heads_E.json comes out empty; the run says so."""
+  state = attribute.RunState(2, 3, {"model": "m"})
+  rng = np.random.default_rng(0)
+  for score in attribute.SCORES:
+    state.stats[score].update("H", rng.normal(size=(1, 2, 3)))
+    state.stats[score].update("N", rng.normal(size=(5, 2, 3)))
+  summary = attribute.write_outputs(tmp_path, state, "prob", 2, "negative")
+  assert json.loads((tmp_path / "heads_E.json").read_text())["hal_heads"] == []
+  assert len(json.loads((tmp_path / "heads_S.json").read_text())["hal_heads"]) == 2
+  assert any("only 1 hallucinated and 5 correct" in w for w in summary["warnings"])
+  assert any("heads_E.json lists 0 hallucination heads of the 2 asked" in w for w in summary["warnings"])
+  assert "heads_E.json lists 0" in caplog.text

@@ -67,15 +67,22 @@ def pooled_mai(segment_mass: np.ndarray, num_tokens: np.ndarray | None = None,
 
 
 def mai_summary(mai_values: np.ndarray, sensitive: np.ndarray, segment_mass: np.ndarray | None = None,
-                num_tokens: np.ndarray | None = None) -> dict[str, float]:
-  """Median of the per-(caption, step, head) MAI of the sensitive heads [L, H] vs the others; with the masses
-  also the ratio of the summed text and image masses ("pooled", the robust average)."""
+                num_tokens: np.ndarray | None = None, insensitive: np.ndarray | None = None) -> dict[str, float]:
+  """Median of the per-(caption, step, head) MAI of the sensitive heads [L, H] vs the others (and, given the
+  [L, H] mask `insensitive`, vs those heads: the paper compares sensitive ~5.1 with insensitive ~1.5); with the
+  masses also the ratio of the summed text and image masses ("pooled", the robust average). An empty group gives
+  NaN."""
   out = {}
-  for name, sel in (("sensitive", sensitive), ("other", ~sensitive)):
+  groups = [("sensitive", sensitive), ("other", ~sensitive)]
+  if insensitive is not None:
+    groups.append(("insensitive", np.asarray(insensitive, bool)))
+  for name, sel in groups:
     v = mai_values[..., sel]
     v = v[np.isfinite(v)]
     out[f"{name}_median"] = float(np.median(v)) if v.size else float("nan")
-    if segment_mass is not None:
+    if segment_mass is not None and not sel.any():
+      out[f"{name}_pooled"] = float("nan")
+    elif segment_mass is not None:
       m = np.asarray(segment_mass, np.float64)
       if num_tokens is not None:
         m = m * (np.arange(m.shape[1])[None, :] < np.asarray(num_tokens)[:, None])[:, :, None, None, None]
