@@ -206,6 +206,61 @@ def farsight_patch(cfg, total_len: int):
     ml.eager_attention_forward = original
 
 
+# -- FarSight (official farsight_attention_forward_v2) -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def farsight_official_patch(cfg):
+  """The official forward for one unpadded sequence of length L (no cache): W = scores * C + P with
+  P = 0.5 P_basic + 0.5 P_prog + P_alibi on the upper triangle, softmax(W) * C."""
+  import transformers.models.llama.modeling_llama as ml
+
+  original = ml.eager_attention_forward
+
+  def patched(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    del kwargs, attention_mask  # the official SDPA-path run gets no mask for one unpadded sequence
+    k = ml.repeat_kv(key, module.num_key_value_groups)
+    v = ml.repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, k.transpose(2, 3)).float() * scaling
+    n_heads, length = scores.shape[1], scores.shape[-1]
+    assert scores.shape[-2] == length, "the official forward runs without a cache"
+    c = torch.tril(torch.ones(length, length))
+    idx = torch.arange(length, dtype=torch.float32)
+    delta = idx[None, :] - idx[:, None]
+    upper = torch.triu(torch.ones(length, length), diagonal=1)
+    basic = -(cfg.sigma * F.relu(delta)) * upper
+    prog = -(cfg.sigma * (1.0 - idx[:, None] / max(length - 1, 1) * 0.5)) * F.relu(delta) * upper
+    p_total = (0.5 * basic + 0.5 * prog).view(1, 1, length, length)
+    if cfg.alibi:
+      slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)]).view(1, n_heads, 1, 1)
+      p_total = p_total - (F.relu(delta) * upper).view(1, 1, length, length) * slopes
+    w = scores * c + p_total
+    probs = torch.softmax(w, dim=-1) * c
+    return torch.matmul(probs.to(v.dtype), v).transpose(1, 2).contiguous(), probs
+
+  ml.eager_attention_forward = patched
+  try:
+    yield
+  finally:
+    ml.eager_attention_forward = original
+
+
+@torch.no_grad()
+def greedy_farsight_official(model, ids: np.ndarray, pixels: np.ndarray, cfg, n: int):
+  """Official FarSight decoding of one example: every step a full forward without a cache."""
+  seq = torch.as_tensor(ids, dtype=torch.long)
+  pix = torch.as_tensor(pixels)
+  tokens, logits = [], []
+  with farsight_official_patch(cfg):
+    for _ in range(n):
+      out = _forward(model, seq, pix, use_cache=False).logits[0, -1].float()
+      tok = int(out.argmax())
+      tokens.append(tok)
+      logits.append(out.numpy())
+      seq = torch.cat([seq, torch.tensor([[tok]])], dim=1)
+  return np.array(tokens), np.stack(logits)
+
+
 # -- the loop ------------------------------------------------------------------------------------------------------
 
 

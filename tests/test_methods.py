@@ -105,6 +105,36 @@ def test_sampling_is_reproducible_from_a_key(tiny_model):
   assert (a.token_ids != c.token_ids).any()
 
 
+def test_farsight_official_equals_the_official_forward(tiny_model, tiny_torch, inputs):
+  """mode="official": the cache-free search (two prompts of different lengths, left padded) = the official
+  forward of FeilongTangmonash/FarSight re-run without a cache on each example alone."""
+  cfg = methods.make("farsight", mode="official")
+  ids, mask, pixels = inputs
+  n = 8
+  compiled = cfg.compile(tiny_model.config)
+  out = compiled.plan.search(compiled.values, tiny_model.params, tiny_model.config, ids, mask, pixels,
+                             max_new_tokens=n, eos_ids=(), pad_id=0)
+  tokens, scores = np.asarray(out["tokens"]), np.asarray(out["scores"])
+  plain, plain_scores = _ours(tiny_model, None, inputs, n=n)
+  for row in range(ids.shape[0]):
+    real = mask[row].astype(bool)
+    r_tok, r_logits = ref.greedy_farsight_official(tiny_torch, ids[row:row + 1, real], pixels[row:row + 1], cfg, n)
+    np.testing.assert_array_equal(tokens[row], r_tok, err_msg=f"row {row}")
+    np.testing.assert_allclose(scores[row], r_logits, atol=1e-5, rtol=1e-5)
+  # The registers change the logits (the tiny model's greedy tokens happen to survive them), and so does ALiBi.
+  same = tokens == plain  # compare the logits where both runs saw the same prefix
+  assert np.abs(scores[:, 0] - plain_scores[:, 0]).max() > 1e-2 and same[:, 0].all()
+  no_alibi = methods.make("farsight", mode="official", alibi=False).compile(tiny_model.config)
+  out2 = no_alibi.plan.search(no_alibi.values, tiny_model.params, tiny_model.config, ids, mask, pixels,
+                              max_new_tokens=1, eos_ids=(), pad_id=0)
+  assert np.abs(np.asarray(out2["scores"])[:, 0] - scores[:, 0]).max() > 1e-3
+  # Through generate: the same tokens; the options are validated.
+  gen = air_jax.generate(tiny_model, cfg, random_images(2, 28, seed=31), PROMPTS, max_new_tokens=n)
+  np.testing.assert_array_equal(gen.token_ids, tokens)
+  with pytest.raises(ValueError, match="FarSightConfig.mode must be 'paper' or 'official'"):
+    methods.make("farsight", mode="other")
+
+
 @pytest.mark.parametrize("name, kw, match", [
     ("vcd", dict(alpha=-0.5), r"VCDConfig\.alpha must be >= 0.0, got -0.5"),
     ("vcd", dict(beta=0.0), r"VCDConfig\.beta must be > 0.0, got 0.0"),
