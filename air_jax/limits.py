@@ -60,6 +60,9 @@ def check_lengths(config, batch: int, prompt_len: int, max_new_tokens: int, item
   """
   text = _decoder(config)
   limit = getattr(text, "max_position_embeddings", None)
+  rope = getattr(getattr(config, "text", None), "rope", None) or getattr(text, "rope", None)
+  if getattr(rope, "rope_type", None) == "dynamic":
+    limit = None  # dynamic NTK scaling exists to run past max_position_embeddings (as transformers does)
   real = prompt_len if real_prompt_len is None else real_prompt_len
   if limit is not None and real + max_new_tokens > limit:
     raise ValueError(f"the prompt ({real} tokens) + max_new_tokens ({max_new_tokens}) = {real + max_new_tokens} "

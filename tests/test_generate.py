@@ -54,6 +54,19 @@ def test_greedy_matches_transformers_mha_tied(tmp_path):
   np.testing.assert_array_equal(out.token_ids, _hf_generate(model, processor, images, PROMPTS))
 
 
+def test_dynamic_rope_generates_past_max_positions_as_transformers(tmp_path):
+  """Dynamic NTK scaling exists to run past max_position_embeddings: no refusal, and the same tokens (the cached
+  keys keep the frequencies of the step that wrote them, as in transformers)."""
+  model, processor = make_tiny_llava(str(tmp_path), max_positions=40,
+                                     rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+  model.config._attn_implementation = "eager"
+  ours = air_jax.load_pretrained(str(tmp_path))
+  images = random_images(2, 28, seed=2)
+  out = air_jax.generate(ours, None, images, PROMPTS, max_new_tokens=N)
+  assert int(out.prompt_mask.sum(-1).max()) + N > 40 + 32  # well past the trained positions
+  np.testing.assert_array_equal(out.token_ids, _hf_generate(model, processor, images, PROMPTS, min_new_tokens=N))
+
+
 def test_cached_logits_equal_full_reforward(tiny_model):
   images = random_images(2, 28, seed=7)
   out = air_jax.generate(tiny_model, None, images, PROMPTS, max_new_tokens=12, output_scores=True)
