@@ -1,11 +1,10 @@
 """FarSight (Tang et al., CVPR 2025, arXiv 2505.16652, "Seeing Far and Clearly"): attention registers in the
 upper triangle of the causal mask with a positional-awareness decay.
 
-This is our reading of the paper; the official code (FeilongTangmonash/FarSight, Shell/farsight_patch.py,
-found after this was written) differs (no KV cache, registers only up to the current
-length, a row-dependent and a per-head ALiBi decay, sigma = 0.8): see the README's "Decoding methods". Ours is
-our reading of the paper (and of the AIR paper's supplementary C.1:
-"decay rate sigma = log_alpha(seq), alpha = 1024 the typical maximum token limit"). What we implement:
+The default (`mode="paper"`) is our reading of the paper and of the AIR paper's supplementary C.1 ("decay rate
+sigma = log_alpha(seq), alpha = 1024 the typical maximum token limit"); the official code (FeilongTangmonash/
+FarSight, Shell/farsight_patch.py, found after this was written) differs and is `mode="official"` (below and the
+README's "Decoding methods"). The paper mode:
 - Registers. The causal mask's upper triangle (the key slots after the query's own slot, up to the end of the
   generation window) no longer holds -inf but register logits that take part in the softmax and absorb
   attention that would otherwise go to outlier tokens: for query slot i and key slot j > i, the register logit
