@@ -204,6 +204,10 @@ def deepseek_v2_config_from_dict(d: dict, field: str = "language_config") -> Dee
   eos = d.get("eos_token_id", 2)
   eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
   q_lora = d.get("q_lora_rank", 1536)
+  # The official decoder makes layer l a MoE layer only when l % moe_layer_freq == 0 (beyond first_k_dense_replace);
+  # every released DeepSeek-V2 / VL2 config uses 1, the only value supported here.
+  freq = d.get("moe_layer_freq", 1)
+  _check(freq in (1, None), f"{field}.moe_layer_freq", freq, "1 (every layer past first_k_dense_replace is MoE)")
   return DeepseekV2TextConfig(
       vocab_size=int(d.get("vocab_size", 102400)), hidden_size=int(d.get("hidden_size", 4096)),
       intermediate_size=int(d.get("intermediate_size", 11008)),

@@ -155,7 +155,10 @@ def _family():
     Prompts go in as they are: the processor has no chat template and the LLaVA-1.5 fallback is not applied
     (InstructBLIP was tuned on raw instructions). The LM ids are laid out as transformers' processor does:
     [<image> x Q][left padding][BOS] prompt, so a padded row has a gap in its mask. The Q-Former gets the prompt
-    in its BERT vocabulary, right padded (LAVIS; BERT positions start at its first token).
+    in its BERT vocabulary, right padded (LAVIS; BERT positions start at its first token), so a prompt's result
+    does not depend on the batch. transformers' 5.x processor left-pads it (the language tokenizer's side) while
+    the Q-Former numbers positions from slot 0: its batched outputs for shorter prompts then differ from the
+    same prompt alone (a single prompt, or prompts of equal length, are identical to transformers').
     """
 
     name = "instructblip"

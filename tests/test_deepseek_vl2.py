@@ -97,3 +97,12 @@ def test_mismatched_prompt_and_images_are_named(tiny):
   bad[1, np.argmax(bad[1] == cfg.image_token_id)] = 5  # one image position short
   with pytest.raises(ValueError, match="image tokens"):
     deepseek_vl2.forward(params, cfg, bad, jnp.asarray(tiles), spatial_crops=crops, attention_mask=mask)
+
+
+def test_unsupported_moe_layer_freq_is_named():
+  from models.deepseek_v2_config import deepseek_v2_config_from_dict
+
+  with pytest.raises(ValueError, match="'language_config.moe_layer_freq' has unsupported value 2"):
+    deepseek_v2_config_from_dict({"model_type": "deepseek_v2", "moe_layer_freq": 2})
+  assert deepseek_v2_config_from_dict({"model_type": "deepseek_v2", "moe_layer_freq": 1}) == \
+      deepseek_v2_config_from_dict({"model_type": "deepseek_v2"})
