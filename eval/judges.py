@@ -27,6 +27,7 @@ import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
@@ -70,16 +71,37 @@ class Judge:
     raise NotImplementedError
 
 
+def _public_url(url: str) -> str:
+  """The URL without user info, query or fragment (where credentials may ride), for identities and logs."""
+  parts = urllib.parse.urlsplit(url)
+  host = parts.hostname or ""
+  if ":" in host:  # IPv6 literal
+    host = f"[{host}]"
+  if parts.port:
+    host = f"{host}:{parts.port}"
+  return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 class OpenAIChatJudge(Judge):
   """An OpenAI-compatible chat-completions endpoint over HTTP (urllib; no client library needed)."""
 
   def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout: float = 60.0,
                max_retries: int = 2, backoff: float = 2.0):
-    if not base_url.startswith(("http://", "https://")):
-      raise ValueError(f"judge base URL must start with http:// or https://, got {base_url!r}")
-    self.base_url = base_url.rstrip("/")
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+      raise ValueError(f"judge base URL must start with http:// or https:// and name a host, got "
+                       f"{_public_url(base_url)!r}")
+    if parts.username is not None or parts.password is not None:
+      raise ValueError(f"judge base URL {_public_url(base_url)!r} carries user info (user:password@); put the "
+                       "credential in AIR_JUDGE_API_KEY instead")
+    self._url = base_url.rstrip("/")  # what requests go to (may carry credentials: user info, query)
+    self.base_url = _public_url(self._url)  # what identities, results and logs show
     self.model = model
-    self._api_key = api_key or None
+    key = (api_key or "").strip()  # a key read from a file often ends in a newline
+    if any(ord(c) < 32 or ord(c) > 255 or c == "\x7f" for c in key):
+      raise ValueError("AIR_JUDGE_API_KEY (or OPENAI_API_KEY) holds a control or non-Latin-1 character, which an "
+                       "HTTP header cannot carry; set it to the key alone")
+    self._api_key = key or None
     self.timeout, self.max_retries, self.backoff = float(timeout), int(max_retries), float(backoff)
 
   def __repr__(self) -> str:  # never shows the key
@@ -104,7 +126,9 @@ class OpenAIChatJudge(Judge):
     headers = {"Content-Type": "application/json"}
     if self._api_key:
       headers["Authorization"] = "Bearer " + self._api_key
-    req = urllib.request.Request(self.base_url + "/chat/completions", data=json.dumps(body).encode(),
+    url = urllib.parse.urlsplit(self._url)
+    req = urllib.request.Request(urllib.parse.urlunsplit(url._replace(path=url.path + "/chat/completions")),
+                                 data=json.dumps(body).encode(),
                                  headers=headers, method="POST")
     with urllib.request.urlopen(req, timeout=self.timeout) as resp:
       return json.loads(resp.read().decode("utf-8"))
@@ -124,7 +148,8 @@ class OpenAIChatJudge(Judge):
         last = f"HTTP {e.code} {e.reason}"
         if e.code in (429, 500, 502, 503, 504):
           continue  # rate limit or server trouble: retry
-        raise JudgeError(f"{self!r}: {last}") from None
+        hint = "; check AIR_JUDGE_API_KEY" if e.code in (401, 403) else ""
+        raise JudgeError(f"{self!r}: {last}{hint}") from None
       except (socket.timeout, TimeoutError) as e:
         last = f"timed out after {self.timeout:g} s ({type(e).__name__})"
         continue

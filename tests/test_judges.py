@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -70,6 +71,27 @@ def test_http_judge_failures_are_replies_not_crashes(tmp_path):
       assert SECRET not in r.error
     before = judge.calls
     assert not judge.ask("slow").cached and judge.calls == before + 1  # failures are not cached: retried on rerun
+
+
+def test_http_judge_keeps_credentials_out_of_identities_and_errors(tmp_path, caplog):
+  """A key read with its line ending is trimmed; one a header cannot carry is refused without echoing it; a
+  credential in the URL's query stays out of the identity, logs and results; user info in the URL is refused."""
+  with StubServer(lambda body: (200, chat_reply("ok"), 0)) as srv:
+    judge = judges.OpenAIChatJudge(srv.url + "?api-key=" + SECRET, "m", SECRET + "\r\n")
+    assert judge.complete("hi")[0] == "ok"
+    req = srv.requests[0]
+    assert req["headers"]["Authorization"] == "Bearer " + SECRET and req["path"].startswith("/v1/chat/completions")
+    assert SECRET not in json.dumps(judge.identity) and SECRET not in repr(judge)
+  for bad in (SECRET + "\x01", SECRET + "\u20ac"):
+    with pytest.raises(ValueError, match="AIR_JUDGE_API_KEY .* holds a control or non-Latin-1") as e:
+      judges.OpenAIChatJudge("http://h/v1", "m", bad)
+    assert SECRET not in str(e.value)
+  with pytest.raises(ValueError, match="carries user info") as e:
+    judges.OpenAIChatJudge(f"http://user:{SECRET}@h/v1", "m")
+  assert SECRET not in str(e.value)
+  with StubServer(lambda body: (401, {"error": "bad key"}, 0)) as srv:
+    r = judges.CachedJudge(judges.OpenAIChatJudge(srv.url, "m", SECRET, max_retries=0), tmp_path / "c").ask("x")
+  assert "HTTP 401" in r.error and "check AIR_JUDGE_API_KEY" in r.error and SECRET not in r.error
 
 
 def test_http_judge_bad_config():
