@@ -21,6 +21,7 @@ image ids), so a crash loses nothing and a rerun resumes. At the end (atomically
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -40,7 +41,7 @@ STATE = "attribution_state.npz"
 RECORDS = "attribution_records.jsonl"
 # Settings a resumed run must share with the run that wrote the state.
 RESUME_KEYS = ("chair_json", "model", "semantics", "match", "prompt", "all_captions", "generate", "split", "screen",
-               "max_new_tokens", "dtype")
+               "max_new_tokens", "dtype", "chair_json_sha256")
 
 
 class AttributionError(RuntimeError):
@@ -114,7 +115,8 @@ class RunState:
 
     with np.load(path, allow_pickle=False) as z:
       saved = json.loads(str(z["settings"]))
-      saved.setdefault("dtype", "float32")  # states written before the dtype was recorded
+      saved.setdefault("dtype", "float32")  # states written before these were recorded
+      saved.setdefault("chair_json_sha256", self.settings.get("chair_json_sha256"))
       for key in RESUME_KEYS:
         if saved.get(key) != self.settings.get(key):
           raise AttributionError(f"{path} was written with {key}={saved.get(key)!r} but this run asks "
@@ -253,9 +255,11 @@ def run(argv: Sequence[str] | None = None, on_sample: Callable[[int], None] | No
 
   check_output_dir(args.out)  # before any work
   chair_path = Path(args.chair_json)
+  if args.limit is not None and args.limit < 1:
+    raise AttributionError(f"--limit must be at least 1, got {args.limit}")
   sentences, json_prompt = _load_sentences(chair_path, args.all_captions)
   if args.limit is not None:
-    sentences = sentences[: max(args.limit, 0)]
+    sentences = sentences[: args.limit]
   from air_jax.attribution import DEFAULT_PROMPT
 
   prompt = args.prompt or json_prompt or DEFAULT_PROMPT
@@ -279,7 +283,9 @@ def run(argv: Sequence[str] | None = None, on_sample: Callable[[int], None] | No
               "semantics": args.semantics, "match": args.match, "prompt": prompt,
               "all_captions": args.all_captions, "generate": args.generate, "split": args.split,
               "coco_root": str(args.coco_root), "max_new_tokens": args.max_new_tokens if args.generate else None,
-              "screen": args.screen, "dtype": args.dtype}
+              "screen": args.screen, "dtype": args.dtype,
+              # the captions themselves: a file rewritten at the same path must not be merged into a resumed run
+              "chair_json_sha256": hashlib.sha256(chair_path.read_bytes()).hexdigest()}
   state = RunState(attributor.num_layers, attributor.num_heads, settings)
   state_path, records_path = out / STATE, out / RECORDS
   if state_path.exists():

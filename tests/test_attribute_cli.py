@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,19 @@ def test_end_to_end_and_resume(tmp_path, tiny_dir, chair_json):
     attribute.run(_args(chair_json, tiny_dir, part, "--semantics", "full_sequence"))
   with pytest.raises(attribute.AttributionError, match="dtype='float32' but this run asks dtype='bfloat16'"):
     attribute.run(_args(chair_json, tiny_dir, part, "--dtype", "bfloat16"))
+  # The same path with other captions in it is another input.
+  changed = json.loads(Path(chair_json).read_text())
+  changed["sentences"] = changed["sentences"][::-1]
+  moved = tmp_path / "moved" / Path(chair_json).name
+  moved.parent.mkdir()
+  shutil.copy(chair_json, moved)
+  other = tmp_path / "other_out"
+  attribute.run(_args(moved, tiny_dir, other, "--limit", "1"))
+  moved.write_text(json.dumps(changed))
+  with pytest.raises(attribute.AttributionError, match="chair_json_sha256"):
+    attribute.run(_args(moved, tiny_dir, other, "--limit", "1"))
+  with pytest.raises(attribute.AttributionError, match="--limit must be at least 1, got -1"):
+    attribute.run(_args(moved, tiny_dir, tmp_path / "neg", "--limit", "-1"))
 
 
 def test_user_errors(tmp_path, tiny_dir, capsys):
