@@ -280,6 +280,11 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
   sources = [x for x in (args.pope_dir, args.instances) if x]
   if len(sources) > 1:
     raise RunError("give one question source: --pope-dir or --instances")
+  try:
+    args.prompt_template.format(question="?")
+  except (KeyError, IndexError, ValueError) as e:
+    raise RunError(f"--prompt-template {args.prompt_template!r}: the only field it may use is {{question}} "
+                   f"(write other braces doubled, {{{{ }}}}); {type(e).__name__}: {e}") from None
   settings = {"prompt_template": args.prompt_template, "caption_prompt": args.caption_prompt,
               "answer_mode": args.answer_mode or "question", "synonyms": args.synonyms}
   seed = None
@@ -361,7 +366,23 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
       cells = "".join(f"{fmt(ref[k]) + ' | ' + fmt(strict[k]):>16}" for k in pope_data.METRICS)
       unparsed = "" if split == "average" else str(strict["unparsed"])
       lines.append(f"{method:<10}{split:<13}{cells}{unparsed:>10}")
+    missing = {k: v for k, v in m.get("unanswered", {}).items() if v}
+    if missing:
+      lines.append(f"{method}: INCOMPLETE, questions without an answer (left out of the scores): "
+                   + ", ".join(f"{k} {v}" for k, v in missing.items()))
   return "\n".join(lines)
+
+
+def incomplete(results: Mapping[str, Mapping[str, Any]]) -> bool:
+  """Whether any method left questions unanswered (its scores are then over part of the benchmark)."""
+  return any(v for r in results.values() for v in r["metrics"].get("unanswered", {}).values())
+
+
+def _out_arg(argv) -> str:
+  try:
+    return build_parser().parse_args(argv).out
+  except SystemExit:
+    return "?"
 
 
 def read_answer_files(specs: Sequence[str]) -> dict[str, dict[Any, str] | list[dict]]:
@@ -458,14 +479,15 @@ def run(argv: Sequence[str] | None = None, answerer_factory: Callable[[str], Any
 
 def main(argv: Sequence[str] | None = None, answerer_factory=None) -> int:
   """CLI entry point: prints the table, returns the exit status (2 on a user error)."""
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  try:
+  from eval.cli import run_cli
+
+  def body() -> int:
     results = run(argv, answerer_factory)
-  except (RunError, pope_data.PopeDataError, manifest_lib.ManifestError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(format_table(results))
-  return 0
+    print(format_table(results))
+    print(f"results: {_out_arg(argv)}")
+    return 1 if incomplete(results) else 0
+
+  return run_cli(body, (RunError, pope_data.PopeDataError, manifest_lib.ManifestError))
 
 
 if __name__ == "__main__":

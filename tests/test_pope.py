@@ -266,7 +266,7 @@ def test_official_splits_follow_the_builder_rules(official):
   assert exact / total > 0.9  # the rest: co-occurring objects of the image the files do not reveal
 
 
-def test_score_only_from_answer_files(tmp_path, official):
+def test_score_only_from_answer_files(tmp_path, official, capsys):
   """LLaVA-style answers files (question_id, text) scored with both parsers, without a model."""
   files = []
   for split in ("random", "adversarial"):
@@ -303,6 +303,16 @@ def test_score_only_from_answer_files(tmp_path, official):
   with pytest.raises(pope.RunError, match="swapped.jsonl:1: question .* is not question 1 of split 'random'"):
     pope.run(["--pope-dir", str(POPE_DIR), "--out", str(tmp_path / "o3"), "--answers",
               f"random={tmp_path / 'swapped.jsonl'}"])
+  # One answer for 3000 questions: scored over that one, but reported incomplete (exit status 1).
+  one = tmp_path / "one.jsonl"
+  one.write_text(json.dumps({"question_id": 1, "text": "Yes"}) + "\n")
+  assert pope.main(["--pope-dir", str(POPE_DIR), "--split", "random", "--answers", f"random={one}",
+                    "--out", str(tmp_path / "o4")]) == 1
+  printed = capsys.readouterr().out
+  assert "INCOMPLETE" in printed and "random 2999" in printed and f"results: {tmp_path / 'o4'}" in printed
+  assert pope.main(["--pope-dir", str(POPE_DIR), "--answers", f"random={one}", "--prompt-template", "{quest}",
+                    "--out", str(tmp_path / "o5")]) == 2
+  assert "--prompt-template '{quest}': the only field it may use is {question}" in capsys.readouterr().err
   mixed = tmp_path / "mixed.jsonl"
   mixed.write_text(json.dumps({"question_id": 1, "text": "Yes"}) + "\n" + json.dumps({"text": "No"}) + "\n")
   with pytest.raises(pope.RunError, match="mixed.jsonl:2: no 'question_id' while other lines have one"):
