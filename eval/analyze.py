@@ -669,14 +669,14 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  try:
+  from eval.cli import run_cli
+
+  def body() -> int:
     result = run(argv)
-  except AnalyzeError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print("\n".join(summary_lines(_jsonable(result))))
-  return 0
+    print("\n".join(summary_lines(_jsonable(result))))
+    return 0
+
+  return run_cli(body, (AnalyzeError,))
 
 
 if __name__ == "__main__":

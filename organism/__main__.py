@@ -79,4 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from eval.cli import run_cli
+
+  sys.exit(run_cli(main))  # user and file-system errors: one `error:` line, status 2

@@ -288,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   from organism.tune_air import top_heads
 
   t0 = time.time()
+  for flag in ("n", "n_dev", "n_probe", "random_draws", "max_new_tokens", "batch_size"):
+    if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < 1:
+      raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
   os.makedirs(args.out, exist_ok=True)
   model = air_jax.load_pretrained(args.model)
   tok = model.processor.tokenizer
@@ -436,4 +439,6 @@ def print_report(r: dict) -> None:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  from eval.cli import run_cli
+
+  raise SystemExit(run_cli(main))  # user and file-system errors: one `error:` line, status 2

@@ -323,6 +323,10 @@ def train(out_dir: str, cfg: TrainConfig = TrainConfig(), log: Callable[[str], N
   """
   from convert.export_hf import export_hf
 
+  for field in ("steps", "batch_size"):
+    if getattr(cfg, field, 1) < 1:
+      raise ValueError(f"{field} must be at least 1, got {getattr(cfg, field)}")
+
   t0 = time.time()
   os.makedirs(out_dir, exist_ok=True)
   tokenizer = build_tokenizer()

@@ -155,4 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  from eval.cli import run_cli
+
+  raise SystemExit(run_cli(main))  # user and file-system errors: one `error:` line, status 2

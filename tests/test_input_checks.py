@@ -193,6 +193,12 @@ def test_bad_vision_config_and_top_level(tmp_path):
   (d / "config.json").write_text("[1, 2]")
   with pytest.raises(ValueError, match="JSON object"):
     air_jax.load_pretrained(d)
+  for key, value in (("text_config", None), ("vision_config", [1])):
+    def sub(cfg, key=key, value=value):
+      cfg[key] = value
+
+    with pytest.raises(ValueError, match=f"config.json: {key} must be a JSON object"):
+      air_jax.load_pretrained(_copy_organism(tmp_path / key, sub))
 
 
 def test_missing_tokenizer_is_named_before_weights(tmp_path):
@@ -222,3 +228,13 @@ def test_generation_config_eos_ids(tmp_path):
       eos_token_id = (2,)
 
   assert eos_token_ids(Cfg, Tok, (151643,)) == (2, 7, 151643)
+
+
+def test_broken_chat_template_is_named(tmp_path):
+  import air_jax
+
+  d = _copy_organism(tmp_path)
+  (d / "chat_template.jinja").write_text("{% if %}")
+  model = air_jax.load_pretrained(d)
+  with pytest.raises(ValueError, match="the checkpoint's chat template .* cannot be applied: TemplateSyntaxError"):
+    air_jax.generate(model, None, np.zeros((64, 64, 3), np.uint8), "Describe.", max_new_tokens=2)
