@@ -132,13 +132,19 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
     dtype, fixed, extra, group = protocol.dtype, protocol.air_overrides(), {"protocol": protocol}, \
         protocol.group_by_length
   model = _load_model(model_dir, dtype)
-  base = air_jax.methods.make(method, run_options={"heads": heads, "synonyms": synonyms}, **(overrides or {}))
-  # The protocol fixes fields of the methods that have them (the AIR family: layer reading, official_compat).
-  fields = {f.name for f in dataclasses.fields(base)} if dataclasses.is_dataclass(base) else set()
-  fixed = {k: v for k, v in fixed.items() if k in fields and k not in (overrides or {})}
-  method_cfg = base.replace(**fixed) if fixed else base
-  # Compiled against the model now (heads in range, layer ranges inside it): errors surface before any caption.
-  air_jax.methods.as_compiled(method_cfg, model.config)
+  sources = " or ".join(x for x in (f"--heads {heads}" if heads else "", "--air-config" if overrides else "") if x)
+  try:
+    base = air_jax.methods.make(method, run_options={"heads": heads, "synonyms": synonyms}, **(overrides or {}))
+    # The protocol fixes fields of the methods that have them (the AIR family: layer reading, official_compat).
+    fields = {f.name for f in dataclasses.fields(base)} if dataclasses.is_dataclass(base) else set()
+    fixed = {k: v for k, v in fixed.items() if k in fields and k not in (overrides or {})}
+    method_cfg = base.replace(**fixed) if fixed else base
+    # Compiled against the model now (heads in range, layer ranges inside it): errors surface before any caption.
+    air_jax.methods.as_compiled(method_cfg, model.config)
+  except ValueError as e:
+    where = f" (from {sources})" if sources else ""
+    hint = "; give the heads file with --heads FILE" if "heads" in str(e) and not heads else ""
+    raise ValueError(f"method {method!r}{where}: {e}{hint}") from None
   pad_batches = batch_size is not None and not group
 
   def captioner(images: list, file_names: list[str]) -> list[str]:

@@ -70,7 +70,7 @@ def test_out_of_range_heads_fail_before_any_caption(tmp_path, capsys):
   assert main(args(out, "--model", str(ROOT / "organism" / "checkpoint"), "--method", "greedy,air",
                    "--heads", str(heads), n=2)) == 2
   err = capsys.readouterr().err
-  assert "[50, 0]" in err and "outside the model" in err
+  assert "[50, 0]" in err and "outside the model" in err and f"(from --heads {heads})" in err  # the file named
   assert not (out / "greedy_captions.jsonl").exists()  # greedy did not caption first
 
 
