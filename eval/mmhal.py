@@ -228,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   def body() -> int:
     result = run(argv)
     print(format_table(result))
+    print(f"results: {build_parser().parse_args(argv).out}")
     return 0 if result["metrics"]["complete"] else 1
 
   return run_cli(body, (RunError, MMHalDataError, manifest_lib.ManifestError))
