@@ -82,6 +82,8 @@ def plan(path: str, devices: int, dtype="bfloat16", *, model_parallel: int | Non
   """The per-device memory plan of the checkpoint (or config-only directory) at `path`."""
   config, fam = load_config(path)
   dt = jnp.dtype(resolve_dtype(dtype))
+  if devices < 1:
+    raise ValueError(f"--devices must be at least 1, got {devices}")
   mp = devices if model_parallel is None else model_parallel
   if mp < 1 or devices % mp:
     raise ValueError(f"--model-parallel {mp} must divide --devices {devices}")

@@ -47,7 +47,11 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     CaptionsFormatError: A line other than the last is not a JSON object.
   """
   path = Path(path)
-  lines = path.read_text(encoding="utf-8").split("\n")
+  try:
+    lines = path.read_text(encoding="utf-8").split("\n")
+  except UnicodeDecodeError as e:
+    raise CaptionsFormatError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); a JSONL file must be UTF-8") \
+        from None
   last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
   for n, line in enumerate(lines, 1):
     if not line.strip():
@@ -58,7 +62,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
       if n == last:  # the record being written when the run stopped
         log.warning("%s: ignoring an incomplete last line %d (interrupted write?): %.60r", path, n, line)
         continue
-      raise CaptionsFormatError(f"{path}:{n}: not a JSON object ({e})") from e
+      raise CaptionsFormatError(f"{path}:{n}: not a JSON object ({e}); fix or delete that line") from e
     if not isinstance(obj, dict):
       raise CaptionsFormatError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
     yield n, obj

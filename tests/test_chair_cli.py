@@ -307,6 +307,10 @@ def test_load_captions_rejects_odd_ids(tmp_path):
   path.write_text(json.dumps({"sentences": [{"image_id": 5, "caption": 7}]}))
   with pytest.raises(captions_io.CaptionsFormatError, match=r"sentences\[0\]: 'caption' must be a string"):
     captions_io.load_captions(path)
+  jl = tmp_path / "c.jsonl"
+  jl.write_bytes(b'{"image_id": 1, "caption": "a \xff"}\n')
+  with pytest.raises(captions_io.CaptionsFormatError, match=r"c.jsonl: not UTF-8 text \(byte 30: invalid start byte"):
+    list(captions_io.iter_jsonl(jl))
 
 
 def test_bad_preset_fails_before_any_generation(tmp_path, capsys):

@@ -38,5 +38,7 @@ def test_34b_fits_4x24_and_8x16_but_not_one_device(dir_34b, capsys):
 def test_bad_arguments_are_reported(dir_34b, tmp_path, capsys):
   assert main(["--model", dir_34b, "--devices", "6", "--model-parallel", "4"]) == 2
   assert "must divide" in capsys.readouterr().err
+  assert main(["--model", dir_34b, "--devices", "0"]) == 2
+  assert "--devices must be at least 1, got 0" in capsys.readouterr().err
   assert main(["--model", str(tmp_path), "--devices", "2"]) == 2
   assert "config.json" in capsys.readouterr().err
