@@ -422,6 +422,9 @@ def run(argv: Sequence[str] | None = None,
   check_output_dir(out_dir)  # before any work: a bad --out must not cost a captioning run
   protocol = None if args.captions else _protocol(args)  # score-only runs import no library code
   if args.captions:
+    if args.model is not None:
+      log.warning("--captions given: the captions are scored as they are; --model %s (and generation flags such "
+                  "as --max-new-tokens) are not used", args.model)
     if methods and len(methods) != len(args.captions):
       raise EvalError(f"{len(args.captions)} --captions file(s) but {len(methods)} --method label(s)")
     jobs = [(methods[n] if methods else _label_for(Path(f)), Path(f)) for n, f in enumerate(args.captions)]
