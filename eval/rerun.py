@@ -42,7 +42,7 @@ def chair_argv(man: Mapping[str, Any], out: str, air_config_path: str | None) ->
   return argv
 
 
-def rerun_chair(man: Mapping[str, Any], out: str) -> int:
+def rerun_chair(man: Mapping[str, Any], out: str, source: str = "manifest") -> int:
   from eval import chair
 
   overrides = man["method"].get("overrides") or {}
@@ -52,7 +52,17 @@ def rerun_chair(man: Mapping[str, Any], out: str) -> int:
       air_config = str(Path(tmp) / "air_config.json")
       Path(air_config).write_text(json.dumps({man["method"]["name"]: overrides}))
     argv = chair_argv(man, out, air_config)
-    args = chair.build_parser().parse_args(argv)
+    parser = chair.build_parser()
+
+    def refuse(message):  # a manifest value eval.chair's flags do not accept: name it, not eval.chair's usage
+      raise manifest_lib.ManifestError(f"its settings are not a valid eval.chair run: {message}")
+
+    parser.error = refuse
+    try:
+      args = parser.parse_args(argv)
+    except manifest_lib.ManifestError as e:
+      print(f"error: {source}: {e}", file=sys.stderr)
+      return 2
     from eval import chair_splits
     from eval.coco import CocoImages
 
@@ -82,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   bench = man["benchmark"]
   if bench == "chair":
-    return rerun_chair(man, args.out)
+    return rerun_chair(man, args.out, args.manifest)
   forward = ["--manifest", args.manifest, "--out", args.out]
   if bench == "pope":
     from eval import pope

@@ -58,7 +58,7 @@ def test_chair_splits_mean_std_and_manifest(tmp_path):
     {"greedy": res})
 
 
-def test_rerun_chair_from_manifest(tmp_path, monkeypatch):
+def test_rerun_chair_from_manifest(tmp_path, monkeypatch, capsys):
   model = tmp_path / "model"
   model.mkdir()
   (model / "config.json").write_text("{}")
@@ -72,6 +72,16 @@ def test_rerun_chair_from_manifest(tmp_path, monkeypatch):
   assert rerun.main([str(out / "chair_greedy_manifest.json"), "--out", str(tmp_path / "again")]) == 0
   again = json.loads((tmp_path / "again" / "greedy_chair.json").read_text())
   assert again["splits"] == first["splits"] and again["overall_metrics"] == first["overall_metrics"]
+  # A manifest value eval.chair's flags refuse is named with the manifest, not with eval.chair's usage text.
+  edited = json.loads((out / "chair_greedy_manifest.json").read_text())
+  edited["settings"]["cli"]["max_new_tokens"] = "four"
+  path = tmp_path / "edited.json"
+  path.write_text(json.dumps(edited))
+  capsys.readouterr()
+  assert rerun.main([str(path), "--out", str(tmp_path / "third")]) == 2
+  err = capsys.readouterr().err
+  assert "usage:" not in err and (f"error: {path}: its settings are not a valid eval.chair run: argument "
+                                  "--max-new-tokens: invalid int value: 'four'") in err
 
 
 def test_rerun_rejects_a_bad_manifest(tmp_path, capsys):
