@@ -89,8 +89,29 @@ def load_config(path: str):
   fam = family_for_config_dict(raw, file)
   try:
     return fam.parse_config(raw), fam
-  except ValueError as e:
-    raise ValueError(f"{file}: {e}") from e
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{file}: {e}{_field_hint(raw, e)}") from e
+
+
+def _field_hint(raw: dict, error: Exception) -> str:
+  """' (field a.b = value: expected a number)' when a conversion error quotes a value config.json holds."""
+  import re
+
+  m = re.search(r"(?:could not convert string to float|invalid literal for int\(\) with base \d+): '(.*)'",
+                str(error))
+  if not m:
+    return ""
+  found = []
+
+  def walk(node, path):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, str) and node == m.group(1):
+      found.append(path)
+
+  walk(raw, "")
+  return f" (field {', '.join(found[:3])} = {m.group(1)!r}: expected a number)" if found else ""
 
 
 def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True, mesh=None) -> LoadedModel:

@@ -193,6 +193,12 @@ def test_bad_vision_config_and_top_level(tmp_path):
   (d / "config.json").write_text("[1, 2]")
   with pytest.raises(ValueError, match="JSON object"):
     air_jax.load_pretrained(d)
+  def eps(cfg):
+    cfg["text_config"]["rms_norm_eps"] = "x"
+
+  with pytest.raises(ValueError, match=r"config.json: could not convert .* \(field text_config.rms_norm_eps = 'x': "
+                                       r"expected a number\)"):
+    air_jax.load_pretrained(_copy_organism(tmp_path / "eps", eps))
   for key, value in (("text_config", None), ("vision_config", [1])):
     def sub(cfg, key=key, value=value):
       cfg[key] = value
