@@ -33,6 +33,8 @@ def feed(filler: TreeFiller, cfg: DeepseekV2TextConfig, key: str, name: str, arr
     return
   if cfg.tie_word_embeddings and name == "lm_head.weight":
     return
+  if ".shared_experts." in name and cfg.n_shared_experts == 0 and 0 in np.shape(array):
+    return  # transformers builds zero-width shared experts when there are none: nothing to load
   m = _FUSED.match(name)
   if m:
     arr = np.asarray(array)

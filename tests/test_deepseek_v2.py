@@ -23,6 +23,8 @@ GRID = {
                                rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                                 "original_max_position_embeddings": 16, "mscale": 0.707,
                                                 "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}),
+    # no shared experts (transformers then stores zero-width shared-expert weights, which carry nothing)
+    "no_shared_experts": dict(n_shared_experts=0, first_k_dense_replace=0),
 }
 
 
