@@ -19,6 +19,19 @@ import torch
 import torch.nn.functional as F
 
 
+@contextlib.contextmanager
+def _eager_attention(patched):
+  """transformers' eager attention replaced by `patched` (None: left alone) inside the block."""
+  import transformers.models.llama.modeling_llama as ml
+
+  original = ml.eager_attention_forward
+  ml.eager_attention_forward = patched or original
+  try:
+    yield
+  finally:
+    ml.eager_attention_forward = original
+
+
 def _forward(model, ids, pixels, **kw):
   kw = dict(kw)
   if pixels is not None:
@@ -129,8 +142,6 @@ def pai_patch(cfg, num_layers: int, image_cols: tuple[int, int]):
     stop2 = int(math.floor(stop * num_layers / cfg.layer_ref + 0.5))
     start, stop = start2, min(max(stop2, start2 + 1), num_layers)
   _PAIState.layers, _PAIState.image_cols, _PAIState.cfg = set(range(start, stop)), image_cols, cfg
-  original = ml.eager_attention_forward
-
   def patched(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     del kwargs
     k = ml.repeat_kv(key, module.num_key_value_groups)
@@ -144,11 +155,8 @@ def pai_patch(cfg, num_layers: int, image_cols: tuple[int, int]):
     p = torch.softmax(w, dim=-1, dtype=torch.float32)
     return torch.matmul(p.to(v.dtype), v).transpose(1, 2).contiguous(), p
 
-  ml.eager_attention_forward = patched
-  try:
+  with _eager_attention(patched):
     yield
-  finally:
-    ml.eager_attention_forward = original
 
 
 def pai_step(main: _Cached, text: _Cached, cfg, last_token):
@@ -178,7 +186,6 @@ def farsight_patch(cfg, total_len: int):
   they are dropped afterwards. sigma = log(total_len) / log(alpha)."""
   import transformers.models.llama.modeling_llama as ml
 
-  original = ml.eager_attention_forward
   sigma = math.log(total_len) / math.log(cfg.alpha)
 
   def patched(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -199,11 +206,8 @@ def farsight_patch(cfg, total_len: int):
     p = torch.softmax(ext, dim=-1)[..., :k_len]
     return torch.matmul(p.to(v.dtype), v).transpose(1, 2).contiguous(), p
 
-  ml.eager_attention_forward = original if not cfg.enabled else patched
-  try:
+  with _eager_attention(patched if cfg.enabled else None):
     yield
-  finally:
-    ml.eager_attention_forward = original
 
 
 # -- FarSight (official farsight_attention_forward_v2) -------------------------------------------------------------
@@ -214,8 +218,6 @@ def farsight_official_patch(cfg):
   """The official forward for one unpadded sequence of length L (no cache): W = scores * C + P with
   P = 0.5 P_basic + 0.5 P_prog + P_alibi on the upper triangle, softmax(W) * C."""
   import transformers.models.llama.modeling_llama as ml
-
-  original = ml.eager_attention_forward
 
   def patched(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     del kwargs, attention_mask  # the official SDPA-path run gets no mask for one unpadded sequence
@@ -238,11 +240,8 @@ def farsight_official_patch(cfg):
     probs = torch.softmax(w, dim=-1) * c
     return torch.matmul(probs.to(v.dtype), v).transpose(1, 2).contiguous(), probs
 
-  ml.eager_attention_forward = patched
-  try:
+  with _eager_attention(patched):
     yield
-  finally:
-    ml.eager_attention_forward = original
 
 
 @torch.no_grad()
