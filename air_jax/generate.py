@@ -118,7 +118,7 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | jax.Array = 0,
              output_scores: bool = False, output_attention_stats: bool = False, backend: str | None = None,
              bucket: int = 64, debug: bool = False, devices: Sequence | None = None, num_beams: int = 1,
-             length_penalty: float = 1.0, protocol=None) -> Generation:
+             length_penalty: float = 1.0, early_stopping: bool = False, protocol=None) -> Generation:
   """Generates a caption/answer for each (image, prompt) pair.
 
   Args:
@@ -136,8 +136,9 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
     bucket: prompt lengths are padded up to a multiple of this, so repeated calls reuse one compilation.
     debug: run a Python loop over the jitted step instead of one compiled while_loop (same result).
     devices: explicit devices to shard the batch over (overrides `backend`).
-    num_beams, length_penalty: beam search when num_beams > 1 (air_jax.beam_search, as transformers'
-      `num_beams` generate), with any method that only edits attention (AIR, AIR*, AD-HH, head ablations).
+    num_beams, length_penalty, early_stopping: beam search when num_beams > 1 (air_jax.beam_search, as
+      transformers' `num_beams` generate with early_stopping True or False; its "never" is not offered), with any
+      method that only edits attention (AIR, AIR*, AD-HH, head ablations).
     protocol: None, a name ("default", "official-air") or an `air_jax.protocol.Protocol`: the prompt template,
       image padding and bucket of that protocol (its bucket replaces `bucket`); with `group_by_length` prompts of
       different lengths run as separate equal-length groups (no padding), results in input order.
@@ -160,7 +161,8 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
   if protocol is not None and protocol.group_by_length and len(set(mask[:b].sum(1).tolist())) > 1:
     kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
               top_p=top_p, seed=seed, output_scores=output_scores, output_attention_stats=output_attention_stats,
-              debug=debug, devices=devices, num_beams=num_beams, length_penalty=length_penalty, protocol=protocol)
+              debug=debug, devices=devices, num_beams=num_beams, length_penalty=length_penalty,
+              early_stopping=early_stopping, protocol=protocol)
     return _generate_groups(params, method_cfg, image, prompt, mask[:b].sum(1), kw)
   extra = {}
   if protocol is not None:
@@ -178,6 +180,7 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
     return _to_generation(params, out, ids, mask, b)
   if num_beams != 1:
     out = _run_beams(params, method, ids, mask, pixels, devices, num_beams=num_beams, length_penalty=length_penalty,
+                     early_stopping=early_stopping,
                      max_new_tokens=max_new_tokens, b=b, sampling=do_sample or output_scores or output_attention_stats)
     return _to_generation(params, out, ids, mask, b)
   run = decoding.generate_tokens_debug if debug else decoding.generate_tokens_jit
@@ -230,7 +233,7 @@ def _run(params: LoadedModel, run, method, ids, mask, pixels, devices, *, do_sam
 
 
 def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_beams, length_penalty,
-               max_new_tokens, b, sampling):
+               max_new_tokens, b, sampling, early_stopping=False):
   """Beam search (air_jax.beam_search) for methods that only edit attention."""
   from air_jax import beam_search
   from air_jax.methods.base import Plan
@@ -238,6 +241,9 @@ def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_b
   if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or \
       not np.isfinite(length_penalty):
     raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+  if not isinstance(early_stopping, bool):
+    raise ValueError(f"early_stopping must be True or False, got {early_stopping!r} (transformers' \"never\" is "
+                     "not offered)")
   plan = method.plan
   plain = (plan.num_views == 1 and not plan.early_exit_layers and type(plan).combine is Plan.combine
            and type(plan).init_state is Plan.init_state)
@@ -256,7 +262,8 @@ def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_b
                                     num_beams=int(num_beams), max_new_tokens=max_new_tokens,
                                     eos_ids=eos_token_ids(config, tok, params.generation_eos),
                                     pad_id=pad_token_id(tok),
-                                    length_penalty=float(length_penalty))
+                                    length_penalty=float(length_penalty),
+                                    early_stopping=early_stopping)
   return jax.tree.map(np.asarray, out)
 
 
@@ -276,7 +283,7 @@ def _run_search(params: LoadedModel, method, ids, mask, pixels, devices, *, num_
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
   extra = {"processor": params.processor} if getattr(plan, "needs_processor", False) else {}  # e.g. HALC
   out = plan.search(method.values, p, config, shard(ids), shard(mask), shard(pixels), max_new_tokens=max_new_tokens,
-                    eos_ids=eos_token_ids(config, tok), pad_id=pad_token_id(tok), **extra)
+                    eos_ids=eos_token_ids(config, tok, params.generation_eos), pad_id=pad_token_id(tok), **extra)
   return jax.tree.map(np.asarray, out)
 
 

@@ -145,8 +145,40 @@ def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True, 
 
     sharding = param_shardings(config, mesh)
   params = fam.load_params(path, config, np_dtype, sharding=sharding)
-  return LoadedModel(params=params, config=config, processor=processor, path=path,
-                     generation_eos=generation_eos_ids(path))
+  eos = generation_eos_ids(path)
+  _warn_unapplied_generation_settings(path)
+  return LoadedModel(params=params, config=config, processor=processor, path=path, generation_eos=eos)
+
+
+# generation_config.json fields transformers' generate applies by default, with their neutral values. air-jax
+# decodes exactly as its `generate` call says (method, sampling, beams), so a checkpoint that sets one of these
+# would give other tokens than transformers' default generate: say so once, at load.
+_UNAPPLIED_GENERATION_FIELDS = {
+    "do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": None,
+    "min_length": 0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "forced_eos_token_id": None, "forced_bos_token_id": None, "sequence_bias": None, "encoder_repetition_penalty": 1.0,
+}
+
+
+def _warn_unapplied_generation_settings(path: str) -> None:
+  import logging
+
+  file = os.path.join(path, "generation_config.json")
+  try:
+    with open(file) as f:
+      raw = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return  # absent (nothing to say) or invalid (generation_eos_ids has named it)
+  if not isinstance(raw, dict):
+    return
+  set_ = {k: raw[k] for k, neutral in _UNAPPLIED_GENERATION_FIELDS.items()
+          if k in raw and raw[k] not in (neutral, None, [], {})}
+  if set_:
+    logging.getLogger("air_jax.loading").warning(
+        "%s sets %s, which transformers' generate applies by default; air-jax decodes as each generate call says "
+        "(greedy unless do_sample / num_beams are passed; no logits processors besides the method's), so "
+        "its tokens can differ from transformers' defaults", file,
+        ", ".join(f"{k}={v!r}" for k, v in set_.items()))
 
 
 def generation_eos_ids(path: str) -> tuple[int, ...]:

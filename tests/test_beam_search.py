@@ -13,23 +13,23 @@ from tests.tiny import random_images
 N = 32
 
 
-def _ours(model, images, prompts, k, eos=None, n=N, length_penalty=1.0):
+def _ours(model, images, prompts, k, eos=None, n=N, length_penalty=1.0, early_stopping=False):
   ids, mask, pixels = air_jax.generate_inputs(model, images, prompts)
   tok = model.processor.tokenizer
   eos = eos_token_ids(model.config, tok) if eos is None else eos
   out = beam_search.beam_search_jit(model.params, model.config, ids, mask, pixels, None, num_beams=k,
                                     max_new_tokens=n, eos_ids=tuple(eos), pad_id=pad_token_id(tok),
-                                    length_penalty=length_penalty)
+                                    length_penalty=length_penalty, early_stopping=early_stopping)
   return np.asarray(out["tokens"]), np.asarray(out["num_tokens"])
 
 
-def _theirs(model, processor, images, prompts, k, eos=None, n=N, length_penalty=1.0):
+def _theirs(model, processor, images, prompts, k, eos=None, n=N, length_penalty=1.0, early_stopping=False):
   inputs = hf_inputs(processor, images, prompts)
   inputs.pop("position_ids")
   kw = {} if eos is None else {"eos_token_id": list(eos)}
   with torch.no_grad():
     out = model.generate(**inputs, max_new_tokens=n, do_sample=False, num_beams=k, length_penalty=length_penalty,
-                         pad_token_id=processor.tokenizer.pad_token_id, **kw)
+                         pad_token_id=processor.tokenizer.pad_token_id, early_stopping=early_stopping, **kw)
   return out[:, inputs["input_ids"].shape[1]:].numpy()
 
 
@@ -61,6 +61,11 @@ def test_beam_search_with_early_eos_and_length_penalty(tiny_model, tiny_torch):
     assert np.any(ours[1] < N)  # some beam finished before N tokens
     theirs = _theirs(tiny_torch, tiny_model.processor, images, PROMPTS, 4, eos=eos, length_penalty=lp)
     _check(ours, theirs, tiny_model.processor.tokenizer.pad_token_id)
+  # early_stopping=True (transformers' option): the search ends once num_beams hypotheses are finished.
+  for lp in (2.0, 1.0):
+    stop = _ours(tiny_model, images, PROMPTS, 4, eos=eos, length_penalty=lp, early_stopping=True)
+    _check(stop, _theirs(tiny_torch, tiny_model.processor, images, PROMPTS, 4, eos=eos, length_penalty=lp,
+                         early_stopping=True), tiny_model.processor.tokenizer.pad_token_id)
   alone = _ours(tiny_model, images[1], PROMPTS[1], 4, eos=eos, length_penalty=0.5)  # a batch row run alone
   np.testing.assert_array_equal(alone[0][0, :alone[1][0]], ours[0][1, :ours[1][1]])
 
@@ -77,3 +82,10 @@ def test_generate_num_beams_and_bad_settings(tiny_model, tiny_torch):
       air_jax.generate(tiny_model, None, images[0], PROMPTS[0], max_new_tokens=4, num_beams=bad)
   with pytest.raises(ValueError, match="do_sample"):
     air_jax.generate(tiny_model, None, images[0], PROMPTS[0], max_new_tokens=4, num_beams=2, do_sample=True)
+  # early_stopping reaches the search; transformers' "never" is refused by name.
+  out = air_jax.generate(tiny_model, None, images, PROMPTS, max_new_tokens=N, num_beams=3, length_penalty=2.0,
+                         early_stopping=True)
+  direct = _ours(tiny_model, images, PROMPTS, 3, length_penalty=2.0, early_stopping=True)
+  np.testing.assert_array_equal(out.token_ids, direct[0])
+  with pytest.raises(ValueError, match="early_stopping must be True or False, got 'never'"):
+    air_jax.generate(tiny_model, None, images[0], PROMPTS[0], max_new_tokens=4, num_beams=2, early_stopping="never")

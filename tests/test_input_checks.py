@@ -244,3 +244,20 @@ def test_broken_chat_template_is_named(tmp_path):
   model = air_jax.load_pretrained(d)
   with pytest.raises(ValueError, match="the checkpoint's chat template .* cannot be applied: TemplateSyntaxError"):
     air_jax.generate(model, None, np.zeros((64, 64, 3), np.uint8), "Describe.", max_new_tokens=2)
+
+
+def test_generation_settings_air_jax_does_not_apply_are_announced(tmp_path, caplog):
+  """A checkpoint whose generation_config.json asks transformers for sampling or logits processors: air-jax says at
+  load that it decodes as each generate call says; neutral values stay silent."""
+  import air_jax
+
+  d = _copy_organism(tmp_path)
+  (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "do_sample": True,
+                                                        "repetition_penalty": 1.05, "num_beams": 1}))
+  air_jax.load_pretrained(d, with_processor=False)
+  assert "sets do_sample=True, repetition_penalty=1.05, which transformers' generate applies" in caplog.text
+  assert "num_beams=" not in caplog.text
+  caplog.clear()
+  (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "repetition_penalty": 1.0}))
+  air_jax.load_pretrained(d, with_processor=False)
+  assert "transformers' generate applies" not in caplog.text
