@@ -127,7 +127,8 @@ class OpenAIChatJudge(Judge):
     if self._api_key:
       headers["Authorization"] = "Bearer " + self._api_key
     url = urllib.parse.urlsplit(self._url)
-    req = urllib.request.Request(urllib.parse.urlunsplit(url._replace(path=url.path + "/chat/completions")),
+    url = url._replace(path=url.path.rstrip("/") + "/chat/completions")  # the query (if any) stays after it
+    req = urllib.request.Request(urllib.parse.urlunsplit(url),
                                  data=json.dumps(body).encode(),
                                  headers=headers, method="POST")
     with urllib.request.urlopen(req, timeout=self.timeout) as resp:
