@@ -145,9 +145,10 @@ def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True, 
 
     sharding = param_shardings(config, mesh)
   params = fam.load_params(path, config, np_dtype, sharding=sharding)
-  eos = generation_eos_ids(path)
-  _warn_unapplied_generation_settings(path)
-  return LoadedModel(params=params, config=config, processor=processor, path=path, generation_eos=eos)
+  generation = _generation_config(path)
+  _warn_unapplied_generation_settings(generation, path)
+  return LoadedModel(params=params, config=config, processor=processor, path=path,
+                     generation_eos=generation_eos_ids(path, generation))
 
 
 # generation_config.json fields transformers' generate applies by default, with their neutral values. air-jax
@@ -160,17 +161,12 @@ _UNAPPLIED_GENERATION_FIELDS = {
 }
 
 
-def _warn_unapplied_generation_settings(path: str) -> None:
+def _warn_unapplied_generation_settings(raw, path: str) -> None:
   import logging
 
-  file = os.path.join(path, "generation_config.json")
-  try:
-    with open(file) as f:
-      raw = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return  # absent (nothing to say) or invalid (generation_eos_ids has named it)
   if not isinstance(raw, dict):
     return
+  file = os.path.join(path, "generation_config.json")
   set_ = {k: raw[k] for k, neutral in _UNAPPLIED_GENERATION_FIELDS.items()
           if k in raw and raw[k] not in (neutral, None, [], {})}
   if set_:
@@ -181,16 +177,23 @@ def _warn_unapplied_generation_settings(path: str) -> None:
         ", ".join(f"{k}={v!r}" for k, v in set_.items()))
 
 
-def generation_eos_ids(path: str) -> tuple[int, ...]:
-  """The `eos_token_id` (int or list) of the checkpoint's generation_config.json, () when it has none."""
+def _generation_config(path: str):
+  """The parsed generation_config.json of a checkpoint directory, None when it has none."""
   file = os.path.join(path, "generation_config.json")
   if not os.path.isfile(file):
-    return ()
+    return None
   try:
     with open(file) as f:
-      raw = json.load(f)
+      return json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{file} is not valid JSON: {e}") from e
+
+
+def generation_eos_ids(path: str, raw=None) -> tuple[int, ...]:
+  """The `eos_token_id` (int or list) of the checkpoint's generation_config.json, () when it has none; `raw`:
+  that file already parsed (`_generation_config`), else it is read here."""
+  file = os.path.join(path, "generation_config.json")
+  raw = _generation_config(path) if raw is None else raw
   eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
   eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
   if eos is None:
