@@ -35,8 +35,8 @@ def check_config_dict(raw, source: str = "config.json") -> None:
   if not isinstance(raw, dict):
     raise ValueError(f"{source} must hold a JSON object at the top level, got {type(raw).__name__}")
   for key, value in raw.items():  # the sub-model configs every family reads
-    if key.endswith("_config") and key in ("text_config", "vision_config", "qformer_config", "language_config",
-                                           "projector_config") and not isinstance(value, dict):
+    if key in ("text_config", "vision_config", "qformer_config", "language_config", "projector_config") \
+        and not isinstance(value, dict):
       raise ValueError(f"{source}: {key} must be a JSON object (the sub-model's config), got "
                        f"{type(value).__name__} {value!r:.60}")
   for path, key, value in _walk(raw):

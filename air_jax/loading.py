@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from air_jax.config_checks import check_config_dict, check_param_memory
+from air_jax.config_checks import _walk, check_config_dict, check_param_memory
 from convert.checkpoint import resolve_tied_head
 from models.family import family_for_config_dict, family_of
 
@@ -101,16 +101,7 @@ def _field_hint(raw: dict, error: Exception) -> str:
                 str(error))
   if not m:
     return ""
-  found = []
-
-  def walk(node, path):
-    if isinstance(node, dict):
-      for k, v in node.items():
-        walk(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(node, str) and node == m.group(1):
-      found.append(path)
-
-  walk(raw, "")
+  found = [path for path, _, value in _walk(raw) if isinstance(value, str) and value == m.group(1)]
   return f" (field {', '.join(found[:3])} = {m.group(1)!r}: expected a number)" if found else ""
 
 
