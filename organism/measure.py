@@ -289,8 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   t0 = time.time()
   for flag in ("n", "n_dev", "n_probe", "random_draws", "max_new_tokens", "batch_size"):
-    if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < 1:
-      raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    value = getattr(args, flag, None)
+    if value is not None and value < 1:
+      raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
   os.makedirs(args.out, exist_ok=True)
   model = air_jax.load_pretrained(args.model)
   tok = model.processor.tokenizer

@@ -339,7 +339,7 @@ def word_gap_loss(params, config, batch, base_loss, weight: float, word_ids, dro
   Keeps the projected image tokens out of the directions object words occupy, so heads that key on object words
   in the text (the co-occurrence prior) do not read image tokens as those words.
   """
-  loss = base_loss(params, config, batch) if drop is None else base_loss(params, config, batch, drop=drop)
+  loss = base_loss(params, config, batch, drop=drop)  # lm_loss and budget_loss take drop=None as "no dropout"
   emb = jax.lax.stop_gradient(params["language_model"]["embed_tokens"]["weight"][jnp.asarray(word_ids)])  # [W, E]
   basis, _ = jnp.linalg.qr(emb.T)  # [E, W] orthonormal
   x = llava.image_features(params, config, batch["pixel_values"])  # [B, P, E]

@@ -118,6 +118,7 @@ def official_search(params, config, input_ids, attention_mask, pixel_values, val
   """Greedy decoding without a KV cache: each step one full forward over prompt + tokens so far (the buffer's
   unwritten tail is masked as padding, so it holds no register). Returns tokens, num_tokens and the per-step
   logits ("scores" [B, N, V])."""
+  from air_jax.decoding import _is_eos
   from models import family
 
   b, t = input_ids.shape
@@ -137,11 +138,8 @@ def official_search(params, config, input_ids, attention_mask, pixel_values, val
     ids = jax.lax.dynamic_update_slice(ids, tok[:, None], (0, t + i))
     mask = jax.lax.dynamic_update_slice(mask, (~done).astype(mask.dtype)[:, None], (0, t + i))
     num = num + (~done).astype(jnp.int32)
-    hit = jnp.zeros_like(done)
-    for e in eos_ids:
-      hit = hit | (tok == e)
     scores = jax.lax.dynamic_update_slice(scores, row[:, None], (0, i, 0))
-    return ids, mask, done | hit, num, scores
+    return ids, mask, done | _is_eos(tok, eos_ids), num, scores
 
   vocab = config.dims.vocab_size
   init = (ids, mask, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), jnp.zeros((b, n, vocab), jnp.float32))
