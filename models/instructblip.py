@@ -172,10 +172,10 @@ def _family():
     def param_shapes(self, config):
       return param_shapes(config)
 
-    def head_key_role(self, key):
+    def canonical_key(self, key):  # its own key table (convert.hf_instructblip), e.g. for head_key_role
       from convert.hf_instructblip import canonical_key
 
-      return {"lm_head.weight": "head", "language_model.embed_tokens.weight": "embed"}.get(canonical_key(key))
+      return canonical_key(key)
 
     def load_params(self, path, config, dtype, sharding=None):
       from convert.hf_instructblip import load_params
