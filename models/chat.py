@@ -20,11 +20,11 @@ def format_prompt(processor, prompt: str, fallback: str = LLAVA_15_TEMPLATE) -> 
   """The checkpoint's chat template applied to one user turn (image first, then the text)."""
   if getattr(processor, "chat_template", None):
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    import jinja2  # transformers renders chat templates with it
+
     try:
       return processor.apply_chat_template(msgs, add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001 -- jinja2's errors (syntax, undefined) come from the checkpoint's file
-      if type(e).__module__.split(".")[0] != "jinja2":
-        raise
+    except jinja2.TemplateError as e:  # syntax or undefined names: the checkpoint's template file is at fault
       raise ValueError(f"the checkpoint's chat template (chat_template.jinja / chat_template.json / "
                        f"tokenizer_config.json) cannot be applied: {type(e).__name__}: {e}; fix or remove it "
                        "(without one the LLaVA-1.5 format is used)") from None
