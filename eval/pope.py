@@ -378,13 +378,6 @@ def incomplete(results: Mapping[str, Mapping[str, Any]]) -> bool:
   return any(v for r in results.values() for v in r["metrics"].get("unanswered", {}).values())
 
 
-def _out_arg(argv) -> str:
-  try:
-    return build_parser().parse_args(argv).out
-  except SystemExit:
-    return "?"
-
-
 def read_answer_files(specs: Sequence[str]) -> dict[str, dict[Any, str] | list[dict]]:
   """``SPLIT=FILE`` -> split -> question_id -> answer text (key "text" as LLaVA writes, or "answer" as POPE).
 
@@ -484,7 +477,7 @@ def main(argv: Sequence[str] | None = None, answerer_factory=None) -> int:
   def body() -> int:
     results = run(argv, answerer_factory)
     print(format_table(results))
-    print(f"results: {_out_arg(argv)}")
+    print(f"results: {build_parser().parse_args(argv).out}")  # run() parsed the same argv already
     return 1 if incomplete(results) else 0
 
   return run_cli(body, (RunError, pope_data.PopeDataError, manifest_lib.ManifestError))
