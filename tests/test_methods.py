@@ -147,6 +147,9 @@ def test_farsight_official_equals_the_official_forward(tiny_model, tiny_torch, i
     ("pai", dict(plausibility=2.0), r"PAIConfig\.plausibility must be <= 1.0, got 2.0"),
     ("pai", dict(layers=(2, 40)), r"PAIConfig\.layers=\[2, 40\] must satisfy"),
     ("farsight", dict(alpha=1.0), r"FarSightConfig\.alpha must be > 1.0, got 1.0"),
+    ("pai", dict(official_prefill="yes"), r"PAIConfig\.official_prefill must be a bool, got 'yes'"),
+    ("farsight", dict(sigma=-1.0), r"FarSightConfig\.sigma must be >= 0.0, got -1.0"),
+    ("farsight", dict(alibi="no"), r"FarSightConfig\.alibi must be a bool, got 'no'"),
     ("vcd", dict(strength=2.0), r"decoding method .vcd.: .*strength"),
 ])
 def test_bad_values_are_clear_errors(name, kw, match):
