@@ -65,8 +65,14 @@ def _is_eos(tokens, eos_ids):
 
 
 def beam_step(bs: BeamState, log_probs: jax.Array, i, *, num_beams: int, max_new_tokens: int, eos_ids,
-              length_penalty: float, early_stopping: bool):
-  """One step of the search; log_probs [B * K, V] (already processed). Returns (new BeamState, parents [B, K])."""
+              length_penalty: float, early_stopping: bool | str):
+  """One step of the search; log_probs [B * K, V] (already processed). Returns (new BeamState, parents [B, K]).
+
+  early_stopping: True, False or "never", as transformers: True freezes an example once it holds K finished
+  beams; False and "never" keep searching while the early-stop heuristic says a running beam may still win, which
+  scores the best running beam at the current length (False) or, with length_penalty > 0, at the longest length
+  it could reach, N ("never").
+  """
   k, n = num_beams, max_new_tokens
   b = bs.running_scores.shape[0]
   v = log_probs.shape[-1]
@@ -87,7 +93,7 @@ def beam_step(bs: BeamState, log_probs: jax.Array, i, *, num_beams: int, max_new
   # Finished beams: merge the candidates among the top K that just hit a stop.
   just = hits & (jnp.arange(w) < k)[None, :]
   fin = top_scores / ((i + 1.0) ** length_penalty)
-  if early_stopping:
+  if early_stopping is True:
     fin = fin + (jnp.all(bs.is_finished, axis=-1, keepdims=True)).astype(jnp.float32) * NEG
   fin = fin + (~bs.improvable).astype(jnp.float32) * NEG + (~just).astype(jnp.float32) * NEG
   m_tokens = jnp.concatenate([bs.finished_tokens, cand_tokens], axis=1)
@@ -98,8 +104,10 @@ def beam_step(bs: BeamState, log_probs: jax.Array, i, *, num_beams: int, max_new
   finished_scores = _gather(m_scores, best)
   is_finished = _gather(m_done, best)
 
-  # Early-stop heuristic (early_stopping=False: the best running beam at the current length).
-  best_running = running_scores[:, :1] / ((i + 1.0) ** length_penalty)
+  # Early-stop heuristic: the best running beam at the current length, or at N for "never" with a positive penalty
+  # (a longer hypothesis then divides by more).
+  best_len = float(n) if (early_stopping == "never" and length_penalty > 0.0) else i + 1.0
+  best_running = running_scores[:, :1] / (best_len ** length_penalty)
   worst = jnp.where(is_finished, jnp.min(finished_scores, axis=1, keepdims=True), NEG)
   improvable = bs.improvable & jnp.any(best_running > worst, axis=-1, keepdims=True)
   new = BeamState(running_tokens=running_tokens, running_scores=running_scores,
@@ -109,14 +117,14 @@ def beam_step(bs: BeamState, log_probs: jax.Array, i, *, num_beams: int, max_new
   return new, parents
 
 
-def _more(bs: BeamState, early_stopping: bool):
-  open_beam = ~(jnp.all(bs.is_finished) & early_stopping)
+def _more(bs: BeamState, early_stopping: bool | str):
+  open_beam = ~(jnp.all(bs.is_finished) & (early_stopping is True))
   return jnp.any(bs.improvable) & open_beam & ~bs.all_hit
 
 
 def beam_search_tokens(params, config, input_ids, attention_mask, pixel_values, spec, *, num_beams: int,
                        max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, length_penalty: float = 1.0,
-                       early_stopping: bool = False,
+                       early_stopping: bool | str = False,
                        scores_hook: Callable | None = None) -> dict:
   """Beam search over B prompts [B, T]; traceable (jit with the keyword options static).
 

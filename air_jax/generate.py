@@ -118,7 +118,7 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | jax.Array = 0,
              output_scores: bool = False, output_attention_stats: bool = False, backend: str | None = None,
              bucket: int = 64, debug: bool = False, devices: Sequence | None = None, num_beams: int = 1,
-             length_penalty: float = 1.0, early_stopping: bool = False, protocol=None) -> Generation:
+             length_penalty: float = 1.0, early_stopping: bool | str = False, protocol=None) -> Generation:
   """Generates a caption/answer for each (image, prompt) pair.
 
   Args:
@@ -137,7 +137,7 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
     debug: run a Python loop over the jitted step instead of one compiled while_loop (same result).
     devices: explicit devices to shard the batch over (overrides `backend`).
     num_beams, length_penalty, early_stopping: beam search when num_beams > 1 (air_jax.beam_search, as
-      transformers' `num_beams` generate with early_stopping True or False; its "never" is not offered), with any
+      transformers' `num_beams` generate with early_stopping True, False or "never"), with any
       method that only edits attention (AIR, AIR*, AD-HH, head ablations).
     protocol: None, a name ("default", "official-air") or an `air_jax.protocol.Protocol`: the prompt template,
       image padding and bucket of that protocol (its bucket replaces `bucket`); with `group_by_length` prompts of
@@ -241,9 +241,9 @@ def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_b
   if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or \
       not np.isfinite(length_penalty):
     raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
-  if not isinstance(early_stopping, bool):
-    raise ValueError(f"early_stopping must be True or False, got {early_stopping!r} (transformers' \"never\" is "
-                     "not offered)")
+  if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+    raise ValueError(f"early_stopping must be True, False or \"never\" (transformers' values), got "
+                     f"{early_stopping!r}")
   plan = method.plan
   plain = (plan.num_views == 1 and not plan.early_exit_layers and type(plan).combine is Plan.combine
            and type(plan).init_state is Plan.init_state)

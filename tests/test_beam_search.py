@@ -61,11 +61,21 @@ def test_beam_search_with_early_eos_and_length_penalty(tiny_model, tiny_torch):
     assert np.any(ours[1] < N)  # some beam finished before N tokens
     theirs = _theirs(tiny_torch, tiny_model.processor, images, PROMPTS, 4, eos=eos, length_penalty=lp)
     _check(ours, theirs, tiny_model.processor.tokenizer.pad_token_id)
-  # early_stopping=True (transformers' option): the search ends once num_beams hypotheses are finished.
-  for lp in (2.0, 1.0):
-    stop = _ours(tiny_model, images, PROMPTS, 4, eos=eos, length_penalty=lp, early_stopping=True)
-    _check(stop, _theirs(tiny_torch, tiny_model.processor, images, PROMPTS, 4, eos=eos, length_penalty=lp,
-                         early_stopping=True), tiny_model.processor.tokenizer.pad_token_id)
+  # early_stopping=True (transformers' option): the search ends once num_beams hypotheses are finished; "never":
+  # the heuristic scores the best running beam at the longest reachable length.
+  for early in (True, "never"):
+    for lp in (2.0, 1.0):
+      stop = _ours(tiny_model, images, PROMPTS, 4, eos=eos, length_penalty=lp, early_stopping=early)
+      _check(stop, _theirs(tiny_torch, tiny_model.processor, images, PROMPTS, 4, eos=eos, length_penalty=lp,
+                           early_stopping=early), tiny_model.processor.tokenizer.pad_token_id)
+  # A stop token and penalty where "never" searches on (32 tokens) past the point where False stops (2 tokens).
+  late = (int(values[np.argsort(-counts, kind="stable")][3]),)
+  runs = {}
+  for early in (False, "never"):
+    runs[early] = _ours(tiny_model, images, PROMPTS, 4, eos=late, length_penalty=1.5, early_stopping=early)
+    _check(runs[early], _theirs(tiny_torch, tiny_model.processor, images, PROMPTS, 4, eos=late, length_penalty=1.5,
+                                early_stopping=early), tiny_model.processor.tokenizer.pad_token_id)
+  assert not np.array_equal(runs[False][1], runs["never"][1])
   alone = _ours(tiny_model, images[1], PROMPTS[1], 4, eos=eos, length_penalty=0.5)  # a batch row run alone
   np.testing.assert_array_equal(alone[0][0, :alone[1][0]], ours[0][1, :ours[1][1]])
 
@@ -82,10 +92,10 @@ def test_generate_num_beams_and_bad_settings(tiny_model, tiny_torch):
       air_jax.generate(tiny_model, None, images[0], PROMPTS[0], max_new_tokens=4, num_beams=bad)
   with pytest.raises(ValueError, match="do_sample"):
     air_jax.generate(tiny_model, None, images[0], PROMPTS[0], max_new_tokens=4, num_beams=2, do_sample=True)
-  # early_stopping reaches the search; transformers' "never" is refused by name.
+  # early_stopping reaches the search; a value transformers does not know is refused by name.
   out = air_jax.generate(tiny_model, None, images, PROMPTS, max_new_tokens=N, num_beams=3, length_penalty=2.0,
                          early_stopping=True)
   direct = _ours(tiny_model, images, PROMPTS, 3, length_penalty=2.0, early_stopping=True)
   np.testing.assert_array_equal(out.token_ids, direct[0])
-  with pytest.raises(ValueError, match="early_stopping must be True or False, got 'never'"):
-    air_jax.generate(tiny_model, None, images[0], PROMPTS[0], max_new_tokens=4, num_beams=2, early_stopping="never")
+  with pytest.raises(ValueError, match="early_stopping must be True, False or \"never\".*got 'always'"):
+    air_jax.generate(tiny_model, None, images[0], PROMPTS[0], max_new_tokens=4, num_beams=2, early_stopping="always")
