@@ -125,6 +125,8 @@ def test_mai_on_hand_made_masses():
   assert np.isnan(none["sensitive_pooled"]) and np.isnan(none["sensitive_median"])
   pooled = imbalance.pooled_mai(m, np.array([3, 2]), heads=~sens)
   assert pooled[2] == pytest.approx(3.0) and pooled[0] == pytest.approx(0.9 / 0.8)
+  # No heads selected: NaN at every step (as mai_summary), not a ratio of 0 over nothing.
+  assert np.isnan(imbalance.pooled_mai(m, np.array([3, 2]), heads=np.zeros_like(sens))).all()
 
 
 def test_tai_on_hand_made_attention():

@@ -50,8 +50,9 @@ def head_mask(heads: Iterable[Sequence[int]], num_layers: int, num_heads: int) -
 def pooled_mai(segment_mass: np.ndarray, num_tokens: np.ndarray | None = None,
                heads: np.ndarray | None = None) -> np.ndarray:
   """MAI of pooled masses: sum over captions of text mass / sum of image mass, per step [N] and head [L, H]
-  (or per step [N] over the heads of the [L, H] mask `heads`); NaN at steps no caption reaches. Robust where
-  single rows put almost nothing on the image."""
+  (or per step [N] over the heads of the [L, H] mask `heads`); NaN at steps no caption reaches and, like
+  `mai_summary`, NaN everywhere for an empty `heads` mask. Robust where single rows put almost nothing on the
+  image."""
   m = np.asarray(segment_mass, np.float64)
   steps = np.ones(m.shape[:2], bool)
   if num_tokens is not None:
@@ -59,8 +60,10 @@ def pooled_mai(segment_mass: np.ndarray, num_tokens: np.ndarray | None = None,
   m = m * steps[:, :, None, None, None]
   text, image = m[..., TEXT].sum(0), m[..., IMAGE].sum(0)  # [N, L, H]
   if heads is not None:
+    heads = np.asarray(heads, bool)
     text, image = text[:, heads].sum(-1), image[:, heads].sum(-1)
-    alive = steps.any(0)
+    # No heads means no mass at all: 0 / EPS would read as "no text attention", so NaN.
+    alive = steps.any(0) & heads.any()
   else:
     alive = steps.any(0)[:, None, None]
   return np.where(alive, text / np.maximum(image, EPS), np.nan)
