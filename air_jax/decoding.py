@@ -117,10 +117,9 @@ def decode_step(params, config, state: DecodeState, tokens: jax.Array, spec,
   return logits, new, extras
 
 
-def sample_token(logits, sampling: Sampling, key, temperature, top_k, top_p):
-  """Next tokens [B] from logits [B, V]."""
-  if sampling.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def warp_logits(logits, temperature, top_k, top_p):
+  """logits [B, V] -> the logits sampling draws from: temperature, then top-k, then top-p, as transformers'
+  warpers in that order (removed tokens get -inf). top_k <= 0 and top_p >= 1 remove nothing."""
   logits = logits / jnp.maximum(temperature, 1e-6)
   v = logits.shape[-1]
   desc = jnp.sort(logits, axis=-1)[:, ::-1]
@@ -128,13 +127,24 @@ def sample_token(logits, sampling: Sampling, key, temperature, top_k, top_p):
   k = jnp.clip(jnp.where(top_k > 0, top_k, v), 1, v)
   kth = jnp.take_along_axis(desc, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
   logits = jnp.where(logits < kth, -jnp.inf, logits)
-  # top-p: keep the smallest prefix of the sorted distribution whose mass reaches p (always the top token).
-  desc = jnp.sort(logits, axis=-1)[:, ::-1]
-  probs = jax.nn.softmax(desc, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = mass_before < top_p
-  cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-  logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  # top-p as transformers' TopPLogitsWarper: sort ascending (stable: tied tokens keep index order), drop the
+  # tokens whose cumulative mass from the bottom is <= 1 - p, never the top one. Summing from the small end and
+  # deciding by rank (not by value) matters: top_p = 1 then drops nothing that has mass, and of tokens tied at the
+  # cut-off only as many are kept as the prefix needs.
+  order = jnp.argsort(logits, axis=-1)  # [B, V] ascending
+  asc = jnp.take_along_axis(logits, order, axis=-1)
+  cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+  drop = (cum <= 1.0 - top_p) & (jnp.arange(v) < v - 1) & (top_p < 1.0)  # p >= 1: no warper, as transformers
+  rows = jnp.arange(logits.shape[0])[:, None]
+  drop = jnp.zeros_like(drop).at[rows, order].set(drop)
+  return jnp.where(drop, -jnp.inf, logits)
+
+
+def sample_token(logits, sampling: Sampling, key, temperature, top_k, top_p):
+  """Next tokens [B] from logits [B, V]."""
+  if sampling.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = warp_logits(logits, temperature, top_k, top_p)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

@@ -190,3 +190,44 @@ def test_sharded_generation_equals_single_device(tiny_dir):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0 and "OK (5, 8)" in res.stdout, res.stderr[-3000:]
+
+
+def test_warp_logits_equals_transformers_warpers():
+  """Temperature -> top-k -> top-p as transformers' warpers: the kept set and the distribution sampled from."""
+  from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                      TopPLogitsWarper)
+
+  rng = np.random.default_rng(0)
+  peaked = rng.standard_normal((3, 32000)).astype(np.float32) * 6.0
+  # bfloat16-valued logits (what a bfloat16 LM head gives): many ties, also at the top-p cut-off.
+  bf16 = np.asarray(jnp.asarray(rng.standard_normal((3, 32000)) * 3.0, jnp.bfloat16), np.float32)
+  tied = np.array([[2.0, 2.0, 2.0, 0.0, -1.0, -1.0, -3.0]], np.float32)  # three tied top tokens
+  cases = [(peaked, 1.0, 0, 1.0), (peaked, 0.3, 0, 1.0), (peaked, 1.0, 0, 0.9999), (peaked, 0.7, 50, 0.9),
+           (bf16, 1.0, 0, 0.9), (bf16, 1.3, 20, 0.5), (tied, 1.0, 0, 0.2), (tied, 1.0, 0, 0.5),
+           (tied, 2.0, 2, 0.9), (peaked, 1.0, 40000, 0.0)]
+  for logits, temp, k, p in cases:
+    theirs = torch.from_numpy(logits.copy())
+    warpers = [TemperatureLogitsWarper(temp)] + ([TopKLogitsWarper(k)] if k > 0 else []) + \
+        ([TopPLogitsWarper(p)] if p < 1.0 else [])
+    for w in warpers:
+      theirs = w(None, theirs)
+    ours = np.asarray(decoding.warp_logits(jnp.asarray(logits), jnp.float32(temp), jnp.int32(k), jnp.float32(p)))
+    theirs = theirs.numpy()
+    # Which of the tokens tied at the top-p cut-off survive follows torch's sort, whose order among ties is
+    # arbitrary; ours keeps index order (a stable sort). The number kept is the same; the kept set equals
+    # transformers' formula run on a stable sort.
+    np.testing.assert_array_equal(np.isfinite(ours).sum(-1), np.isfinite(theirs).sum(-1), err_msg=f"{temp} {k} {p}")
+    if p < 1.0:
+      x = torch.from_numpy(logits.copy()) / temp
+      if k > 0:
+        x = TopKLogitsWarper(k)(None, x)
+      asc, order = torch.sort(x, stable=True)
+      drop = torch.softmax(asc, -1).cumsum(-1) <= 1 - p
+      drop[..., -1] = False
+      theirs = x.masked_fill(drop.scatter(1, order, drop), -float("inf")).numpy()
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs), err_msg=f"{temp} {k} {p}")
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(ours, axis=-1)),
+                               torch.softmax(torch.from_numpy(theirs), -1).numpy(), atol=1e-6, rtol=1e-5)
+  # top_p = 1 is off: every token keeps its mass (summing from the top would reach 1.0 before the tail).
+  small = rng.standard_normal((1, 97)).astype(np.float32) / 0.3
+  assert np.all(np.isfinite(np.asarray(decoding.warp_logits(jnp.asarray(small), 1.0, 0, 1.0))))
