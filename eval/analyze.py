@@ -639,32 +639,42 @@ def _jsonable(x):
   return x
 
 
+def _num(x, spec: str = ".3f", scale: float = 1.0) -> str:
+  """`x * scale` formatted by `spec`, or "n/a" for a missing value (NaN becomes None in `_jsonable`: an empty head
+  group, no high-TAI token, ...)."""
+  if x is None or not np.isfinite(x):
+    return "n/a"
+  return format(scale * x, spec)
+
+
 def summary_lines(result: dict) -> list[str]:
-  lines = [f"captions: {result['captions']['num_images']}, C_S {100 * result['captions']['CHAIRs']:.1f}, "
-           f"C_I {100 * result['captions']['CHAIRi']:.1f}"]
+  """The printed summary of a `_jsonable` result; values of empty groups read "n/a"."""
+  c = result["captions"]
+  lines = [f"captions: {c['num_images']}, C_S {_num(c['CHAIRs'], '.1f', 100)}, C_I {_num(c['CHAIRi'], '.1f', 100)}"]
   if "similarity" in result:
     s = result["similarity"]
-    lines.append(f"A.2 similarity: S_hal {s['S_hal']:.3f}, S_non {s['S_non']:.3f}, all {s['S_all']:.3f} (chance "
-                 f"floor, uniform causal attention: {s['chance_floor']['S_all']:.3f})")
+    lines.append(f"A.2 similarity: S_hal {_num(s['S_hal'])}, S_non {_num(s['S_non'])}, all {_num(s['S_all'])} "
+                 f"(chance floor, uniform causal attention: {_num(s['chance_floor']['S_all'])})")
   if "mai" in result:
     m = result["mai"]
-    lines.append(f"MAI (pooled text/image mass): sensitive heads {m['sensitive_pooled']:.2f}, other heads "
-                 f"{m['other_pooled']:.2f} (medians per head and step {m['sensitive_median']:.2f} / "
-                 f"{m['other_median']:.2f})" + (f"; insensitive heads {m['insensitive_pooled']:.2f}"
-                                                 if "insensitive_pooled" in m else ""))
+    lines.append(f"MAI (pooled text/image mass): sensitive heads {_num(m['sensitive_pooled'], '.2f')}, other heads "
+                 f"{_num(m['other_pooled'], '.2f')} (medians per head and step {_num(m['sensitive_median'], '.2f')} / "
+                 f"{_num(m['other_median'], '.2f')})" + (f"; insensitive heads {_num(m['insensitive_pooled'], '.2f')}"
+                                                          if "insensitive_pooled" in m else ""))
   if "variance" in result:
     c = result["variance"]["correlation_rows"]
-    lines.append(f"B.2: corr(variance, entropy) over rows: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}")
+    lines.append(f"B.2: corr(variance, entropy) over rows: Pearson {_num(c['pearson'])}, "
+                 f"Spearman {_num(c['spearman'])}")
   if "tai" in result:
     t = result["tai"]
     for info in ("value_norm", "uniform"):
       lines.append(f"TAI ({info}): {t[info]['num_high_tai_tokens']} high-TAI tokens, "
-                   f"{100 * (t[info]['within_window_share'] or 0):.0f}% followed by a hallucination within "
-                   f"{t['window']} tokens (any caption token: {100 * (t['within_window_share_all_tokens'] or 0):.0f}%)")
+                   f"{_num(t[info]['within_window_share'], '.0f', 100)}% followed by a hallucination within "
+                   f"{t['window']} tokens (any caption token: {_num(t['within_window_share_all_tokens'], '.0f', 100)}%)")
   if "propagation" in result:
     for name, c in result["propagation"]["monte_carlo"].items():
-      lines.append(f"B.1 Monte Carlo {name}: mean |err| corrected eq.7 {c['mean_abs_err_corrected']:.3f}, "
-                   f"printed eq.7 {c['mean_abs_err_paper']:.3f}, finite-T eq.2 {c['mean_abs_err_finite']:.3f}")
+      lines.append(f"B.1 Monte Carlo {name}: mean |err| corrected eq.7 {_num(c['mean_abs_err_corrected'])}, "
+                   f"printed eq.7 {_num(c['mean_abs_err_paper'])}, finite-T eq.2 {_num(c['mean_abs_err_finite'])}")
   return lines
 
 

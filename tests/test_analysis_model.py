@@ -181,6 +181,44 @@ def test_analyze_cli_on_a_tiny_model(tiny_dir, llm_dirs, tmp_path, monkeypatch, 
   assert json.loads((out / "analysis.json").read_text())["tai"]["heads"] == "sensitive"
 
 
+def test_analyze_cli_with_an_empty_head_group_prints_na(tiny_dir, tmp_path, capsys):
+  """No sensitive heads: S_hal and the sensitive MAI are NaN (None in the JSON); the summary says n/a, exit 0."""
+  from eval import analyze
+
+  heads = tmp_path / "heads.json"
+  heads.write_text(json.dumps({"hal_heads": [], "non_hal_heads": [[0, 0]]}))
+  out = tmp_path / "out"
+  argv = ["--model", tiny_dir, "--coco-root", COCO, "--num-images", "1", "--max-new-tokens", "6", "--heads",
+          str(heads), "--skip", "sweeps", "--skip", "propagation", "--skip", "cost", "--out", str(out)]
+  assert analyze.main(argv) == 0
+  res = json.loads((out / "analysis.json").read_text())
+  printed = capsys.readouterr().out
+  if "similarity" in res:  # needs a caption of at least 2 tokens
+    assert res["similarity"]["S_hal"] is None and "S_hal n/a" in printed
+  assert res["mai"]["sensitive_pooled"] is None and "sensitive heads n/a" in printed
+
+
+def test_summary_lines_of_empty_groups():
+  from eval import analyze
+
+  nan = float("nan")
+  result = {"captions": {"num_images": 2, "CHAIRs": 0.5, "CHAIRi": 0.25},
+            "similarity": {"S_hal": nan, "S_non": 0.5, "S_all": 0.6, "chance_floor": {"S_all": 0.3}},
+            "mai": {"sensitive_pooled": nan, "other_pooled": 0.7, "sensitive_median": nan, "other_median": 0.6,
+                    "insensitive_pooled": nan},
+            "variance": {"correlation_rows": {"pearson": nan, "spearman": -0.9}},
+            "tai": {"window": 15, "within_window_share_all_tokens": nan,
+                    **{k: {"num_high_tai_tokens": 0, "within_window_share": nan} for k in ("value_norm", "uniform")}},
+            "propagation": {"monte_carlo": {"head 0,0 (0,0)": {"mean_abs_err_corrected": 0.01,
+                                                                 "mean_abs_err_paper": nan,
+                                                                 "mean_abs_err_finite": 0.02}}}}
+  lines = analyze.summary_lines(analyze._jsonable(result))
+  text = "\n".join(lines)
+  assert "S_hal n/a, S_non 0.500" in text and "sensitive heads n/a, other heads 0.70" in text
+  assert "insensitive heads n/a" in text and "Pearson n/a" in text and "printed eq.7 n/a" in text
+  assert "C_S 50.0, C_I 25.0" in lines[0] and "n/a% followed" in text
+
+
 def test_analyze_cli_errors(tiny_dir, tmp_path, capsys):
   from eval import analyze
 
