@@ -166,12 +166,9 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
     return _generate_groups(params, method_cfg, image, prompt, mask[:b].sum(1), kw)
   extra = {}
   if protocol is not None:
-    if protocol.official_compat and ids.shape[0] != b:
-      raise ValueError(f"protocol {protocol.name!r}: a batch of {b} does not split evenly over {len(devices)} "
-                       "devices, and filler rows would enter the batch-summed AD-HH trigger; pass a batch whose "
-                       "size is a multiple of the device count (or fewer devices)")
     extra["finished_pad"] = protocol.finished_pad_id(params.processor.tokenizer)
   method = _method_for(method_cfg, config)
+  _check_filler_rows(method, b, ids.shape[0], devices)
   check_lengths(config, ids.shape[0] * method.plan.num_views, ids.shape[1], max_new_tokens, params.dtype.itemsize,
                 devices, real_prompt_len=int(mask.sum(-1).max()))
   if method.plan.searches:  # the method brings its own search (e.g. OPERA)
@@ -325,6 +322,14 @@ def _prepare(params, image, prompt, bucket, devices, protocol=None):
   return ids, mask, pixels, b
 
 
+def _check_filler_rows(method, b: int, rows: int, devices) -> None:
+  """Refuses filler rows (a batch padded to split over the devices) for a method whose rows see each other."""
+  if rows != b and method.plan.couples_rows(method.values):
+    raise ValueError(f"a batch of {b} does not split evenly over {len(devices)} devices, and {type(method.plan).__name__}"
+                     " computes a statistic over the batch (DoLa batch_js, the official AD-HH trigger) that filler "
+                     "rows would change; pass a batch whose size is a multiple of the device count (or fewer devices)")
+
+
 def _check_model(params):
   if not isinstance(params, LoadedModel) or params.processor is None:
     raise TypeError("generate needs the object returned by air_jax.load_pretrained(path) (params, config and "
@@ -366,6 +371,7 @@ def generate_sweep(params: LoadedModel, air_cfgs: Sequence, image, prompt, *, ma
   max_new_tokens = check_max_new_tokens(max_new_tokens)
   specs = methods.stack_methods([_method_for(c, params.config) for c in air_cfgs])
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
+  _check_filler_rows(specs, b, ids.shape[0], devices)
   check_lengths(params.config, ids.shape[0] * len(air_cfgs), ids.shape[1], max_new_tokens, params.dtype.itemsize,
                 devices, real_prompt_len=int(mask.sum(-1).max()))
   out = _run(params, _sweep_jit, specs, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,

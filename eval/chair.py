@@ -115,7 +115,8 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
     overrides: config field overrides for the method's preset (see --air-config).
     batch_size: the run's batch size: a smaller (last) batch is padded to it with copies of its first image and
       the padding captions dropped, so every batch reuses one compiled graph (not under a protocol that groups
-      prompts by length, whose batches must stay as the official run has them).
+      prompts by length, whose batches must stay as the official run has them, nor for a method that computes a
+      statistic over the batch: DoLa batch_js, the official AD-HH trigger).
     protocol: an ``air_jax.protocol.Protocol`` or its name (None: the default protocol): prompt template,
       padding, model dtype and the config fields it fixes (for the methods that have them: the AIR family).
     synonyms: the run's CHAIR vocabulary file, for the methods that ground object words (HALC).
@@ -140,12 +141,13 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
     fixed = {k: v for k, v in fixed.items() if k in fields and k not in (overrides or {})}
     method_cfg = base.replace(**fixed) if fixed else base
     # Compiled against the model now (heads in range, layer ranges inside it): errors surface before any caption.
-    air_jax.methods.as_compiled(method_cfg, model.config)
+    compiled = air_jax.methods.as_compiled(method_cfg, model.config)
   except ValueError as e:
     where = f" (from {sources})" if sources else ""
     hint = "; give the heads file with --heads FILE" if "heads" in str(e) and not heads else ""
     raise ValueError(f"method {method!r}{where}: {e}{hint}") from None
-  pad_batches = batch_size is not None and not group
+  # A method whose rows see each other (a statistic over the batch) gets no padding captions: they would enter it.
+  pad_batches = batch_size is not None and not group and not compiled.plan.couples_rows(compiled.values)
 
   def captioner(images: list, file_names: list[str]) -> list[str]:
     del file_names  # the model only sees pixels

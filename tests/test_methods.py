@@ -182,3 +182,39 @@ def test_debug_loop_equals_compiled_loop(tiny_model):
     b = air_jax.generate(tiny_model, name, images, PROMPTS, max_new_tokens=6, output_scores=True, debug=True)
     np.testing.assert_array_equal(a.token_ids, b.token_ids)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_batch_coupled_methods_get_no_filler_rows(tiny_model, tiny_dir, monkeypatch):
+  """A method with a statistic over the batch (DoLa batch_js, the official AD-HH trigger) sees no filler rows:
+  generate refuses a device split that would add them, and eval.chair does not pad its last batch."""
+  import sys
+
+  from air_jax.generate import _check_filler_rows
+  from eval.chair import make_captioner
+
+  cfg = tiny_model.config
+  heads = [[0, 0], [1, 1]]
+  coupled = {"dola batch_js": methods.make("dola", batch_js=True),
+             "air_star official": air_jax.AIRConfig.preset("air_star", heads=heads, official_compat=True)}
+  free = {"dola": methods.make("dola"), "air": air_jax.AIRConfig.preset("air", heads=heads),
+          "air_star": air_jax.AIRConfig.preset("air_star", heads=heads), "vcd": methods.make("vcd")}
+  for name, m in {**coupled, **free}.items():
+    compiled = methods.as_compiled(m, cfg)
+    assert compiled.plan.couples_rows(compiled.values) == (name in coupled), name
+    _check_filler_rows(compiled, 3, 3, [0])  # no filler rows: always fine
+    if name in coupled:
+      with pytest.raises(ValueError, match="a batch of 3 does not split evenly over 2 devices"):
+        _check_filler_rows(compiled, 3, 4, [0, 1])
+    else:
+      _check_filler_rows(compiled, 3, 4, [0, 1])
+
+  gen = sys.modules["air_jax.generate"]
+  rows, original = [], gen._run
+  monkeypatch.setattr(gen, "_run", lambda params, run, spec, ids, *a, **kw: (rows.append(ids.shape[0]),
+                                                                             original(params, run, spec, ids, *a, **kw))[1])
+  images = random_images(2, 28, seed=4)
+  for overrides, want in (({"batch_js": True}, 2), ({}, 4)):
+    rows.clear()
+    cap = make_captioner(tiny_dir, "dola", prompt=PROMPTS[0], max_new_tokens=2, backend="cpu", overrides=overrides,
+                         batch_size=4)
+    assert len(cap(images, ["a", "b"])) == 2 and rows == [want]

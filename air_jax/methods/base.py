@@ -32,6 +32,9 @@ function of `values` and arrays; none may branch in Python on a traced value.
   early_exit_layers / early_exit_norm (plan fields)
       Layers (0 = embeddings, L = last) whose residual stream the decoder reads out through the LM head (with
       the final norm when early_exit_norm) in the same pass; the combiner receives them for the main view.
+  couples_rows(values) -> bool
+      Whether a row's result depends on the other rows (a statistic over the batch); no filler rows are then
+      added to its batches.
   init_state(values, inputs, config) -> state;  update_state(values, state, tokens [B]) -> state
       Per-example state carried through the loop (e.g. the tokens seen so far, for a repetition penalty).
   combine(values, logits [V, B, Vocab], exit_logits [K, B, Vocab] | None, state) -> [B, Vocab]
@@ -102,6 +105,13 @@ class Plan:
     del values, exit_logits, state
     return logits[0]
 
+  def couples_rows(self, values) -> bool:
+    """True when a row's result depends on the other rows of its batch (a statistic over the batch, e.g. DoLa's
+    batch-averaged JSD or the official AD-HH trigger): callers then must not add filler rows (device split,
+    padded last batch), which would enter the statistic. `values` are concrete here."""
+    del values
+    return False
+
   # A plan with `searches = True` brings its own search (e.g. OPERA's beam search with roll-back): `generate`
   # then calls `search` instead of the sampling loop. Returns {"tokens": [B, N], "num_tokens": [B], ...}.
   searches = False
@@ -118,6 +128,10 @@ class SpecPlan(Plan):
   def spec(self, values, batch: int, config) -> RectificationSpec | None:
     del batch, config
     return values
+
+  def couples_rows(self, values) -> bool:
+    adhh = getattr(getattr(values, "ops", None), "adhh", None)  # the official trigger sums over the batch
+    return adhh is not None and bool(np.any(np.asarray(adhh.batch_sum) > 0.5))
 
 
 @flax.struct.dataclass

@@ -55,6 +55,10 @@ class DoLaValues:
 class DoLaPlan(Plan):
   batch_js: bool = False
 
+  def couples_rows(self, values) -> bool:
+    del values
+    return self.batch_js  # the official premature layer is chosen on the JSD averaged over the batch
+
   def init_state(self, values, inputs: ViewInputs, config):
     b = inputs.input_ids.shape[0]
     vocab = config.dims.vocab_size
