@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--sweep-grid", help="JSON {knob: [values]} (knobs lambda, gamma, tau_text, beta)")
   p.add_argument("--batch-size", type=int, default=50)
   p.add_argument("--sigma", choices=("both", "identity"), default="both",
-                 help="B.1 Sigma: identity and the covariance of the layer inputs (both, default) or identity only "
-                      "(the covariance needs L x E x E float64: 4.3 GB for a 7B model)")
+                 help="B.1 Sigma: identity and Assumption 1's random-walk step covariance, estimated from the "
+                      "differences of consecutive layer inputs (both, default), or identity only (the covariance "
+                      "needs L x E x E float64: 4.3 GB for a 7B model)")
   p.add_argument("--mc-draws", type=int, default=2000, help="Monte Carlo walks per checked head (B.1)")
   p.add_argument("--mc-tokens", type=int, default=64, help="T of the Monte Carlo walks (B.1)")
   p.add_argument("--tai-top-k", type=int, default=3, help="high-TAI tokens kept per caption (default 3)")
@@ -283,24 +284,23 @@ def _grid_choice(spec: str | None, n: int, most: int) -> list[int]:
   return sorted({int(round(x)) for x in np.linspace(0, n - 1, most)})
 
 
-def propagation_section(model, sigma_sum, sigma_n, hal, non, args, out_dir, fig) -> dict:
+def propagation_section(model, steps, hal, non, args, out_dir, fig) -> dict:
+  """B.1 per head with Sigma = identity and (given `steps`, a `propagation.StepCovariance` of the layer inputs)
+  Sigma = the step covariance of each layer; Monte Carlo check of eq. (1) on up to two heads."""
   from air_jax.analysis import model_io, propagation as pr
 
   cfg = model_io.text_config(model)
   d, nl = cfg.head_dim, cfg.num_hidden_layers
-  cov = None
-  if sigma_n > 0:
-    mean = sigma_sum[1] / sigma_n
-    cov = sigma_sum[2] / sigma_n - np.einsum("le,lf->lef", mean, mean)
+  cov = steps.covariance() if steps is not None else None  # [L, E, E]
   # One layer at a time from the (query, key) factors: never an E x E matrix per head.
-  spectra = {"identity": [], "state_covariance": []}
+  spectra = {"identity": [], "step_covariance": []}
   factors = {}
   for layer in range(nl):
     a, b = model_io.qk_factors(model, layer)
     factors[layer] = (a, b)
     spectra["identity"].append(pr.spectrum_from_factors(a, b, d))
     if cov is not None:
-      spectra["state_covariance"].append(pr.spectrum_from_factors(a, b, d, cov[layer]))
+      spectra["step_covariance"].append(pr.spectrum_from_factors(a, b, d, cov[layer]))
 
   def stacked(parts):
     return pr.Spectrum(np.stack([p.tr_w for p in parts]), np.stack([p.tr_w2 for p in parts]), d)
@@ -308,7 +308,9 @@ def propagation_section(model, sigma_sum, sigma_n, hal, non, args, out_dir, fig)
   tables = {name: pr.head_table(stacked(parts)) for name, parts in spectra.items() if parts}
   ident = tables["identity"]
   res: dict[str, Any] = {"d": d, "note": "W = sym(W_QK) Sigma on RMS-normalised states (norm gain folded in), "
-                         "RoPE ignored; rho by the corrected eq. (7) (see air_jax.analysis.propagation)"}
+                         "RoPE ignored; Sigma = identity, or step_covariance: the covariance of x_{t+1} - x_t "
+                         "over consecutive layer inputs of each caption's sequence (Assumption 1's random-walk "
+                         "step); rho by the corrected eq. (7) (see air_jax.analysis.propagation)"}
   for name, tab in tables.items():
     res[name] = {k: v.tolist() for k, v in tab.items() if k not in ("rho", "theta")}
   w_shape = (nl, cfg.num_attention_heads)
@@ -505,11 +507,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["mai"]["per_head_pooled"] = (live[..., 2].sum((0, 1)) / np.maximum(live[..., 1].sum((0, 1)), 1e-9)).tolist()
     fig.save(fig.mai_figure(masses, num, sens, title=f"MAI, {len(ids)} greedy captions"), out_dir / "mai.png")
 
-  # Teacher-forced passes: A.2, B.2, TAI, and the state covariance of B.1.
+  # Teacher-forced passes: A.2, B.2, TAI, and the step covariance (Sigma) of B.1.
+  from air_jax.analysis.propagation import StepCovariance
+
   sims, floors, var_rows, ent_rows, per_caption = [], [], [], [], []
-  e = cfg.hidden_size
-  sigma_sum = [None, np.zeros((nl, e)), np.zeros((nl, e, e)) if args.sigma == "both" else None]
-  sigma_n = 0
+  steps = StepCovariance() if args.sigma == "both" else None
   tai_dist, base_dist = {"value_norm": [], "uniform": []}, []
   need_pass = bool({"similarity", "variance", "tai", "propagation"} - skip)
   grid_done = False
@@ -531,11 +533,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
       rows_attn, valid = bs.generating_rows(attn, p_len, s)
       var_rows.append(bs.row_variance(rows_attn, valid))
       ent_rows.append(bs.row_entropy(rows_attn, valid))
-      if args.sigma == "both":
-        st = out["states"].astype(np.float64)
-        sigma_sum[1] += st.sum(1)
-        sigma_sum[2] += np.einsum("lse,lsf->lef", st, st)
-        sigma_n += st.shape[1]
+      if steps is not None:  # steps within this caption's sequence only, per layer
+        steps.update(out["states"])
       rows = np.arange(p_len - 1, s - 1)
       cand = np.arange(p_len, s - 1)
       hal_pos = [p_len + i for i in hallucinated_positions(model, sentence, cap)]
@@ -608,7 +607,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "median_distance": float(np.median(with_d)) if with_d else None}
     result["tai"]["captions"] = per_caption
   if "propagation" not in skip:
-    result["propagation"] = propagation_section(model, sigma_sum, sigma_n, hal, non, args, out_dir, fig)
+    result["propagation"] = propagation_section(model, steps, hal, non, args, out_dir, fig)
   if "heatmap" not in skip and args.attribution:
     z = np.load(args.attribution)
     key = "prob_E" if "prob_E" in z.files else "E"

@@ -169,6 +169,9 @@ def test_analyze_cli_on_a_tiny_model(tiny_dir, llm_dirs, tmp_path, monkeypatch, 
   assert res["similarity"]["base_llm"] == llm_dirs[0] and np.array(res["similarity"]["per_head"]).shape == (2, 4)
   assert res["sweeps"]["curves"]["lambda"]["values"] == [1.0, 3.5] and len(res["sweeps"]["curves"]["beta"]["C_S"]) == 2
   assert np.array(res["propagation"]["identity"]["tr_w"]).shape == (2, 4)
+  # Sigma of Assumption 1 = covariance of the steps between consecutive layer inputs (not of the states)
+  assert np.array(res["propagation"]["step_covariance"]["tr_w"]).shape == (2, 4)
+  assert "state_covariance" not in res["propagation"]
   assert "A.2 similarity" in capsys.readouterr().out
   # The sweeps resume from sweeps.json: a rerun generates no sweep.
   import sys

@@ -12,16 +12,16 @@ from air_jax.analysis.cost import read_methods_json
 from air_jax.analysis.imbalance import distance_to_next, head_mask, high_tai_tokens, mai, mai_summary, \
   pooled_mai, tai, \
   within_fraction
-from air_jax.analysis.propagation import Spectrum, head_table, rho_closed_form, rho_finite, rho_monte_carlo, \
-  spectrum, spectrum_from_factors, state_covariance, symmetrize
+from air_jax.analysis.propagation import Spectrum, StepCovariance, head_table, rho_closed_form, rho_finite, \
+  rho_monte_carlo, spectrum, spectrum_from_factors, state_covariance, step_covariance, symmetrize
 from air_jax.analysis.sensitivity import DEFAULT_GRID, KNOBS, run_sweeps, sweep_configs
 from air_jax.analysis.similarity import cosine, group_means, head_similarity, output_block, \
   uniform_causal_block
 
 __all__ = [
-  "DEFAULT_GRID", "KNOBS", "Spectrum", "cosine", "distance_to_next", "generating_rows", "group_means",
+  "DEFAULT_GRID", "KNOBS", "Spectrum", "StepCovariance", "cosine", "distance_to_next", "generating_rows", "group_means",
   "head_mask", "head_similarity", "head_table", "high_tai_tokens", "mai", "mai_summary", "output_block", "pooled_mai",
   "read_methods_json", "rho_closed_form", "rho_finite", "rho_monte_carlo", "row_entropy", "row_variance",
-  "run_sweeps", "spectrum", "spectrum_from_factors", "state_covariance", "sweep_configs", "symmetrize", "tai", "uniform_causal_block",
+  "run_sweeps", "spectrum", "spectrum_from_factors", "state_covariance", "step_covariance", "sweep_configs", "symmetrize", "tai", "uniform_causal_block",
   "variance_entropy_correlation", "within_fraction",
 ]

@@ -4,7 +4,9 @@ Shape legend: E token width, T tokens, N Monte Carlo draws, theta = i / T in (0,
 
 Setting (Assumption 1): tokens follow a Gaussian random walk x_1 ~ N(0, Sigma), x_{t+1} ~ N(x_t, Sigma); the
 logits of the last token are omega_j = x_j^T W_QK x_T / sqrt(d); rho_i = P(<gamma^i, omega> + 1/T in [0, 1])
-with gamma^i = e^i / T - 1 / T^2 (the linearised softmax). With W = W_QK Sigma (W_QK symmetrised),
+with gamma^i = e^i / T - 1 / T^2 (the linearised softmax). Sigma is the covariance of one step of the walk (not of
+the states, whose covariance grows as t Sigma); `step_covariance` estimates it from consecutive token states.
+With W = W_QK Sigma (W_QK symmetrised),
   mu(theta) = (theta - 1/2) tr(W) / sqrt(d)
   v(theta)  = c(theta) tr(W^2) / d
   rho(theta) = 1/2 [erf(mu / sqrt(2 v)) + erf((1 - mu) / sqrt(2 v))]        (eq. (2), the Gaussian approximation)
@@ -160,8 +162,65 @@ def rho_monte_carlo(w_qk: np.ndarray | tuple, num_tokens: int, d: float, sigma: 
   return hits / num_draws
 
 
+def step_covariance(states: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+  """Assumption 1's Sigma from token states: the covariance [E, E] of the steps x_{t+1} - x_t.
+
+  Under x_1 ~ N(0, Sigma), x_{t+1} ~ N(x_t, Sigma), Sigma is the covariance of one step of the walk, so it is
+  estimated from consecutive differences within each sequence (never across sequences), pooled over all
+  sequences. This is the `sigma` of `spectrum`, `head_table` and `rho_monte_carlo`.
+
+  Args:
+    states: [..., T, E] token states; every leading index is one sequence.
+    mask: [..., T] (1 = real token); a step is used only when both of its tokens are real.
+
+  Returns:
+    [E, E] covariance of the steps (mean removed, ddof 1, as np.cov).
+
+  Raises:
+    ValueError: when fewer than 2 steps are left.
+  """
+  x = np.asarray(states, np.float64)
+  steps = np.diff(x, axis=-2).reshape(-1, x.shape[-1])
+  if mask is not None:
+    m = np.asarray(mask).astype(bool)
+    steps = steps[(m[..., 1:] & m[..., :-1]).reshape(-1)]
+  if steps.shape[0] < 2:
+    raise ValueError(f"step_covariance needs at least 2 steps, got {steps.shape[0]} (states {x.shape})")
+  return np.cov(steps, rowvar=False)
+
+
+class StepCovariance:
+  """`step_covariance` accumulated one sequence at a time, kept apart per leading index (e.g. one Sigma per
+  layer): `update(states [..., T, E])` adds that sequence's T - 1 steps; `covariance()` gives [..., E, E]."""
+
+  def __init__(self):
+    self.n = 0
+    self.total = None  # [..., E] sum of the steps
+    self.outer = None  # [..., E, E] sum of their outer products
+
+  def update(self, states: np.ndarray) -> None:
+    steps = np.diff(np.asarray(states, np.float64), axis=-2)  # [..., T - 1, E]
+    if self.total is None:
+      self.total = np.zeros(steps.shape[:-2] + steps.shape[-1:])
+      self.outer = np.zeros(steps.shape[:-2] + steps.shape[-1:] * 2)
+    self.total += steps.sum(-2)
+    self.outer += np.einsum("...te,...tf->...ef", steps, steps)
+    self.n += steps.shape[-2]
+
+  def covariance(self) -> np.ndarray | None:
+    """[..., E, E] (ddof 1, as `step_covariance`), or None with fewer than 2 steps seen."""
+    if self.n < 2:
+      return None
+    mean = self.total / self.n
+    return (self.outer - self.n * np.einsum("...e,...f->...ef", mean, mean)) / (self.n - 1)
+
+
 def state_covariance(states: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-  """Covariance [E, E] of token states [..., T, E] (rows with mask 0 left out): the `sigma` option."""
+  """Covariance [E, E] of the token states themselves [..., T, E] (rows with mask 0 left out).
+
+  Not Assumption 1's Sigma: along a random walk Cov(x_t) = t Sigma, so this grows with the sequence length (kept
+  for comparison; use `step_covariance` for the `sigma` option).
+  """
   x = np.asarray(states, np.float64).reshape(-1, states.shape[-1])
   if mask is not None:
     x = x[np.asarray(mask).reshape(-1).astype(bool)]
@@ -173,7 +232,7 @@ def head_table(w_qk: np.ndarray | Spectrum, d: float | None = None, sigma: np.nd
   """Per head [L, H]: tr(W), tr(W^2), xi, eta, theta* and the curve rho [L, H, num_theta] on theta in (0, 1].
 
   w_qk: [L, H, E, E] matrices, or a Spectrum (e.g. from `spectrum_from_factors`; then d and sigma are unused).
-  sigma: one [E, E] for all heads, or [L, E, E] per layer (e.g. `state_covariance` of each layer's inputs).
+  sigma: one [E, E] for all heads, or [L, E, E] per layer (e.g. `step_covariance` of each layer's inputs).
   """
   if isinstance(w_qk, Spectrum):
     spec = w_qk
@@ -190,5 +249,6 @@ def head_table(w_qk: np.ndarray | Spectrum, d: float | None = None, sigma: np.nd
           "theta": theta, "rho": rho, "rho_peak_theta": peak, "rho_peak": rho.max(-1)}
 
 
-__all__ = ["Spectrum", "VARIANTS", "head_table", "rho_closed_form", "rho_finite", "rho_monte_carlo", "spectrum",
-           "spectrum_from_factors", "state_covariance", "symmetrize", "variance_coefficient"]
+__all__ = ["Spectrum", "StepCovariance", "VARIANTS", "head_table", "rho_closed_form", "rho_finite", "rho_monte_carlo",
+           "spectrum", "spectrum_from_factors", "state_covariance", "step_covariance", "symmetrize",
+           "variance_coefficient"]
