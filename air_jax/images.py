@@ -6,6 +6,11 @@ Arrays are checked before anything is captioned, because the wrong guesses produ
   float arrays must be finite and non-negative (negative values mean an already normalised tensor, which the
   processor would normalise a second time). A float maximum above 1 means the 0-255 scale; a float image
   whose maximum is <= 1 is ambiguous (0-1 scale, or a dark 0-255 image?) and is refused: convert it to uint8.
+
+Colour conversion follows transformers (its image processors' `convert_to_rgb`), not
+the official LLaVA / DeepSeek-VL2 loaders, which call a plain `Image.convert("RGB")`:
+  images with an alpha channel (RGBA, LA, PA, or a palette / RGB image with a transparency key) are composited onto
+  white before dropping the alpha, so transparent pixels become white instead of their hidden colour.
 """
 
 from __future__ import annotations
@@ -61,19 +66,30 @@ def array_to_uint8(arr: Any, name: str = "image") -> np.ndarray:
   return np.round(arr).astype(np.uint8)
 
 
+def to_rgb(im):
+  """A PIL image -> RGB PIL image, with any transparency composited onto white (transformers' `convert_to_rgb`)."""
+  from PIL import Image
+
+  if "A" in im.getbands() or im.info.get("transparency") is not None:
+    im = im.convert("RGBA")
+    white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, im).convert("RGB")
+  return im.convert("RGB")
+
+
 def load_image(img: Any, name: str = "image"):
-  """A path, PIL image or array -> RGB PIL image (see the module docstring for the array rules)."""
+  """A path, PIL image or array -> RGB PIL image (see the module docstring for the array and colour rules)."""
   from PIL import Image
 
   if isinstance(img, (str, os.PathLike)):
     path = os.fspath(img)
     try:
       with Image.open(path) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
     except (OSError, ValueError) as e:
       raise ImageError(f"cannot read image {path!r}: {e}") from e
   if hasattr(img, "convert") and hasattr(img, "size"):
-    return img.convert("RGB")
+    return to_rgb(img)
   if isinstance(img, np.ndarray) or hasattr(img, "__array__"):
     return Image.fromarray(array_to_uint8(img, name)).convert("RGB")
   raise ImageError(f"{name} must be a PIL image, a numpy array or a path, not {type(img).__name__}")

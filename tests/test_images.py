@@ -1,0 +1,53 @@
+"""air_jax.images against transformers' image loading: transparency onto white."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from air_jax.images import load_image
+
+
+def _hf_rgb(im) -> np.ndarray:
+  from transformers.image_transforms import convert_to_rgb
+
+  return convert_to_rgb(im, return_numpy=True)
+
+
+def _rgba(h=5, w=7, alpha=None, seed=0):
+  rng = np.random.default_rng(seed)
+  a = rng.integers(0, 256, (h, w, 1), dtype=np.uint8) if alpha is None else np.full((h, w, 1), alpha, np.uint8)
+  return np.concatenate([rng.integers(0, 256, (h, w, 3), dtype=np.uint8), a], -1)  # [H, W, 4]
+
+
+def _transparent_images():
+  rgba = _rgba()
+  p = Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+  p.info["transparency"] = 0  # palette index 0 is transparent
+  rgb_key = Image.fromarray(rgba[..., :3])
+  rgb_key.info["transparency"] = tuple(int(v) for v in rgba[0, 0, :3])  # one colour keyed out
+  return {"RGBA": Image.fromarray(rgba, "RGBA"), "LA": Image.fromarray(rgba[..., [0, 3]], "LA"), "P": p,
+          "PA": Image.fromarray(rgba, "RGBA").convert("PA"), "RGB+key": rgb_key}
+
+
+def test_fully_transparent_pixels_become_white():
+  im = Image.fromarray(_rgba(alpha=0), "RGBA")
+  out = np.asarray(load_image(im))
+  assert out.shape == (5, 7, 3) and (out == 255).all()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "PA", "RGB+key"])
+def test_transparency_is_composited_like_transformers(mode):
+  im = _transparent_images()[mode]
+  out = load_image(im)
+  assert out.mode == "RGB"
+  np.testing.assert_array_equal(np.asarray(out), _hf_rgb(im))
+
+
+def test_transparent_png_path_is_composited(tmp_path):
+  path = tmp_path / "a.png"
+  rgba = _rgba(seed=1)
+  rgba[0, 0, 3] = 0  # one fully transparent pixel
+  im = Image.fromarray(rgba, "RGBA")
+  im.save(path)
+  np.testing.assert_array_equal(np.asarray(load_image(str(path))), _hf_rgb(im))
+  assert (np.asarray(load_image(path))[0, 0] == 255).all()
