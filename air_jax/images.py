@@ -7,10 +7,11 @@ Arrays are checked before anything is captioned, because the wrong guesses produ
   processor would normalise a second time). A float maximum above 1 means the 0-255 scale; a float image
   whose maximum is <= 1 is ambiguous (0-1 scale, or a dark 0-255 image?) and is refused: convert it to uint8.
 
-Colour conversion follows transformers (its image processors' `convert_to_rgb`), not
+Colour conversion follows transformers (its image processors' `convert_to_rgb` and `image_utils.load_image`), not
 the official LLaVA / DeepSeek-VL2 loaders, which call a plain `Image.convert("RGB")`:
   images with an alpha channel (RGBA, LA, PA, or a palette / RGB image with a transparency key) are composited onto
-  white before dropping the alpha, so transparent pixels become white instead of their hidden colour.
+  white before dropping the alpha, so transparent pixels become white instead of their hidden colour;
+  image files are turned upright by their EXIF orientation tag (already opened PIL images are taken as given).
 """
 
 from __future__ import annotations
@@ -79,13 +80,14 @@ def to_rgb(im):
 
 def load_image(img: Any, name: str = "image"):
   """A path, PIL image or array -> RGB PIL image (see the module docstring for the array and colour rules)."""
-  from PIL import Image
+  from PIL import Image, ImageOps
 
   if isinstance(img, (str, os.PathLike)):
     path = os.fspath(img)
     try:
       with Image.open(path) as im:
-        return to_rgb(im)
+        # exif_transpose loads the pixels into a new image, so it outlives the file.
+        return to_rgb(ImageOps.exif_transpose(im))
     except (OSError, ValueError) as e:
       raise ImageError(f"cannot read image {path!r}: {e}") from e
   if hasattr(img, "convert") and hasattr(img, "size"):

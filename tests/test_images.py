@@ -1,4 +1,4 @@
-"""air_jax.images against transformers' image loading: transparency onto white."""
+"""air_jax.images against transformers' image loading: transparency onto white, EXIF orientation."""
 
 import numpy as np
 import pytest
@@ -51,3 +51,19 @@ def test_transparent_png_path_is_composited(tmp_path):
   im.save(path)
   np.testing.assert_array_equal(np.asarray(load_image(str(path))), _hf_rgb(im))
   assert (np.asarray(load_image(path))[0, 0] == 255).all()
+
+
+def test_exif_orientation_is_applied_to_paths(tmp_path):
+  from transformers.image_utils import load_image as hf_load_image
+
+  path = tmp_path / "rot.jpg"
+  exif = Image.Exif()
+  exif[0x0112] = 6  # orientation 6: the stored pixels must be rotated 90 degrees clockwise for display
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(
+      path, exif=exif.tobytes(), quality=95)
+  ours = load_image(str(path))
+  assert ours.size == (40, 56)  # stored 56 wide x 40 high, shown 40 wide x 56 high
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(hf_load_image(str(path))))
+  # An already opened image is taken as given, as transformers' processors take it.
+  with Image.open(path) as im:
+    assert load_image(im).size == (56, 40)
