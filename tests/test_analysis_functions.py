@@ -249,6 +249,13 @@ def test_figures_have_the_expected_panels(tmp_path):
   assert _grid(f) == ((1, 1), 1)
   assert len(f.axes[0].patches) == 4 and f.axes[0].get_xlabel() == "time per caption (s)"
   assert [t.get_text() for t in f.axes[0].get_yticklabels()] == ["greedy", "air", "adhh", "vcd"]
+  # The paper's ratios as hollow diamonds at ratio x greedy seconds (vcd has none), read on the ratio axis on top.
+  marks = [(ln.get_xdata()[0], ln.get_ydata()[0]) for ln in f.axes[0].lines if ln.get_marker() == "D"]
+  assert marks == [(pytest.approx(1.0 * 1.02), 0), (pytest.approx(1.21 * 1.02), 1), (pytest.approx(1.14 * 1.02), 2)]
+  assert all(ln.get_markerfacecolor() == "none" for ln in f.axes[0].lines)
+  assert [a.get_xlabel() for a in f.axes[0].child_axes] == ["ratio to greedy"]
+  f.savefig(tmp_path / "cost.png")
+  assert not [ln for ln in figures.cost_figure(read_methods_json(FIXTURE)["methods"], paper=False).axes[0].lines]
   f = figures.head_heatmap(rng.standard_normal((3, 4)), title="E", label="E_h", hal_heads=[(0, 1)])
   assert len(f.axes) == 2  # the map and its colour bar
   f = figures.rho_figure(np.linspace(0, 1, 5), {"a": np.ones(5) / 2}, mc={"mc": (np.array([0.5]), np.array([0.4]))})

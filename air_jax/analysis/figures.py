@@ -190,24 +190,43 @@ def sensitivity_figure(curves: Mapping[str, Mapping[str, Sequence[float]]], *, d
 
 
 def cost_figure(methods: Mapping[str, Mapping[str, float]], *, model: str = "", paper: bool = True):
-  """C.3: one axes, horizontal bars of seconds per caption per method (hatched), ratio to greedy as text, and
-  the paper's ratio (when given) as a hollow diamond on a secondary scale."""
+  """C.3: one axes, horizontal bars of seconds per caption per method (hatched) with their ratio to greedy as
+  text; with `paper` and a method's paper ratio, a hollow diamond at that ratio on a secondary (top) axis that
+  reads the seconds as ratios to greedy (greedy seconds = a method's caption_s / its ratio)."""
   plt = _plt()
   names = list(methods)
   secs = [float(methods[n]["caption_s"]) for n in names]
+  # Greedy's seconds per caption, the scale between seconds and ratios: caption_s / ratio of the greedy row, else
+  # of the first row with a positive ratio (None: no ratio axis, no diamonds).
+  rows = sorted(names, key=lambda n: n != "greedy")
+  g = next((float(methods[n]["caption_s"]) / float(methods[n]["ratio"]) for n in rows
+            if float(methods[n]["ratio"]) > 0 and float(methods[n]["caption_s"]) > 0), None)
+  diamonds = {n: float(methods[n]["paper_ratio"]) * g for n in names
+              if paper and g and methods[n].get("paper_ratio") is not None}
+  top = max(secs + list(diamonds.values()), default=0.0)
   fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(names) + 1.4))
   y = np.arange(len(names))
+  labelled = False
   for i, (n, s) in enumerate(zip(names, secs)):
     ax.barh(i, s, color="white", edgecolor="black", hatch=HATCHES[i % len(HATCHES)])
     extra = f"  x{methods[n]['ratio']:.2f}"
     pr = methods[n].get("paper_ratio")
     if paper and pr is not None:
       extra += f" (paper x{pr:.2f})"
-    ax.text(s, i, f" {s:.2f} s{extra}", va="center", fontsize=8)
+    if n in diamonds:
+      ax.plot([diamonds[n]], [i], "D", mfc="none", mec="black", ms=7, label=None if labelled else "paper's ratio")
+      labelled = True
+    # right of the bar and of the diamond, so the marker never covers the text
+    ax.text(max(s, diamonds.get(n, 0.0) + 0.02 * top), i, f" {s:.2f} s{extra}", va="center", fontsize=8)
   ax.set_yticks(y, names)
   ax.invert_yaxis()
   ax.set_xlabel("time per caption (s)")
-  ax.set_xlim(0, max(secs) * 1.6 if secs else 1)
+  ax.set_xlim(0, top * 1.6 if top > 0 else 1)
+  if g:
+    sec = ax.secondary_xaxis("top", functions=(lambda x: x / g, lambda r: r * g))
+    sec.set_xlabel("ratio to greedy", fontsize=8)
+  if labelled:
+    ax.legend(fontsize=7, loc="lower right")
   ax.set_title(f"decoding cost per method{' - ' + model if model else ''} (ratio to greedy)", fontsize=9)
   return fig
 
