@@ -95,3 +95,33 @@ def load_image(img: Any, name: str = "image"):
   if isinstance(img, np.ndarray) or hasattr(img, "__array__"):
     return Image.fromarray(array_to_uint8(img, name)).convert("RGB")
   raise ImageError(f"{name} must be a PIL image, a numpy array or a path, not {type(img).__name__}")
+
+
+def load_processor_image(img: Any, name: str = "image"):
+  """An image in any single-image layout transformers' image processors take -> RGB PIL image.
+
+  Arrays (numpy, or anything with `__array__` such as a CPU torch tensor) may be channels first or last with 1, 3
+  or 4 channels; the layout is inferred as transformers does (channels first when both ends could be channels).
+  Integer RGBA arrays are composited onto white as transformers' `convert_to_rgb` does. The value checks of
+  `array_to_uint8` still apply (e.g. a float image with maximum <= 1 is refused as ambiguous).
+  """
+  if isinstance(img, (str, os.PathLike)) or (hasattr(img, "convert") and hasattr(img, "size")):
+    return load_image(img, name)
+  if not (isinstance(img, np.ndarray) or hasattr(img, "__array__")):
+    raise ImageError(f"{name} must be a PIL image, a numpy array or a path, not {type(img).__name__}")
+  arr = np.asarray(img)
+  if arr.ndim == 3:
+    # transformers' infer_channel_dimension_format(num_channels=(1, 3, 4)): the first axis wins a tie.
+    if arr.shape[0] in (1, 3, 4):
+      arr = np.moveaxis(arr, 0, -1)
+    elif arr.shape[-1] not in (1, 3, 4):
+      raise ImageError(f"{name} ({_describe(arr)}): cannot tell the channel axis; expected 1, 3 or 4 channels "
+                       "first or last")
+    if arr.shape[-1] == 1:
+      arr = arr[..., 0]
+    elif arr.shape[-1] == 4:
+      if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 255:
+        raise ImageError(f"{name} ({_describe(arr)}): an RGBA array must hold integers in [0, 255] (uint8)")
+      alpha = arr[..., 3:4] / 255  # [H, W, 1]
+      arr = np.round(alpha * arr[..., :3] + (1 - alpha) * 255).astype(arr.dtype)  # [H, W, 3] blended onto white
+  return load_image(arr, name)

@@ -18,6 +18,12 @@ _VIDEO_ERROR = ("video inputs are not supported yet (this processor loads images
                 "processor, which needs torchvision)")
 
 
+def _is_pil(img) -> bool:
+  from PIL import Image
+
+  return isinstance(img, Image.Image)
+
+
 def read_json(path: str, name: str) -> dict:
   file = os.path.join(path, name)
   if not os.path.exists(file):
@@ -55,6 +61,9 @@ class ImageTextProcessor:
   """The common part: tokenizer, image processor, chat template; subclasses expand the image placeholders.
 
   Called like a transformers processor: `proc(images=[...], text=[...], return_tensors="np", padding=True)`.
+  Images may be PIL images, paths or arrays in transformers' layouts (air_jax.images.load_processor_image); arrays
+  go through air-jax's value checks, so a non-integral float image is rounded to uint8 first (transformers would
+  rescale the float values as they are).
   """
 
   image_token: str = "<image>"
@@ -103,6 +112,11 @@ class ImageTextProcessor:
                        "given; use one placeholder (one image entry of the chat template) per image")
     data = {}
     if images:
+      from air_jax.images import load_processor_image  # deferred: importing air_jax loads jax
+
+      # Arrays (HWC or CHW, as transformers' processors take them) and paths become RGB PIL images here, so
+      # process_images sees PIL only; PIL images go to the image processor as given.
+      images = [im if _is_pil(im) else load_processor_image(im, f"image {i}") for i, im in enumerate(images)]
       data, replacements = self.process_images(images)
       it = iter(replacements)
       # re.sub scans each prompt once, so the inserted runs are not matched again.

@@ -1,10 +1,10 @@
-"""air_jax.images against transformers' image loading: transparency onto white, EXIF orientation."""
+"""air_jax.images against transformers' image loading: transparency onto white, EXIF orientation, array layouts."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from air_jax.images import load_image
+from air_jax.images import ImageError, load_image, load_processor_image
 
 
 def _hf_rgb(im) -> np.ndarray:
@@ -67,3 +67,29 @@ def test_exif_orientation_is_applied_to_paths(tmp_path):
   # An already opened image is taken as given, as transformers' processors take it.
   with Image.open(path) as im:
     assert load_image(im).size == (56, 40)
+
+
+@pytest.mark.parametrize("layout", ["HWC", "CHW", "HW1", "1HW", "HW"])
+def test_processor_array_layouts(layout):
+  rgb = np.random.default_rng(2).integers(0, 256, (6, 9, 3), dtype=np.uint8)  # [H, W, 3]
+  gray = rgb[..., 0]  # [H, W]
+  arr, want = {"HWC": (rgb, rgb), "CHW": (rgb.transpose(2, 0, 1), rgb), "HW1": (gray[..., None], gray),
+               "1HW": (gray[None], gray), "HW": (gray, gray)}[layout]
+  out = np.asarray(load_processor_image(arr))
+  np.testing.assert_array_equal(out, want if want.ndim == 3 else np.repeat(want[..., None], 3, -1))
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_processor_rgba_arrays_composite_like_transformers(channels_first):
+  rgba = _rgba(seed=3)
+  arr = rgba.transpose(2, 0, 1) if channels_first else rgba
+  np.testing.assert_array_equal(np.asarray(load_processor_image(arr)), _hf_rgb(rgba))
+
+
+def test_processor_arrays_keep_the_value_checks():
+  with pytest.raises(ImageError, match="ambiguous"):
+    load_processor_image(np.full((3, 8, 8), 0.5, np.float32))
+  with pytest.raises(ImageError, match="channel axis"):
+    load_processor_image(np.zeros((8, 8, 5), np.uint8))
+  with pytest.raises(ImageError, match="RGBA"):
+    load_processor_image(np.zeros((8, 8, 4), np.float32))

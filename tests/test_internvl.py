@@ -78,6 +78,17 @@ def test_processor_without_video_processor_matches_transformers(tiny):
   assert (ids == tok.convert_tokens_to_ids("</img>")).sum() == 2
 
 
+def test_processor_takes_numpy_images_as_transformers(tiny):
+  proc = load_processor(tiny["path"])
+  hwc = np.asarray(tiny["images"][0])  # [H, W, 3] uint8, tiled 2x1 + thumbnail
+  texts = [chat(tiny["hf_proc"], "hi")]
+  for img in (hwc, hwc.transpose(2, 0, 1)):  # channels last, channels first
+    ours = proc(images=[img], text=texts, return_tensors="np", padding=True)
+    ref = dict(tiny["hf_proc"](images=[img], text=texts, return_tensors="np", padding=True))
+    for k in ("input_ids", "attention_mask", "pixel_values"):
+      np.testing.assert_array_equal(ours[k], ref[k], err_msg=f"{k} {img.shape}")
+
+
 def test_vision_features_match_transformers(tiny):
   import jax.numpy as jnp
 

@@ -55,6 +55,19 @@ def test_processor_without_video_processor_matches_transformers(tiny):
     proc(images=None, text=["x"], videos=[np.zeros((2, 8, 8, 3), np.uint8)])
 
 
+def test_processor_takes_numpy_images_as_transformers(tiny):
+  proc = load_processor(tiny["path"])
+  hwc = np.asarray(tiny["images"][2])  # [H, W, 3] uint8
+  gray = hwc[..., 0]  # [H, W]
+  texts = [chat(tiny["hf_proc"], "hi")] * 3
+  for img in (hwc, hwc.transpose(2, 0, 1), gray[None]):  # channels last, channels first, [1, H, W] grayscale
+    ours = proc(images=[img, img, img], text=texts, return_tensors="np", padding=True)
+    ref = dict(tiny["hf_proc"](images=[img, img, img], text=texts, return_tensors="np", padding=True))
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+      np.testing.assert_array_equal(ours[k], ref[k], err_msg=f"{k} {img.shape}")
+
+
 def test_vision_tower_matches_transformers(tiny):
   import jax.numpy as jnp
 
