@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "LVLM's own language model with the image replaced by one placeholder token; default)")
   p.add_argument("--methods-json", default=None,
                  help=f"methods benchmark JSON for C.3 (default {DEFAULT_METHODS_JSON} when it exists)")
-  p.add_argument("--sweep-images", type=int, default=100, help="held-out images per sweep config (default 100)")
+  p.add_argument("--sweep-images", type=int, default=100, help="held-out images per sweep config, none of them analysed above (default 100)")
   p.add_argument("--sweep-grid", help="JSON {knob: [values]} (knobs lambda, gamma, tau_text, beta)")
   p.add_argument("--batch-size", type=int, default=50)
   p.add_argument("--sigma", choices=("both", "identity"), default="both",
@@ -136,8 +137,17 @@ class Split:
     self.images = CocoImages(args.coco_root, args.split)
     self.gt = GroundTruth(args.coco_root, args.split, self.vocab, cache_dir=Path(args.out) / "cache")
 
-  def sample(self, n: int, seed: int) -> list:
-    return self.images.sample(min(n, len(self.images.ids)), seed)
+  def sample(self, n: int, seed: int, exclude: Sequence = ()) -> list:
+    """eval.chair's seeded sample of min(n, available) image ids; with `exclude`, the same seeded draw from the
+    ids not in it (deterministic), so the sweeps never reuse an analysed scene."""
+    if not exclude:
+      return self.images.sample(min(n, len(self.images.ids)), seed)
+    skip = set(exclude)
+    pool = [i for i in self.images.ids if i not in skip]
+    if not pool:
+      raise AnalyzeError(f"no images of the split ({len(self.images.ids)}) are left after excluding the "
+                         f"{len(skip)} analysed ones")
+    return random.Random(seed).sample(pool, min(n, len(pool)))
 
   def load(self, ids) -> list:
     from PIL import Image
@@ -389,7 +399,8 @@ def parse_grid(text: str | None) -> dict[str, tuple[float, ...]]:
   return grid
 
 
-def sweeps_section(model, split, hal, args, out_dir, fig) -> dict:
+def sweeps_section(model, split, hal, args, out_dir, fig, analysed: Sequence = ()) -> dict:
+  """C.2 sweeps on `args.sweep_images` held-out images other than the `analysed` ones."""
   from air_jax import AIRConfig
   from air_jax.analysis import sensitivity
   from air_jax.atomic import atomic_write_json
@@ -407,7 +418,7 @@ def sweeps_section(model, split, hal, args, out_dir, fig) -> dict:
   except (TypeError, ValueError) as e:
     raise AnalyzeError(f"--air-config {args.air_config}: {e}") from e
   grid = parse_grid(args.sweep_grid)
-  ids = split.sample(args.sweep_images, args.seed + 1)
+  ids = split.sample(args.sweep_images, args.seed + 1, exclude=analysed)  # other scenes than the analysed ones
   images = split.load(ids)
 
   def score(texts):
@@ -619,7 +630,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fig.save(fig.cost_figure(methods["methods"], model=methods["model"]), out_dir / "cost.png")
     result["cost"] = methods
   if "sweeps" not in skip:
-    result["sweeps"] = sweeps_section(model, split, hal, args, out_dir, fig)
+    result["sweeps"] = sweeps_section(model, split, hal, args, out_dir, fig, analysed=ids)
   atomic_write_json(out_dir / "analysis.json", _jsonable(result), indent=1)
   return result
 

@@ -173,6 +173,8 @@ def test_analyze_cli_on_a_tiny_model(tiny_dir, llm_dirs, tmp_path, monkeypatch, 
   assert np.array(res["propagation"]["step_covariance"]["tr_w"]).shape == (2, 4)
   assert "state_covariance" not in res["propagation"]
   assert "A.2 similarity" in capsys.readouterr().out
+  analysed = {str(c["image_id"]) for c in res["tai"]["captions"]}
+  assert analysed and not analysed & set(json.loads((out / "sweeps.json").read_text())["key"]["images"])
   # The sweeps resume from sweeps.json: a rerun generates no sweep.
   import sys
 
@@ -220,6 +222,21 @@ def test_summary_lines_of_empty_groups():
   assert "S_hal n/a, S_non 0.500" in text and "sensitive heads n/a, other heads 0.70" in text
   assert "insensitive heads n/a" in text and "Pearson n/a" in text and "printed eq.7 n/a" in text
   assert "C_S 50.0, C_I 25.0" in lines[0] and "n/a% followed" in text
+
+
+def test_sweep_images_are_other_scenes_than_the_analysed(tiny_dir, tmp_path):
+  from eval import analyze
+
+  args = analyze.build_parser().parse_args(["--model", tiny_dir, "--coco-root", COCO, "--out", str(tmp_path)])
+  analyze.apply_defaults(args)
+  split = analyze.Split(args)
+  analysed = split.sample(24, 42)  # the defaults of --num-images and --seed on the 80-image fixture
+  assert set(split.sample(24, 43)) & set(analysed)  # seed + 1 alone overlaps: what the exclusion prevents
+  sweep = split.sample(100, 43, exclude=analysed)
+  assert len(sweep) == 80 - 24 and not set(sweep) & set(analysed)
+  assert split.sample(10, 43, exclude=analysed) == split.sample(10, 43, exclude=analysed)  # deterministic
+  with pytest.raises(analyze.AnalyzeError, match="80.*left after excluding the 80 analysed"):
+    split.sample(5, 43, exclude=split.sample(80, 42))
 
 
 def test_analyze_cli_errors(tiny_dir, tmp_path, capsys):
