@@ -78,6 +78,11 @@ class DeepseekVL2Config:
     h = self.tile_grid
     return h * (h + 1) + 1 + num_height_tiles * h * (num_width_tiles * h + 1)
 
+  def tiles_of(self, resolution: tuple[int, int]) -> tuple[int, int]:
+    """(width tiles, height tiles) of a candidate resolution (width, height)."""
+    tile = self.vision.image_size
+    return resolution[0] // tile, resolution[1] // tile
+
 
 def config_from_dict(d: dict, image_token_id: int | None = None) -> DeepseekVL2Config:
   """Parses the official config.json (vision_config / projector_config / language_config)."""
@@ -298,7 +303,7 @@ class DeepseekVL2Processor:
 def _family():
   from models import chat
   from models import family as family_lib
-  from models.deepseek_vl2_processing import USER_TEMPLATE, encode
+  from models.deepseek_vl2_processing import encode, user_turn
 
   class DeepseekVL2Family(family_lib.Family):
     """DeepSeek-VL2: SigLIP tiles -> downsampling projector -> tile/newline layout -> DeepSeek-V2 MLA + MoE."""
@@ -313,6 +318,12 @@ def _family():
 
     def param_shapes(self, config):
       return param_shapes(config)
+
+    def max_image_tokens(self, config):  # the candidate resolution with the most tiles, plus the global view
+      return max(config.num_image_tokens(*config.tiles_of(r)) for r in config.candidate_resolutions)
+
+    def max_vision_tiles(self, config):
+      return max(1 + w * h for w, h in map(config.tiles_of, config.candidate_resolutions))
 
     def head_key_role(self, key):
       return {"language.lm_head.weight": "head", "language.model.embed_tokens.weight": "embed"}.get(key)
@@ -339,7 +350,7 @@ def _family():
       tok = processor.tokenizer
       rows, tiles, crops = [], [], []
       for image, prompt in zip(images, prompts):
-        ids, t, c = encode(tok, config, USER_TEMPLATE.format(prompt=prompt), [image])
+        ids, t, c = encode(tok, config, user_turn(prompt), [image])
         rows.append(ids)
         tiles.append(t)
         crops.append(c[0])

@@ -9,7 +9,8 @@ one prompt with images: dynamic tiling, normalisation and the `<image>` token ru
   * tokens: h (w + 1) + 1 + th h (tw w + 1) `<image>` ids per image (see models.deepseek_vl2), text splits
     tokenized without special tokens, one BOS in front, no EOS (inference).
 Conversation ("deepseek" template of the official repo): "<|User|>: {prompt}\n\n<|Assistant|>:" with the image
-placeholder at the start of the user turn, empty system prompt.
+placeholder at the start of the user turn, empty system prompt; the user content "<image>\n" + prompt is strip()-ed
+as the official `format_messages_v2` does (`user_turn`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from models.deepseek_vl2 import DeepseekVL2Config
 
 USER_TEMPLATE = "<|User|>: <image>\n{prompt}\n\n<|Assistant|>:"
 IMAGE_TOKEN = "<image>"
+
+
+def user_turn(prompt: str) -> str:
+  """The official conversation text for one image and `prompt`.
+
+  Official `format_messages_v2` strips the whole user content after the image tag is put in front, so trailing
+  whitespace of the prompt (and the tag's newline, for an empty prompt) is dropped; leading whitespace stays.
+  """
+  content = str(IMAGE_TOKEN + "\n" + prompt).strip()
+  return f"<|User|>: {content}\n\n<|Assistant|>:"  # USER_TEMPLATE with its "<image>\n{prompt}" stripped
 
 
 def select_best_resolution(image_size: tuple[int, int], candidates) -> tuple[int, int]:

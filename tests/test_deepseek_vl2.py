@@ -9,7 +9,7 @@ import torch
 
 from convert.hf_deepseek_vl2 import load_config, load_params
 from models import deepseek_vl2, siglip
-from models.deepseek_vl2_processing import USER_TEMPLATE, batch, select_best_resolution
+from models.deepseek_vl2_processing import USER_TEMPLATE, batch, encode, select_best_resolution
 from models.segments import IMAGE, SYSTEM, segment_ids
 from tests.tiny_deepseek_vl2 import make_tiny_deepseek_vl2
 
@@ -41,6 +41,25 @@ def test_select_best_resolution_matches_official_rule():
   assert select_best_resolution((30, 80), cands) == (35, 70)
   assert select_best_resolution((100, 35), cands) == (105, 35)
   assert select_best_resolution((10, 10), cands) == (35, 35)
+
+
+def _official_prompt(prompt: str) -> str:
+  """The official conversation text for [{"role": "<|User|>", "content": "<image>\\n" + prompt},
+  {"role": "<|Assistant|>", "content": ""}]: format_messages_v2 appends str(content).strip() to the "deepseek"
+  template (empty system, sep "\\n\\n"), whose get_prompt writes role + ": " + message + sep, or role + ":" for an
+  empty message."""
+  messages = [("<|User|>", str("<image>\n" + prompt).strip()), ("<|Assistant|>", "")]
+  return "".join(role + ": " + msg + "\n\n" if msg else role + ":" for role, msg in messages)
+
+
+@pytest.mark.parametrize("prompt", ["Describe the image.\n", "Describe the image. ", "  lead and trail \n ", "",
+                                    "Describe the image."])
+def test_prompt_is_stripped_as_official(tiny, prompt):
+  _, tok, cfg, _, _ = tiny
+  img = images()[0]
+  out = deepseek_vl2.FAMILY.prepare_inputs(deepseek_vl2.DeepseekVL2Processor(tok), cfg, [img], [prompt], 0)
+  ref = encode(tok, cfg, _official_prompt(prompt), [img])[0]
+  assert out["input_ids"][0].tolist() == ref
 
 
 def test_siglip_matches_transformers(tiny):
