@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+_ZERO_OK = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 SIZE_FIELDS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "vocab_size", "image_size", "patch_size", "max_position_embeddings", "num_channels",
@@ -46,7 +47,9 @@ def check_config_dict(raw, source: str = "config.json") -> None:
       if isinstance(value, list) and key in ("image_size", "patch_size") and all(_int(x) for x in value):
         continue  # some configs give (height, width) (InternVL: both)
       raise ValueError(f"{source}: {path} = {value!r} must be a positive integer")
-    if value <= 0 and not (key in ("q_lora_rank",) and value == 0):
+    # 0 is a real value of the MLA dims of a DeepSeek-V2 decoder without MLA (use_mla false, DeepSeek-VL2-Tiny);
+    # its config parser checks them when MLA is on.
+    if value <= 0 and not (key in _ZERO_OK and value == 0):
       raise ValueError(f"{source}: {path} = {value} must be a positive integer")
   for sub_path, sub in _sections(raw):
     heads, kv = sub.get("num_attention_heads"), sub.get("num_key_value_heads")
@@ -57,9 +60,11 @@ def check_config_dict(raw, source: str = "config.json") -> None:
     if _int(heads) and _int(kv) and heads % kv:
       raise ValueError(f"{source}: {sub_path}num_attention_heads = {heads} is not divisible by "
                        f"{sub_path}num_key_value_heads = {kv}")
+    # A patch size that does not divide the image size is fine: the patch convolution drops the remainder
+    # (SigLIP-so400m: 384 px in 14 px patches, 27 x 27); one larger than the image leaves no patch.
     image, patch = sub.get("image_size"), sub.get("patch_size")
-    if _int(image) and _int(patch) and image % patch:
-      raise ValueError(f"{source}: {sub_path}image_size = {image} is not divisible by {sub_path}patch_size = {patch}")
+    if _int(image) and _int(patch) and image < patch:
+      raise ValueError(f"{source}: {sub_path}image_size = {image} is smaller than {sub_path}patch_size = {patch}")
 
 
 def _int(v) -> bool:
@@ -77,8 +82,10 @@ def param_bytes(shapes, itemsize: int) -> int:
   """Bytes of a shape tree (tuples as leaves)."""
   import jax
 
+  from models.params import is_shape
+
   # A leaf is a tuple of ints; per-layer trees (tuples of dicts, e.g. MoE or Q-Former layers) are walked into.
-  leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(v, int) for v in x))
+  leaves = jax.tree.leaves(shapes, is_leaf=is_shape)
   return int(sum(int(np.prod(s, dtype=np.float64)) for s in leaves) * itemsize)
 
 

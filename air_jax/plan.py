@@ -27,7 +27,8 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from air_jax.loading import load_config, resolve_dtype
-from air_jax.sharding import DATA, MODEL, per_device_bytes, spec_for
+from air_jax.sharding import DATA, MODEL, path_names, per_device_bytes, spec_for
+from models.params import is_shape
 
 GB = 1e9
 
@@ -90,12 +91,11 @@ def plan(path: str, devices: int, dtype="bfloat16", *, model_parallel: int | Non
   dp = devices // mp
   mesh_shape = {DATA: dp, MODEL: mp}
   shapes = fam.param_shapes(config)
-  is_shape = lambda x: isinstance(x, tuple)
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dt), shapes, is_leaf=is_shape)
   rules = fam.partition_rules(config)
   num_params, param_bytes = 0, 0
   for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    parts = tuple(k.key for k in kp)
+    parts = path_names(kp)
     num_params += int(np.prod(leaf.shape))
     param_bytes += per_device_bytes(leaf.shape, dt.itemsize, spec_for(rules, parts, leaf.shape, mp), mesh_shape)
   d = config.dims

@@ -45,6 +45,19 @@ def make_mesh(model: int | None = None, data: int | None = None, devices: Sequen
   return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
 
 
+def path_names(key_path) -> tuple[str, ...]:
+  """A jax key path -> its names (dict keys; list/tuple indices as digits, e.g. InstructBLIP's Q-Former layers)."""
+  out = []
+  for k in key_path:
+    if isinstance(k, jax.tree_util.DictKey):
+      out.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      out.append(str(k.idx))
+    else:
+      out.append(str(getattr(k, "name", k)))
+  return tuple(out)
+
+
 def spec_for(rules, parts: tuple, shape: tuple, model_size: int) -> PartitionSpec:
   """The PartitionSpec of the param at `parts` (names) with `shape`, from the family's rules.
 
@@ -78,7 +91,7 @@ def shard_params(params, config, mesh: Mesh):
   fn = param_shardings(config, mesh)
 
   def put(kp, x):
-    return jax.device_put(x, fn(tuple(k.key for k in kp), tuple(x.shape)))
+    return jax.device_put(x, fn(path_names(kp), tuple(x.shape)))
 
   return jax.tree_util.tree_map_with_path(put, params)
 

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from convert.safetensors_io import SafetensorsFile
+from models.params import is_shape
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ def resolve_tied_head(path: str, config, family=None):
   return fam.untie(config)
 
 
-def _is_shape(x) -> bool:
-  return isinstance(x, tuple)
 
 
 def _leaf(tree: dict, parts: list[str]):
@@ -146,7 +145,7 @@ def index_checkpoint(path: str, config, family=None):
           continue
         sources.setdefault(parts, {})[layer] = (file, key)
   unfilled = []
-  for kp, shape in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]:
+  for kp, shape in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]:
     parts = tuple(k.key for k in kp)
     got = sources.get(parts, {})
     name = ".".join(parts)
@@ -205,4 +204,4 @@ def load_params(path: str, config, dtype=np.float32, *, family=None,
       return jax.make_array_from_callback(shape, sharding(parts, shape), lambda idx: read(parts, shape, idx),
                                           dtype=dtype)
 
-    return jax.tree_util.tree_map_with_path(build, shapes, is_leaf=_is_shape)
+    return jax.tree_util.tree_map_with_path(build, shapes, is_leaf=is_shape)

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from models.config import LlavaConfig, RopeConfig
-from models.params import param_shapes
+from models.params import is_shape, param_shapes
+
 
 # canonical top-level prefix -> 5.x checkpoint prefix
 _PREFIX_5X = {
@@ -110,7 +111,6 @@ def checkpoint_tensors(params: dict, config: LlavaConfig) -> dict[str, np.ndarra
   """
   params = getattr(params, "params", params)
   shapes = param_shapes(config)
-  is_shape = lambda x: isinstance(x, tuple)
   want = {tuple(k.key for k in kp): s for kp, s in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]}
   got = {tuple(k.key for k in kp): a for kp, a in jax.tree_util.tree_flatten_with_path(params)[0]}
   missing = sorted(".".join(k) for k in set(want) - set(got))

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _is_shape(x) -> bool:
-  return isinstance(x, tuple) and all(isinstance(v, int) for v in x)
+from models.params import is_shape
 
 
 class TreeFiller:
@@ -30,7 +28,7 @@ class TreeFiller:
     """-> (leaf path tuple, leaf shape, stacked row indices tuple) or None."""
     node, path, rows = self.shapes, [], []
     for part in name.split("."):
-      if isinstance(node, tuple) and not _is_shape(node):
+      if isinstance(node, tuple) and not is_shape(node):
         if not part.isdigit() or int(part) >= len(node):
           return None
         node = node[int(part)]
@@ -45,7 +43,7 @@ class TreeFiller:
         path.append(part)
       else:
         return None
-    if not _is_shape(node):
+    if not is_shape(node):
       return None
     return tuple(path), node, tuple(rows)
 
@@ -77,7 +75,7 @@ class TreeFiller:
     unfilled = []
 
     def build(node, path):
-      if _is_shape(node):
+      if is_shape(node):
         got = self.rows.get(path, set())
         n_stack = len(next(iter(got))) if got else 0
         need = int(np.prod(node[:n_stack])) if got else 1

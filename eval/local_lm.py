@@ -22,7 +22,8 @@ import numpy as np
 from convert.hf_llava import checkpoint_files
 from convert.safetensors_io import SafetensorsFile
 from models.config import LlavaConfig, text_config_from_dict
-from models.params import param_shapes
+from models.params import is_shape, param_shapes
+
 
 _LAYER = re.compile(r"^(.*?\blayers)\.(\d+)\.(.*)$")
 _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -50,7 +51,7 @@ def load_params(path: str, config: LlavaConfig, dtype=np.float32) -> dict:
   """The checkpoint's decoder params (numpy), checked key by key against ``models.params.param_shapes``."""
   full = param_shapes(config)
   shapes = {k: full[k] for k in ("language_model", "lm_head") if k in full}
-  out: dict = jax.tree.map(lambda s: None, shapes, is_leaf=lambda x: isinstance(x, tuple))
+  out: dict = jax.tree.map(lambda s: None, shapes, is_leaf=is_shape)
   filled: dict[tuple, set] = {}
   unused, mismatched = [], []
   tied = config.text.tie_word_embeddings
@@ -91,7 +92,7 @@ def load_params(path: str, config: LlavaConfig, dtype=np.float32) -> dict:
           target[parts[-1]][layer] = arr
         filled.setdefault(tuple(parts), set()).add(layer)
   unfilled = []
-  for kp, shape in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]:
+  for kp, shape in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]:
     parts = tuple(k.key for k in kp)
     got = filled.get(parts, set())
     if "layers" in parts:

@@ -198,6 +198,13 @@ def deepseek_v2_config_from_dict(d: dict, field: str = "language_config") -> Dee
   kvh = d.get("num_key_value_heads") or heads
   if use_mla:
     _check(int(kvh) == heads, f"{field}.num_key_value_heads", kvh, f"equal to num_attention_heads={heads} (MLA)")
+    for name, default in (("qk_rope_head_dim", 64), ("v_head_dim", 128), ("kv_lora_rank", 512)):
+      value = d.get(name, default)
+      if name == "kv_lora_rank" and value is None:
+        continue  # None takes the default (512)
+      _check(isinstance(value, int) and value > 0, f"{field}.{name}", value, "a positive integer (MLA)")
+    _check(int(d.get("qk_rope_head_dim", 64)) % 2 == 0, f"{field}.qk_rope_head_dim", d.get("qk_rope_head_dim"),
+           "even (rotary pairs)")
   else:
     _check(heads % int(kvh) == 0, f"{field}.num_key_value_heads", kvh, f"a divisor of num_attention_heads={heads}")
   max_pos = int(d.get("max_position_embeddings", 2048))

@@ -61,14 +61,16 @@ def param_shapes(config: LlavaConfig) -> dict:
   return tree
 
 
-def _is_shape(x) -> bool:
-  return isinstance(x, tuple)
+def is_shape(x) -> bool:
+  """A leaf of a param-shape tree: a tuple of ints (a tuple of sub-trees, e.g. InstructBLIP's Q-Former layers, is
+  not one)."""
+  return isinstance(x, tuple) and all(isinstance(v, int) for v in x)
 
 
 def init_params(config: LlavaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
   """Random params: N(0, std) matrices and embeddings, ones for norm weights, zeros for biases."""
   shapes = param_shapes(config)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)
   keys = jax.random.split(key, len(flat))
   leaves = []
   for (path, shape), k in zip(flat, keys):

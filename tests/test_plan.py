@@ -42,3 +42,31 @@ def test_bad_arguments_are_reported(dir_34b, tmp_path, capsys):
   assert "--devices must be at least 1, got 0" in capsys.readouterr().err
   assert main(["--model", str(tmp_path), "--devices", "2"]) == 2
   assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(FIXTURES)))
+def test_every_fixture_config_loads_and_plans(name, tmp_path):
+  """Every real-shaped config loads through load_config and gets a plan: SigLIP's 384 px in 14 px patches,
+  DeepSeek-VL2-Tiny's zero MLA dims (no MLA), InstructBLIP's Q-Former layer tuple in the shape tree."""
+  from air_jax.loading import load_config
+
+  shutil.copy(os.path.join(FIXTURES, name), tmp_path / "config.json")
+  config, _ = load_config(str(tmp_path))
+  p = plan(str(tmp_path), 2, "bfloat16", device_memory=80)
+  assert p.num_params > 1e9 and p.params > 0 and p.kv_cache > 0, (name, p)
+
+
+def test_config_checks_keep_real_errors(tmp_path):
+  import json
+
+  from air_jax.loading import load_config
+
+  raw = json.load(open(os.path.join(FIXTURES, "deepseek-vl2-tiny.json")))
+  for where, key, value, match in (("vision_config", "patch_size", 400, "smaller than"),
+                                   ("language_config", "hidden_size", 0, "must be a positive integer"),
+                                   ("language_config", "use_mla", True, "qk_rope_head_dim")):
+    bad = json.loads(json.dumps(raw))
+    bad[where][key] = value
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=match):
+      load_config(str(tmp_path))

@@ -19,7 +19,8 @@ from air_jax.loading import LoadedModel
 from convert.hf_llava import checkpoint_files
 from convert.safetensors_io import SafetensorsFile
 from models.config import LlavaConfig, text_config_from_dict
-from models.params import param_shapes
+from models.params import is_shape, param_shapes
+
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
 _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -87,7 +88,7 @@ def load_base_llm(path: str, dtype=np.float32) -> LoadedModel:
   missing = []
   import jax
 
-  for kp, shape in jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0]:
+  for kp, shape in jax.tree_util.tree_flatten_with_path(want, is_leaf=is_shape)[0]:
     parts = tuple(k.key for k in kp)
     if "layers" in parts:
       gone = [i for i in range(nl) if (*parts, i) not in filled]
