@@ -66,8 +66,12 @@ class TorchDeepseekVL2:
     return self.language(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
 
 
-def make_tiny_deepseek_vl2(path: str, *, seed: int = 0, global_view_pos: str = "head", moe_over: dict | None = None):
-  """Saves config.json, model.safetensors (official key layout) and tokenizer; returns (TorchDeepseekVL2, tokenizer)."""
+def make_tiny_deepseek_vl2(path: str, *, seed: int = 0, global_view_pos: str = "head", moe_over: dict | None = None,
+                           patch_size: int = 7):
+  """Saves config.json, model.safetensors (official key layout) and tokenizer; returns (TorchDeepseekVL2, tokenizer).
+
+  patch_size: 7 divides the 35 px tiles (5 x 5 patches); e.g. 8 does not (4 x 4, the remainder dropped, as SigLIP's
+  384 px tiles in 14 px patches)."""
   import torch
   from safetensors.numpy import save_file
   from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
@@ -76,7 +80,7 @@ def make_tiny_deepseek_vl2(path: str, *, seed: int = 0, global_view_pos: str = "
   image_token_id = tokenizer.convert_tokens_to_ids("<image>")
   torch.manual_seed(seed)
   vcfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=35, patch_size=7, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                            image_size=35, patch_size=patch_size, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
                             vision_use_head=False)
   vision = SiglipVisionModel(vcfg)
   lang = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, moe_intermediate_size=16,
@@ -153,7 +157,7 @@ def make_tiny_deepseek_vl2(path: str, *, seed: int = 0, global_view_pos: str = "
                          rope_scaling=None)
   config = {"model_type": "deepseek_vl_v2", "architectures": ["DeepseekVLV2ForCausalLM"], "tile_tag": "2D",
             "global_view_pos": global_view_pos, "candidate_resolutions": CANDIDATES,
-            "vision_config": {"model_name": "siglip_tiny", "image_size": 35, "patch_size": 7, "width": 32, "layers": 2,
+            "vision_config": {"model_name": "siglip_tiny", "image_size": 35, "patch_size": patch_size, "width": 32, "layers": 2,
                               "heads": 4, "mlp_ratio": 2.0, "global_pool": "map", "ignore_head": True},
             "projector_config": {"projector_type": "downsample_mlp_gelu", "input_dim": 32, "n_embed": 64, "depth": 2,
                                  "mlp_ratio": 1, "downsample_ratio": 2},
