@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from convert.vl_processor import ImageTextProcessor, load_tokenizer, read_chat_template, read_json
+from convert.vl_processor import (ImageTextProcessor, load_tokenizer, read_chat_template, read_image_processor_config,
+                                  read_json)
 from models.internvl import FAMILY, InternVLConfig
 
 def load_params(path: str, config: InternVLConfig, dtype=np.float32) -> dict:
@@ -46,12 +47,11 @@ class InternVLProcessor(ImageTextProcessor):
 
 
 def load_image_processor(path: str):
-  """transformers' GotOcr2 image processor (PIL backend, no torchvision), as InternVL-HF checkpoints configure it."""
+  """transformers' GotOcr2 image processor (PIL backend, no torchvision), as InternVL-HF checkpoints configure it
+  (preprocessor_config.json or processor_config.json, see convert.vl_processor.read_image_processor_config)."""
   from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-  cfg = read_json(path, "preprocessor_config.json")
-  if not cfg:
-    raise FileNotFoundError(f"no preprocessor_config.json in {path}")
+  cfg = read_image_processor_config(path)
   keep = ("size", "crop_to_patches", "min_patches", "max_patches", "image_mean", "image_std", "do_resize",
           "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "resample")
   return GotOcr2ImageProcessorPil(**{k: v for k, v in cfg.items() if k in keep})

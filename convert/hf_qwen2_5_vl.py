@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from convert.vl_processor import ImageTextProcessor, load_tokenizer, read_chat_template, read_json
+from convert.vl_processor import ImageTextProcessor, load_tokenizer, read_chat_template, read_image_processor_config
 from models.qwen2_5_vl import FAMILY, Qwen25VLConfig
 
 
@@ -43,12 +43,11 @@ class Qwen25VLProcessor(ImageTextProcessor):
 
 
 def load_image_processor(path: str):
-  """transformers' Qwen2-VL image processor (PIL backend, no torchvision) from preprocessor_config.json."""
+  """transformers' Qwen2-VL image processor (PIL backend, no torchvision) from preprocessor_config.json or
+  processor_config.json (convert.vl_processor.read_image_processor_config)."""
   from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-  cfg = read_json(path, "preprocessor_config.json")
-  if not cfg:
-    raise FileNotFoundError(f"no preprocessor_config.json in {path}")
+  cfg = read_image_processor_config(path)
   keep = ("min_pixels", "max_pixels", "size", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
           "image_std", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "resample")
   return Qwen2VLImageProcessorPil(**{k: v for k, v in cfg.items() if k in keep})

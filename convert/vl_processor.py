@@ -35,6 +35,19 @@ def read_json(path: str, name: str) -> dict:
       raise ValueError(f"{file} is not valid JSON: {e}") from e
 
 
+def read_image_processor_config(path: str) -> dict:
+  """The image processor's settings: preprocessor_config.json (transformers 4 layout) when present, else the
+  "image_processor" dict of processor_config.json (transformers 5 `ProcessorMixin.save_pretrained` writes one file
+  with each sub-processor's settings nested under its name)."""
+  if os.path.exists(os.path.join(path, "preprocessor_config.json")):
+    return read_json(path, "preprocessor_config.json")
+  nested = read_json(path, "processor_config.json").get("image_processor")
+  if isinstance(nested, dict):
+    return nested
+  raise FileNotFoundError(f"no image processor settings in {path}: expected preprocessor_config.json, or "
+                          "processor_config.json with an \"image_processor\" entry")
+
+
 def read_chat_template(path: str, tokenizer) -> str | None:
   """chat_template.jinja, chat_template.json, processor_config.json or the tokenizer's template (in that order)."""
   jinja = os.path.join(path, "chat_template.jinja")
