@@ -130,7 +130,7 @@ def pixel_image(config, vision, row: int, mean, std):
     return pix
 
   one = jax.tree.map(lambda x: np.asarray(x[row:row + 1]), vision)
-  family_of(config).map_pixels(one, grab)
+  family_of(config).map_pixels(config, one, grab)
   pix = np.asarray(grabbed[0], np.float32)
   check_pixel_layout(pix.shape, config)
   pix = pix.reshape((-1,) + pix.shape[-3:])[0]
@@ -265,7 +265,7 @@ def fov_candidates(params, config, input_ids, attention_mask, tokens, upto, pixe
   seq, valid = seq[rows], valid[rows]
   flat = boxes.reshape(-1, 4)
   vision = jax.tree.map(lambda x: x[rows], pixel_values)
-  vision = fam.map_pixels(vision, lambda pix: jax.vmap(fov.crop_resize)(pix, flat))
+  vision = fam.map_pixels(config, vision, lambda pix: jax.vmap(fov.crop_resize)(pix, flat))
   embeds, positions, ctx = prompt_pieces(params, config, seq, valid, vision)
   hidden, _, _ = fam.decoder(params, config, embeds, positions, ctx, spec=None)
   logits = fam.logits(params, config, hidden[:, -1]).astype(jnp.float32).reshape(b, nf, -1)
@@ -312,7 +312,7 @@ def halc_search(params, config, input_ids, attention_mask, pixel_values, values,
   tables = word_tables(tok, vocab, vocab_size)
   tabs = (jnp.asarray(tables.lead), jnp.asarray(tables.sep), jnp.asarray(tables.maybe))
   mean, std = image_stats(processor)
-  family_of(config).map_pixels(pixel_values, lambda pix: check_pixel_layout(pix.shape, config) or pix)
+  family_of(config).map_pixels(config, pixel_values, lambda pix: check_pixel_layout(pix.shape, config) or pix)
   b, t = input_ids.shape
   n = max_new_tokens
   eos_ids = tuple(int(e) for e in eos_ids)

@@ -51,6 +51,8 @@ class Protocol:
     finished_pad: the token fed to rows that have ended while others go on: None = the tokenizer's pad id;
       "unk" = the unknown token (id 0 in LLaVA-1.5's vocabulary), the pad id of the official LLaVA checkpoints'
       generation config (in official_compat those rows still count in the batch-summed AD-HH trigger).
+    families: the model families (`models.family.Family.name`) the protocol reproduces a run of, or None for any:
+      a protocol that re-creates one official script builds that script's inputs (LLaVA-1.5's prompt and pixels).
   """
 
   name: str
@@ -63,6 +65,17 @@ class Protocol:
   pad_image_to_square: bool = False
   dtype: str = "float32"
   finished_pad: str | None = None
+  families: tuple[str, ...] | None = None
+
+  def check_family(self, config) -> None:
+    """Raises a clear error when the model's family is not one this protocol reproduces."""
+    from models.family import family_of
+
+    name = family_of(config).name
+    if self.families is not None and name not in self.families:
+      raise ValueError(f"protocol {self.name!r} re-creates the official run of the {' / '.join(self.families)} "
+                       f"family and builds its inputs; this model is of the {name!r} family: use the default "
+                       "protocol (no --protocol)")
 
   def __post_init__(self):
     if self.conv_template is not None:
@@ -92,7 +105,7 @@ PROTOCOLS = {
     "default": Protocol("default"),
     "official-air": Protocol("official-air", conv_template="vicuna_v1", bucket=0, group_by_length=True,
                              batch_size=4, absolute_layers=True, official_compat=True, pad_image_to_square=True,
-                             dtype="float16", finished_pad="unk"),
+                             dtype="float16", finished_pad="unk", families=("llava",)),
 }
 
 
@@ -140,6 +153,8 @@ def prepare_inputs(processor, images: Sequence, prompts: Sequence[str], protocol
 
   from air_jax.conversation import get_template, tokenize_with_image
 
+  if config is not None:
+    protocol.check_family(config)
   images = list(images)
   if protocol.pad_image_to_square:
     mean = getattr(processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)

@@ -133,6 +133,8 @@ def make_captioner(model_dir: str, method: str, *, prompt: str, max_new_tokens: 
     dtype, fixed, extra, group = protocol.dtype, protocol.air_overrides(), {"protocol": protocol}, \
         protocol.group_by_length
   model = _load_model(model_dir, dtype)
+  if protocol is not None:
+    protocol.check_family(model.config)  # before any caption
   sources = " or ".join(x for x in (f"--heads {heads}" if heads else "", "--air-config" if overrides else "") if x)
   try:
     base = air_jax.methods.make(method, run_options={"heads": heads, "synonyms": synonyms}, **(overrides or {}))

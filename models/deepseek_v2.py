@@ -71,25 +71,35 @@ def decoder(
     output_attentions: bool = False,
     output_stats: bool = False,
     cache_write: bool = True,
+    output_hidden_layers: tuple[int, ...] = (),
 ):
-  """All layers on embeds [B, T, E] at positions [B, T]; returns (normed hidden, cache, extras) like llama.decoder."""
+  """All layers on embeds [B, T, E] at positions [B, T]; returns (normed hidden, cache, extras) like llama.decoder,
+  including `hidden_states` [K, B, T, E] for `output_hidden_layers` (0 = the embeddings, L = the last layer's
+  output before the final norm; early-exit methods such as DoLa)."""
+  n_layers = cfg.num_hidden_layers
+  for i in output_hidden_layers:
+    if not 0 <= i <= n_layers:
+      raise ValueError(f"output_hidden_layers: layer {i} is outside [0, {n_layers}] for this {n_layers}-layer model")
   if cfg.use_mla:
     cos, sin = mla.cos_sin(cfg, positions)
   else:
     cos, sin = rope.cos_sin(cfg.llama_view, positions, embeds.dtype)
-  x, new_cache, per_layer = embeds, [], []
+  x, new_cache, per_layer, hidden = embeds, [], [], [embeds]
   for li, p in enumerate(params["layers"]):
     c = None if cache is None else cache[li]
     x, c, extras = _layer(cfg, li, p, x, cos, sin, ctx, layer_slice(spec, li), c, write_index, output_attentions,
                           output_stats, cache_write)
     per_layer.append(extras)
     new_cache.append(c)
+    hidden.append(x)
   extras = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer[0] else {}
   out = {}
   if output_attentions:
     out["attentions"] = extras["pattern"]
   if output_stats:
     out["segment_mass"] = extras["segment_mass"]
+  if output_hidden_layers:
+    out["hidden_states"] = jnp.stack([hidden[i] for i in output_hidden_layers])
   return rms_norm(params["norm"], x, cfg.rms_norm_eps), (None if cache is None else tuple(new_cache)), out
 
 

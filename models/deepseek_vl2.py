@@ -29,7 +29,7 @@ from models import deepseek_v2, siglip
 from models.config import _check
 from models.deepseek_v2_config import DeepseekV2TextConfig, deepseek_v2_config_from_dict
 from models.layers import linear
-from models.llama import embed_tokens, lm_head
+from models.llama import early_exit_logits, embed_tokens, lm_head
 from models.llava import merge_image_features, positions_from_mask, prompt_context
 from models.siglip import SiglipVisionConfig
 from models.spec import RectificationSpec
@@ -368,6 +368,9 @@ def _family():
       return {"input_ids": ids, "attention_mask": mask,
               "vision": {"tiles": padded, "crops": np.asarray(crops, np.int32)}}
 
+    def map_pixels(self, config, vision, fn):  # the tiles [B, X, C, S, S] (global views and local tiles)
+      return None if vision is None else dict(vision, tiles=fn(vision["tiles"]))
+
     def embed(self, params, config, input_ids, attention_mask, vision):
       if vision is None:
         return embed_tokens(params["language_model"], input_ids)
@@ -384,6 +387,9 @@ def _family():
 
     def logits(self, params, config, hidden):
       return lm_head(params["language_model"], params.get("lm_head"), hidden)
+
+    def exit_logits(self, params, config, hidden, final_norm: bool):
+      return early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
 
   return family_lib.register(DeepseekVL2Family())
 

@@ -86,7 +86,7 @@ Model functions (pure, jit/vmap-able; `params` is the whole param tree, `vision`
     axis names of the per-layer tensor, e.g. ("model", None) for a column-parallel [out, in] weight), ...), the
     first match wins, unmatched params are replicated; stacked layer axes are added by `air_jax.sharding`.
     Heads must be split on the model axis through q/k/v rows and o_proj columns so the sites see whole heads.
-  - `map_pixels(vision, fn)`: the vision input with `fn` applied to its pixel arrays (e.g. a decoding method's
+  - `map_pixels(config, vision, fn)`: the vision input with `fn` applied to its pixel arrays (e.g. a decoding method's
     noised-image view); the default handles a bare array and a dict's "pixel_values". `vision=None` (a
     text-only view) must be accepted by `embed`.
   - `max_image_tokens(config)`, `max_vision_tiles(config)`: the largest image's feature count and the images
@@ -254,7 +254,7 @@ class Family:
   def partition_rules(self, config) -> tuple:
     return ()
 
-  def map_pixels(self, vision, fn):
+  def map_pixels(self, config, vision, fn):
     if vision is None:
       return None
     if isinstance(vision, dict):

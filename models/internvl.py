@@ -273,7 +273,7 @@ class InternVLFamily(LlamaDecoderFamily):
   def embed(self, params, config, input_ids, attention_mask, vision):
     return embed(params, config, input_ids, vision)
 
-  def map_pixels(self, vision, fn):
+  def map_pixels(self, config, vision, fn):
     return None if vision is None else dict(vision, pixels=fn(vision["pixels"]))
 
   def max_vision_tiles(self, config):

@@ -322,8 +322,18 @@ class Qwen25VLFamily(LlamaDecoderFamily):
     # Text tokens advance all three axes together; rope_deltas are inside next_position (max position + 1).
     return jnp.broadcast_to(next_position[None, :, None], (3, next_position.shape[0], 1))
 
-  def map_pixels(self, vision, fn):
-    return None if vision is None else dict(vision, pixels=fn(vision["pixels"]))
+  def map_pixels(self, config, vision, fn):
+    """fn sees each time frame as its own pixel array [T * B, n, C * P * P] (n patch rows, frame-major): a still
+    image's two identical frames (temporal_patch_size 2) then stay identical, as if the processor had been given
+    the mapped image (e.g. VCD's one noised image), and a pixel-wise map reaches every patch."""
+    if vision is None:
+      return None
+    pix = vision["pixels"]  # [B, n, C * T * P * P], the processor's (C, T, P, P) order within a patch row
+    b, n, d = pix.shape
+    c, t = config.vision.in_channels, config.vision.temporal_patch_size
+    frames = pix.reshape(b, n, c, t, d // (c * t)).transpose(3, 0, 1, 2, 4).reshape(t * b, n, d // t)
+    mapped = fn(frames).reshape(t, b, n, c, d // (c * t)).transpose(1, 2, 3, 0, 4).reshape(b, n, d)
+    return dict(vision, pixels=mapped)
 
   def max_image_tokens(self, config):
     return qwen_vision.PLAN_IMAGE_TOKENS

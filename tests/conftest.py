@@ -22,7 +22,7 @@ SECOND_STEP_FILES = {
     "test_eval_shape_blip_dsvl2.py", "test_plan.py", "test_analysis_model.py", "test_export_hf.py",
     "test_organism_model.py", "test_organism_heads.py", "test_attribution_reuse.py", "test_compile_count.py",
     "test_owl_detector.py", "test_pope.py", "test_judged_benchmarks.py", "test_llava_parity.py",
-    "test_halc.py",
+    "test_halc.py", "test_deepseek_vl2_methods.py", "test_deepseek_vl2_patch_floor.py",
 }
 
 

@@ -66,9 +66,9 @@ def test_map_pixels_touches_only_pixels():
   import numpy as np
 
   fam = family.families()[0]
-  assert fam.map_pixels(None, lambda x: x + 1) is None
-  np.testing.assert_array_equal(fam.map_pixels(np.zeros(2), lambda x: x + 1), np.ones(2))
+  assert fam.map_pixels(None, None, lambda x: x + 1) is None
+  np.testing.assert_array_equal(fam.map_pixels(None, np.zeros(2), lambda x: x + 1), np.ones(2))
   v = {"pixel_values": np.zeros(2), "image_rows": np.arange(3)}
-  out = fam.map_pixels(v, lambda x: x + 1)
+  out = fam.map_pixels(None, v, lambda x: x + 1)
   np.testing.assert_array_equal(out["pixel_values"], np.ones(2))
   assert out["image_rows"] is v["image_rows"]

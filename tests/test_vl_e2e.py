@@ -152,3 +152,41 @@ def test_baseline_methods_run(tiny, method):
   out = air_jax.generate(model, air_jax.methods.make(method), [[tiny["images"][0], tiny["images"][1]]],
                          PROMPTS[:1], max_new_tokens=2)
   assert out.token_ids.shape == (1, 2) and (out.token_ids < model.config.dims.vocab_size).all()
+
+
+def test_vcd_noise_is_per_example_and_keeps_still_frames(tiny):
+  """VCD's noised view: an example's noise does not depend on the rest of the batch (images of other sizes give
+  other patch / tile counts), and Qwen's two identical time frames of a still image stay identical."""
+  from air_jax.methods.vcd import noise_field
+
+  import jax
+
+  model, imgs = tiny["model"], tiny["images"][:2]
+  vcd = air_jax.methods.make("vcd")
+  both = air_jax.generate(model, vcd, imgs, PROMPTS, max_new_tokens=4, output_scores=True)
+  for i in range(2):
+    alone = air_jax.generate(model, vcd, imgs[i], PROMPTS[i], max_new_tokens=4, output_scores=True)
+    np.testing.assert_array_equal(alone.token_ids[0], both.token_ids[i])
+    np.testing.assert_allclose(alone.scores[0], both.scores[i], atol=1e-5, rtol=1e-5)
+  vision = model.family.prepare_inputs(model.processor, model.config, imgs, PROMPTS, 0)["vision"]
+  noised = model.family.map_pixels(model.config, vision, lambda pix: pix + noise_field(jax.random.key(0), pix.shape[1:]))
+  if tiny["name"] == "qwen2_5_vl":
+    v = model.config.vision
+    pix = np.asarray(noised["pixels"])
+    frames = pix.reshape(pix.shape[:2] + (v.in_channels, v.temporal_patch_size, -1))
+    np.testing.assert_array_equal(frames[:, :, :, 0], frames[:, :, :, 1])
+    assert np.abs(pix - np.asarray(vision["pixels"])).min() > 0  # every patch is noised
+    rows = np.abs(pix - np.asarray(vision["pixels"]))[0].reshape(pix.shape[1], -1)
+    assert not np.allclose(rows[0], rows[1])  # patches get their own noise, not one repeated patch
+
+
+def test_official_protocol_names_its_family(tiny, tmp_path, capsys):
+  """The official-air protocol re-creates LLaVA-1.5's official script: other families get a clear error."""
+  with pytest.raises(ValueError, match=f"protocol 'official-air' re-creates .* llava .* '{tiny['name']}' family"):
+    air_jax.generate(tiny["model"], None, tiny["images"][0], PROMPTS[0], max_new_tokens=2, protocol="official-air")
+  from eval.chair import main
+
+  argv = ["--coco-root", COCO, "--model", tiny["path"], "--num-images", "2", "--max-new-tokens", "2",
+          "--backend", "cpu", "--out", str(tmp_path), "--no-progress", "--protocol", "official-air"]
+  assert main(argv) != 0
+  assert "protocol 'official-air'" in capsys.readouterr().err

@@ -54,8 +54,15 @@ class VCDValues:
 
 
 def noise_field(key: jax.Array, image_shape) -> jax.Array:
-  """The standard normal field eps [C, H, W] of a seed (shared by every image of a batch)."""
-  return jax.random.normal(key, tuple(image_shape), jnp.float32)
+  """The standard normal field eps of a seed for one pixel array of shape `image_shape` (e.g. [C, H, W]; shared by
+  every image of a batch). Slice i of the leading axis is drawn from fold_in(key, i), so a longer array extends a
+  shorter one: with tiles or patches on that axis (padded to the batch's longest example), an example's noise
+  does not depend on the rest of the batch."""
+  shape = tuple(image_shape)
+  if not shape:
+    return jax.random.normal(key, (), jnp.float32)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(shape[0]))
+  return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +76,7 @@ class VCDPlan(Plan):
       eps = noise_field(values.key, pix.shape[1:]).astype(pix.dtype)
       return values.signal.astype(pix.dtype) * pix + values.noise.astype(pix.dtype) * eps[None]
 
-    noised = family_of(config).map_pixels(inputs.pixel_values, noise)
+    noised = family_of(config).map_pixels(config, inputs.pixel_values, noise)
     return concat_views(inputs, ViewInputs(inputs.input_ids, inputs.attention_mask, noised))
 
   def combine(self, values: VCDValues, logits, exit_logits, state):

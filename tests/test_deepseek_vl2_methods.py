@@ -1,0 +1,62 @@
+"""Decoding methods on DeepSeek-VL2: VCD noises the tiles (an example's noise independent of the batch), DoLa reads
+the DeepSeek-V2 decoder's early exits (equal to the torch reference's hidden states)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import air_jax
+from convert.hf_deepseek_vl2 import load_params
+from models import deepseek_v2, deepseek_vl2
+from models.family import prompt_pieces
+from models.deepseek_vl2_processing import USER_TEMPLATE, batch
+from tests.test_deepseek_vl2 import images
+from tests.tiny_deepseek_vl2 import make_tiny_deepseek_vl2
+
+PROMPTS = ["Please describe this image in detail.", "What is in the picture?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tiny_dsvl2_methods"))
+  ref, tok = make_tiny_deepseek_vl2(path)
+  return path, ref, tok, air_jax.load_pretrained(path)
+
+
+def test_early_exits_equal_the_reference_hidden_states(tiny):
+  path, ref, tok, model = tiny
+  cfg = model.config
+  params = jax.tree.map(jnp.asarray, load_params(path, cfg))
+  ids, mask, tiles, crops = batch(tok, cfg, [USER_TEMPLATE.format(prompt=PROMPTS[0])], [images()[:1]],
+                                  tok.pad_token_id)
+  with torch.no_grad():
+    want = ref(torch.tensor(ids), torch.tensor(mask), torch.tensor(tiles), crops, cfg.image_token_id,
+               output_hidden_states=True)
+  fam = deepseek_vl2.FAMILY
+  vision = {"tiles": jnp.asarray(tiles)[None], "crops": jnp.asarray(crops, jnp.int32)}
+  embeds, positions, ctx = prompt_pieces(params, cfg, jnp.asarray(ids), jnp.asarray(mask), vision)
+  n = cfg.text.num_hidden_layers
+  hidden, _, extras = fam.decoder(params, cfg, embeds, positions, ctx, output_hidden_layers=tuple(range(n + 1)))
+  got = np.asarray(extras["hidden_states"])
+  for i in range(n):  # transformers' last entry is after the final norm; ours (i = n) before it
+    np.testing.assert_allclose(got[i], want.hidden_states[i].numpy(), atol=1e-5, rtol=1e-5)
+  # The readout of the last layer's exit through the final norm is the model's own logits.
+  exit_last = fam.exit_logits(params, cfg, jnp.asarray(got[n][:, -1])[None], True)[0]
+  np.testing.assert_allclose(np.asarray(exit_last), want.logits.numpy()[:, -1], atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="outside"):
+    deepseek_v2.decoder(params["language_model"], cfg.text, embeds, positions, ctx, output_hidden_layers=(n + 1,))
+
+
+@pytest.mark.parametrize("method", ["vcd", "dola"])
+def test_methods_run_and_rows_equal_alone(tiny, method):
+  """Two images of different tile counts in one batch: each row equals the example run alone."""
+  _, _, _, model = tiny
+  imgs = images()[:2]
+  m = air_jax.methods.make(method)
+  both = air_jax.generate(model, m, imgs, PROMPTS, max_new_tokens=4, output_scores=True)
+  for i in range(2):
+    alone = air_jax.generate(model, m, imgs[i], PROMPTS[i], max_new_tokens=4, output_scores=True)
+    np.testing.assert_array_equal(alone.token_ids[0], both.token_ids[i])
+    np.testing.assert_allclose(alone.scores[0], both.scores[i], atol=1e-5, rtol=1e-5)
