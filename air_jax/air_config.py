@@ -93,6 +93,8 @@ def _pairs(value: Any, where: str) -> Heads:
     raise ValueError(f"{where}: expected a list of [layer, head] pairs, got {value!r}")
   out = []
   for item in value:
+    if isinstance(item, np.ndarray) and item.ndim == 1:  # rows of a numpy array of pairs (e.g. np.argwhere)
+      item = tuple(item.tolist())
     ok = isinstance(item, (list, tuple)) and len(item) == 2
     ok = ok and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in item)
     if not ok:
@@ -219,7 +221,7 @@ class AIRConfig:
     heads = self.heads
     if isinstance(heads, (str, os.PathLike)) and heads != "all":
       heads = read_heads_file(heads)
-    elif heads is not None and heads != "all":
+    elif heads is not None and not (isinstance(heads, str) and heads == "all"):
       heads = _pairs(heads, "heads")
     object.__setattr__(self, "heads", heads)
     self._validate()

@@ -13,7 +13,7 @@ import numpy as np
 from air_jax import decoding
 from air_jax.backend import batch_sharding, data_mesh, replicated, select_devices
 from air_jax.images import load_image
-from air_jax.limits import check_lengths, check_max_new_tokens
+from air_jax.limits import check_lengths, check_max_new_tokens, check_sampling
 from air_jax.loading import LoadedModel
 from models import chat
 from models.chat import LLAVA_15_CHAT_TEMPLATE, LLAVA_15_TEMPLATE  # noqa: F401 (re-exported)
@@ -148,6 +148,8 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
   """
   _check_model(params)
   max_new_tokens = check_max_new_tokens(max_new_tokens)
+  if do_sample:
+    check_sampling(temperature, top_k, top_p)
   if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
     raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
   config = params.config
@@ -305,6 +307,7 @@ def _prepare(params, image, prompt, bucket, devices, protocol=None):
     raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
   if not images:
     raise ValueError("no images given")
+  _check_prompts(params, images, prompts)
   loaded = [_load_image(im, f"image {k}") for k, im in enumerate(images)]
   if protocol is None:
     ids, mask, pixels = prepare_inputs(params.processor, loaded, prompts, bucket, config=params.config)
@@ -320,6 +323,23 @@ def _prepare(params, image, prompt, bucket, devices, protocol=None):
   if extra:
     ids, mask, pixels = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], extra, 0)]), (ids, mask, pixels))
   return ids, mask, pixels, b
+
+
+def _check_prompts(params, images: list, prompts: list) -> None:
+  """Prompts are plain text (generate places the image) and each gets as many images as its family takes."""
+  fam = family_of(params.config)
+  marker = getattr(params.processor, "image_token", None)
+  for k, p in enumerate(prompts):
+    if not isinstance(p, str):
+      raise ValueError(f"prompt {k} must be a string, got {type(p).__name__}")
+    if marker and marker in p:
+      raise ValueError(f"prompt {k} contains the image placeholder {marker!r}: give the text only, generate places "
+                       "the image (several images in one prompt: a list of images for that prompt)")
+  limit = fam.max_images_per_prompt
+  for k, im in enumerate(images):
+    if isinstance(im, (list, tuple)) and limit is not None and len(im) > limit:
+      raise ValueError(f"image {k} is a list of {len(im)} images for one prompt, but the {fam.name} family takes "
+                       f"{limit} image per prompt (Qwen2.5-VL and InternVL take several)")
 
 
 def _check_filler_rows(method, b: int, rows: int, devices) -> None:
@@ -369,6 +389,8 @@ def generate_sweep(params: LoadedModel, air_cfgs: Sequence, image, prompt, *, ma
     raise ValueError("air_cfgs is empty")
   devices = select_devices(backend)
   max_new_tokens = check_max_new_tokens(max_new_tokens)
+  if do_sample:
+    check_sampling(temperature, top_k, top_p)
   specs = methods.stack_methods([_method_for(c, params.config) for c in air_cfgs])
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
   _check_filler_rows(specs, b, ids.shape[0], devices)

@@ -21,6 +21,18 @@ def check_max_new_tokens(n) -> int:
   return int(n)
 
 
+def check_sampling(temperature, top_k, top_p) -> None:
+  """The sampling settings transformers' warpers accept, or a ValueError naming the value: temperature > 0,
+  top_k an int >= 0 (0 = off), top_p in [0, 1] (1 = off)."""
+  num = lambda x: isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and np.isfinite(x)
+  if not num(temperature) or temperature <= 0:
+    raise ValueError(f"temperature must be a number > 0 when sampling, got {temperature!r} (greedy: do_sample=False)")
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filter), got {top_k!r}")
+  if not num(top_p) or not 0 <= top_p <= 1:
+    raise ValueError(f"top_p must be a number in [0, 1] (1 = no top-p filter), got {top_p!r}")
+
+
 def _decoder(config):
   """The decoder dims of a model config (any family: `config.dims`), or a decoder config itself."""
   return getattr(config, "dims", None) or getattr(config, "text", config)

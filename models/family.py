@@ -131,6 +131,7 @@ class Family:
   """Base class of a model family; see the module docstring for the contract. Defaults suit LLaVA-style models."""
 
   name: str = ""
+  max_images_per_prompt: int | None = 1  # None: any number (a list of images per prompt)
   model_types: tuple[str, ...] = ()
   architectures: tuple[str, ...] = ()
   config_types: tuple[type, ...] = ()

@@ -244,6 +244,7 @@ class InternVLFamily(LlamaDecoderFamily):
   """InternVL (-HF): InternViT -> pixel shuffle -> MLP -> Qwen2/Qwen3 decoder; dynamic tiles with a thumbnail."""
 
   name = "internvl"
+  max_images_per_prompt = None
   model_types = ("internvl",)
   architectures = ("InternVLForConditionalGeneration",)
   config_types = (InternVLConfig,)

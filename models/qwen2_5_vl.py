@@ -289,6 +289,7 @@ class Qwen25VLFamily(LlamaDecoderFamily):
   """Qwen2.5-VL: window-attention ViT + merger -> Qwen2 decoder with multimodal RoPE (images; no video yet)."""
 
   name = "qwen2_5_vl"
+  max_images_per_prompt = None
   model_types = ("qwen2_5_vl",)
   architectures = ("Qwen2_5_VLForConditionalGeneration",)
   config_types = (Qwen25VLConfig,)

@@ -261,3 +261,48 @@ def test_generation_settings_air_jax_does_not_apply_are_announced(tmp_path, capl
   (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "repetition_penalty": 1.0}))
   air_jax.load_pretrained(d, with_processor=False)
   assert "transformers' generate applies" not in caplog.text
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(temperature=0.0), "temperature must be a number > 0 when sampling, got 0.0"),
+    (dict(temperature=-1.0), "temperature must be a number > 0"),
+    (dict(temperature=float("nan")), "temperature must be a number > 0"),
+    (dict(top_k=-5), "top_k must be an int >= 0 .* got -5"),
+    (dict(top_k=2.5), "top_k must be an int"),
+    (dict(top_p=1.5), "top_p must be a number in \\[0, 1\\] .* got 1.5"),
+    (dict(top_p=-0.5), "top_p must be a number in \\[0, 1\\]"),
+])
+def test_bad_sampling_settings_are_named(organism, kw, match):
+  import air_jax
+
+  img = np.zeros((64, 64, 3), np.uint8)
+  with pytest.raises(ValueError, match=match):
+    air_jax.generate(organism, None, img, "describe", max_new_tokens=2, do_sample=True, **kw)
+  with pytest.raises(ValueError, match=match):
+    air_jax.generate_sweep(organism, [air_jax.methods.make("vcd")], img, "describe", max_new_tokens=2,
+                           do_sample=True, **kw)
+
+
+def test_prompts_and_images_per_prompt_are_checked(organism):
+  """A prompt holding the image placeholder, a non-string prompt and several images for a one-image family are
+  named before anything runs."""
+  import air_jax
+
+  img = np.zeros((64, 64, 3), np.uint8)
+  with pytest.raises(ValueError, match="prompt 0 contains the image placeholder '<image>'"):
+    air_jax.generate(organism, None, img, "<image>\nDescribe.", max_new_tokens=2)
+  with pytest.raises(ValueError, match="prompt 1 must be a string, got NoneType"):
+    air_jax.generate(organism, None, [img, img], ["describe", None], max_new_tokens=2)
+  with pytest.raises(ValueError, match="image 0 is a list of 2 images for one prompt, but the llava family takes 1"):
+    air_jax.generate(organism, None, [[img, img]], ["Compare."], max_new_tokens=2)
+
+
+def test_heads_from_numpy():
+  """Heads picked with numpy (an [n, 2] array, or its rows) are read like lists of pairs."""
+  from air_jax import AIRConfig
+
+  want = AIRConfig.preset("air", heads=[[0, 2], [1, 3]]).heads
+  assert AIRConfig.preset("air", heads=np.array([[0, 2], [1, 3]])).heads == want
+  assert AIRConfig.preset("air", heads=list(np.argwhere(np.array([[0, 0, 1, 0], [0, 0, 0, 1]])))).heads == want
+  with pytest.raises(ValueError, match="not a \\[layer, head\\] pair"):
+    AIRConfig.preset("air", heads=np.array([[0, 2, 1]]))
