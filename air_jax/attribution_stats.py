@@ -54,6 +54,7 @@ class HeadStats:
 
   @classmethod
   def zeros(cls, num_layers: int, num_heads: int) -> "HeadStats":
+    """Empty statistics of every head set."""
     shape = (len(SETS), num_layers, num_heads)
     return cls(np.zeros(shape), np.zeros(shape), np.zeros(shape))
 
@@ -99,10 +100,12 @@ class HeadStats:
       return np.where(den > 0, s / np.where(den > 0, den, 1.0), np.nan)
 
   def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+    """The statistics as named arrays (for an .npz), keys prefixed."""
     return {f"{prefix}count": self.count, f"{prefix}mean": self.mean, f"{prefix}m2": self.m2}
 
   @classmethod
   def from_arrays(cls, arrays, prefix: str = "") -> "HeadStats":
+    """Inverse of `to_arrays` (float64)."""
     return cls(*(np.array(arrays[f"{prefix}{k}"], np.float64) for k in ("count", "mean", "m2")))
 
 

@@ -79,6 +79,7 @@ class OwlDetector:
     return {k: np.asarray(v) for k, v in out.items()}
 
   def detect(self, image, words: Sequence[str], threshold: float = 0.1) -> list[Detection]:
+    """One Detection per word (boxes in pixels of `image`, scores above `threshold`), OWL in JAX."""
     from air_jax.images import load_image
 
     threshold = _check_threshold(threshold)
@@ -117,6 +118,7 @@ class GroundingDinoDetector:
     self.identity = f"grounding-dino:{os.path.abspath(self.path)}"
 
   def detect(self, image, words: Sequence[str], threshold: float = 0.1) -> list[Detection]:
+    """One Detection per word (boxes in pixels of `image`, scores above `threshold`), Grounding DINO in torch."""
     import torch
 
     from air_jax.images import load_image

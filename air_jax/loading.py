@@ -42,10 +42,12 @@ class LoadedModel:
   generation_eos: tuple[int, ...] = ()  # EOS ids of the checkpoint's generation_config.json (e.g. Qwen's two)
 
   def tree_flatten(self):
+    """A pytree: the params are the leaves, the rest is static."""
     return (self.params,), (self.config, self.processor, self.path, self.generation_eos)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
+    """Inverse of `tree_flatten`."""
     return cls(children[0], *aux)
 
   @property
@@ -57,6 +59,7 @@ class LoadedModel:
     return family_of(self.config)
 
   def num_params(self) -> int:
+    """The number of parameters (every leaf of the param tree)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 
 

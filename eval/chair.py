@@ -32,7 +32,8 @@ from eval.coco import AnnotationError, CocoImages, GroundTruth, atomic_write_jso
 log = logging.getLogger("eval.chair")
 
 # Decoding methods come from the air_jax.methods registry (`known_methods`); this list is for the help text.
-METHODS = ("greedy", "air", "air_star", "adhh", "vcd", "dola", "pai", "farsight")
+# The registered methods at the time of writing (help text only; the registry, air_jax.methods.names(), decides).
+METHODS = ("greedy", "air", "air_star", "adhh", "vcd", "dola", "pai", "farsight", "opera", "halc")
 DEFAULT_PROMPT = "Please describe this image in detail."
 # Settings a resumed captions file must share with the run that appends to it.
 RESUME_KEYS = ("method", "prompt", "max_new_tokens", "protocol")

@@ -26,7 +26,8 @@ def add_common_args(p: argparse.ArgumentParser, default_max_new_tokens: int = 51
   p.add_argument("--responses", help="score this responses file instead of generating answers")
   p.add_argument("--manifest", help="rerun exactly the samples and settings of this manifest")
   p.add_argument("--model", help="converted model directory (to generate answers)")
-  p.add_argument("--method", default="greedy", help="greedy|air|air_star|adhh (default greedy)")
+  p.add_argument("--method", default="greedy", help="a registered decoding method "
+                 "(air_jax.methods.names(): greedy, air, air_star, adhh, vcd, ...; default greedy)")
   p.add_argument("--heads", help="heads JSON for the AIR/AD-HH presets")
   p.add_argument("--air-config", help="JSON {method: {AIRConfig field: value}} overriding the presets")
   p.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens)

@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "question and answer without ids (POPE's format, paired with the split's questions by line "
                       "order); repeat per split; --method names them")
   p.add_argument("--model", help="converted model directory")
-  p.add_argument("--method", action="append", default=None, help="greedy|air|air_star|adhh; repeat or "
-                                                                 "comma-separate (default greedy)")
+  p.add_argument("--method", action="append", default=None, help="a registered decoding method "
+                 "(air_jax.methods.names(): greedy, air, air_star, adhh, vcd, dola, pai, farsight, opera, halc); "
+                 "repeat or comma-separate (default greedy)")
   p.add_argument("--heads", help="heads JSON for the AIR/AD-HH presets")
   p.add_argument("--air-config", help="JSON {method: {AIRConfig field: value}} overriding the presets")
   p.add_argument("--max-new-tokens", type=int, default=None, help="default 16 (64 in caption mode)")

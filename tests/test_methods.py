@@ -172,6 +172,9 @@ def test_registry_names_and_unknown_method():
   hp = methods.hyperparameters(methods.make("vcd"))
   assert hp == {"class": "VCDConfig", "name": "vcd", "alpha": 1.0, "beta": 0.1, "noise_step": 500, "seed": 0}
   assert methods.make("air", heads="all").visual_factor == 3.5  # AIRConfig presets behind the registry
+  assert set(methods.describe()) == set(methods.names()) and "VCD" in methods.describe("vcd")
+  with pytest.raises(ValueError, match="unknown method 'nope'"):
+    methods.describe("nope")
   torch.manual_seed(0)  # keep torch's global state deterministic for later tests
 
 

@@ -186,12 +186,14 @@ def check_number(owner: str, field: str, value, *, lo: float | None = None, hi: 
 
 
 def check_bool(owner: str, field: str, value) -> bool:
+  """`value` if it is a bool, else a ValueError naming owner.field."""
   if not isinstance(value, bool):
     raise ValueError(f"{owner}.{field} must be a bool, got {value!r}")
   return value
 
 
 def check_int(owner: str, field: str, value, *, lo: int | None = None, hi: int | None = None) -> int:
+  """`value` if it is an int in [lo, hi], else a ValueError naming owner.field."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise ValueError(f"{owner}.{field} must be an int, got {value!r}")
   if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -214,6 +216,7 @@ class ConfigMixin:
 
 
 def to_jsonable(x):
+  """x with tuples, numpy values and other non-JSON leaves turned into JSON values (for results files)."""
   if isinstance(x, dict):
     return {str(k): to_jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):

@@ -115,6 +115,7 @@ def load_detector(path: str):
 
 
 def load_vocabulary(path: str | None):
+  """The CHAIR vocabulary of a synonyms file (None: the COCO one), read once per process."""
   if path not in _VOCABS:
     from eval.chair_metric import Vocabulary
 

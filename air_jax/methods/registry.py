@@ -25,8 +25,13 @@ def names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
-def describe() -> dict[str, str]:
-  return {k: d for k, (_, d) in _REGISTRY.items()}
+def describe(name: str | None = None):
+  """{method name: one-line description} of every registered method, or the description of `name`."""
+  if name is None:
+    return {k: d for k, (_, d) in _REGISTRY.items()}
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown method {name!r}; expected one of {', '.join(_REGISTRY)}")
+  return _REGISTRY[name][1]
 
 
 def make(name: str, *, run_options: dict | None = None, **overrides):
