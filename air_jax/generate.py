@@ -129,7 +129,8 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
       images for one prompt, with families that take several: Qwen2.5-VL, InternVL).
     prompt: a string or a list (one per image; a single string is used for every image).
     max_new_tokens: N, the number of tokens generated at most (rows stop at EOS).
-    do_sample, temperature, top_k, top_p, seed: sampling (default greedy); `seed` may be a PRNG key.
+    do_sample, temperature, top_k, top_p, seed: sampling (default greedy); `seed` may be a PRNG key. A row's
+      draws depend on the key and its position in the batch, not on the other rows.
     output_scores: also return the raw logits of each step.
     output_attention_stats: also return the per-step attention mass on system / image / text keys.
     backend: "cpu" | "gpu" | "tpu" (default: JAX's default). The batch is sharded over its local devices.

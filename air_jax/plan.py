@@ -139,8 +139,21 @@ def plan(path: str, devices: int, dtype="bfloat16", *, model_parallel: int | Non
   return Plan(devices=devices, data=dp, model=mp, dtype=str(dt), batch=b, prompt_tokens=t, new_tokens=new_tokens,
               num_params=num_params, params=param_bytes, kv_cache=kv_bytes, workspace=work,
               device_memory=device_memory, headroom=headroom,
-              replicated_note="" if rules or mp == 1 else f"note: the {fam.name} family has no tensor-parallel "
-              "rules (Family.partition_rules): every device holds all params")
+              replicated_note=_replicated_note(fam, rules, mp, num_params * dt.itemsize, param_bytes))
+
+
+def _replicated_note(fam, rules, mp: int, all_bytes: int, per_device: int) -> str:
+  """A note when the model axis splits (almost) nothing: no rules, or a size that divides no tensor dimension."""
+  if mp == 1:
+    return ""
+  if not rules:
+    return (f"note: the {fam.name} family has no tensor-parallel rules (Family.partition_rules): every device holds "
+            "all params")
+  if per_device > 0.5 * all_bytes:  # an even split would hold 1 / mp of them
+    return (f"note: --model-parallel {mp} divides few of the tensors' head / width dimensions, so "
+            f"{per_device / all_bytes:.0%} of the params stay on every device; choose a model-parallel size that "
+            "divides the number of heads and the widths")
+  return ""
 
 
 def main(argv=None) -> int:
