@@ -483,6 +483,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   cfg = model_io.text_config(model)
   nl, nh = cfg.num_hidden_layers, cfg.num_attention_heads
   hal, non = _heads(args, nl, nh)
+  if "sweeps" not in skip and not hal:  # before the hours of the other sections, not after them
+    raise AnalyzeError("the sweeps need sensitive heads: give --heads (or --skip sweeps)")
   sens = imbalance.head_mask(hal, nl, nh)
   try:
     split = Split(args)

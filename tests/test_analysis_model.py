@@ -203,6 +203,16 @@ def test_analyze_cli_with_an_empty_head_group_prints_na(tiny_dir, tmp_path, caps
   assert res["mai"]["sensitive_pooled"] is None and "sensitive heads n/a" in printed
 
 
+def test_sweeps_without_heads_fail_before_the_other_sections(tiny_dir, tmp_path, capsys):
+  from eval import analyze
+
+  out = tmp_path / "out"
+  argv = ["--model", tiny_dir, "--coco-root", COCO, "--num-images", "1", "--max-new-tokens", "2", "--out", str(out)]
+  assert analyze.main(argv) != 0
+  assert "the sweeps need sensitive heads" in capsys.readouterr().err
+  assert not (out / "analysis.json").exists()  # nothing ran
+
+
 def test_summary_lines_of_empty_groups():
   from eval import analyze
 
