@@ -10,12 +10,12 @@ Splits (organism.scenes2 "test" priors, seeds disjoint from training's seed 0 an
 
 - greedy CHAIR (eval.chair_metric): C_S, C_I, recall, precision, F1, malformed (no object, repeated object or
   sentence, no final period);
-- text-only P(missing member): in trap scenes, P(name | template without image, true caption up to the slot
-  where the missing member would be named, its article) from the LLaVA's own LM; the same from the base LM;
+- text-only P(missing member): in trap scenes, P(article and name | template without image, true caption up to
+  the slot where the missing member would be named) from the LLaVA's own LM; the same from the base LM;
 - probe AUC: per-class logistic regressions on max/mean-pooled projected image tokens (fit on the probe seed),
   scored on items (scene, group member m whose two partners are present), label m present;
-- counterfactual AUC of the model on the same items: P(m | image, caption up to m's slot, article), greedy and
-  with AIR (paper settings on the top heads);
+- counterfactual AUC of the model on the same items: P(m's article and name | image, caption up to m's slot),
+  greedy and with AIR (paper settings on the top heads; the caption fed step by step as decoding runs it);
 - MAI (text mass / image mass of the generating row, pooled) at object-word steps of the greedy captions: top
   heads vs the others, and top heads at hallucinated vs correct object steps;
 - CHAIR with AIR (lambda 3.5, gamma 0.1, tau 0.3, beta 0.3) on the top-k heads by E_h, with reallocation alone on
@@ -86,13 +86,17 @@ def slot_items(scenes) -> list[tuple[int, str, bool]]:
 
 
 def slot_prefix(scene, m: str) -> str:
-  """The caption of scene up to where object m is (or would be) named, ending with m's article."""
+  """The caption of scene up to where object m is (or would be) named, ending before m's article ("There is"):
+  the article would name the class when only one class starts with a vowel ("an umbrella")."""
   from organism import scenes2
   from organism.vocab import CLASS_NAMES
 
   before = [o for o in scene.objects if CLASS_NAMES.index(o.name) < CLASS_NAMES.index(m)]
-  art = "an" if m[0] in "aeiou" else "a"
-  return " ".join([scenes2.opening(scene)] + [scenes2.object_sentence(o) for o in before] + [f"There is {art}"])
+  return " ".join([scenes2.opening(scene)] + [scenes2.object_sentence(o) for o in before] + ["There is"])
+
+
+def article(m: str) -> str:
+  return "an" if m[0] in "aeiou" else "a"
 
 
 _FWD: dict = {}  # model config -> jitted last-position log-softmax
@@ -139,7 +143,9 @@ def _last_logprobs(model, prompts: list[str], images, spec=None, batch: int = 32
 
 
 def name_logprob(model, scenes, items, with_image: bool, spec=None, text_model=None) -> np.ndarray:
-  """log P(m's name token | prompt, caption prefix with article) per item."""
+  """log P(m's article and name | prompt, caption prefix) per item: the article and the name token after the
+  caption up to m's slot (`slot_prefix`). With a spec (AIR), the caption is fed token by token after the prompt's
+  prefill, as decoding runs it, so every caption row is edited as it was when generated (`_stepwise_logprobs`)."""
   from air_jax.generate import format_prompt
   from organism import train2
   from organism.scenes import render
@@ -151,11 +157,73 @@ def name_logprob(model, scenes, items, with_image: bool, spec=None, text_model=N
   template = format_prompt(model.processor, train2.PROMPT)
   if not with_image:
     template = template.replace(train2.IMAGE_TOKEN, "")
-  prompts = [template + " " + slot_prefix(scenes[i], m) for i, m, _ in items]
+  captions = [slot_prefix(scenes[i], m) for i, m, _ in items]
+  art_ids = [tok.convert_tokens_to_ids("\u2581" + article(m)) for _, m, _ in items]
+  name_ids = [tok.convert_tokens_to_ids("\u2581" + m) for _, m, _ in items]
   images = np.stack([render(scenes[i], 64) for i, _, _ in items]) if with_image else None
-  lp = _last_logprobs(m_, prompts, images, spec)
-  ids = [tok.convert_tokens_to_ids("\u2581" + m) for _, m, _ in items]
-  return lp[np.arange(len(items)), ids]
+  n = np.arange(len(items))
+  if spec is not None:
+    lp_art, lp_name = _stepwise_logprobs(m_, template, captions, [a for a in art_ids], images, spec, name_ids)
+    return lp_art + lp_name
+  lp = _last_logprobs(m_, [template + " " + c for c in captions], images)
+  lp2 = _last_logprobs(m_, [template + " " + c + " " + article(m) for c, (_, m, _) in zip(captions, items)], images)
+  return lp[n, art_ids] + lp2[n, name_ids]
+
+
+_STEP: dict = {}  # model config -> (jitted prefill, jitted decode step)
+
+
+def _stepwise_logprobs(model, template: str, captions: list[str], art_ids, images, spec, name_ids,
+                       batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """(log P(article), log P(name | article)) per item, decoding as `air_jax.generate` does with `spec`: the prompt
+  (template with the image) prefilled, then the caption tokens and the article fed one step at a time.
+
+  Items are batched by caption length (the prompt is the same for all), so no row needs padding."""
+  import jax
+  import jax.numpy as jnp
+  from PIL import Image
+
+  from air_jax import decoding
+
+  tok = getattr(model.processor, "tokenizer", model.processor)
+  config = model.config
+  fns = _STEP.get(config)
+  if fns is None:
+    fns = _STEP[config] = (
+        jax.jit(lambda p, ids, m, px, sp, size: decoding.prefill(p, config, ids, m, px, sp, size)[:2],
+                static_argnums=5),
+        jax.jit(lambda p, st, t, sp: decoding.decode_step(p, config, st, t, sp)[:2]))
+  prefill, step = fns
+  base = tok.encode(template, add_special_tokens=True)
+  seqs = []
+  for c, a in zip(captions, art_ids):
+    full = tok.encode(template + " " + c, add_special_tokens=True)
+    if full[:len(base)] != base:
+      raise ValueError("the caption's tokens do not extend the prompt's; cannot feed it after the prompt")
+    seqs.append(full[len(base):] + [a])
+  out_art, out_name = np.zeros(len(seqs)), np.zeros(len(seqs))
+  by_len: dict[int, list[int]] = {}
+  for i, q in enumerate(seqs):
+    by_len.setdefault(len(q), []).append(i)
+  longest = max(len(q) for q in seqs)
+  batch = min(batch, len(seqs))
+  for length, idx in sorted(by_len.items()):
+    for s in range(0, len(idx), batch):
+      rows = idx[s:s + batch]
+      full = rows + [rows[0]] * (batch - len(rows))  # one batch size and one cache size: two compilations in all
+      enc = model.processor(images=[Image.fromarray(images[i]) for i in full], text=[template] * batch,
+                            return_tensors="np", padding="longest")
+      ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+      logits, state = prefill(model.params, jnp.asarray(ids), jnp.asarray(mask),
+                              jnp.asarray(enc["pixel_values"].astype(np.float32)), spec, ids.shape[1] + longest)
+      toks = np.asarray([seqs[i] for i in full], np.int32)  # [batch, length]: caption tokens, then the article
+      r = np.arange(len(rows))
+      for j in range(length):
+        if j == length - 1:  # this step's logits predict the article
+          out_art[rows] = np.asarray(jax.nn.log_softmax(logits, -1))[r, [art_ids[i] for i in rows]]
+        logits, state = step(model.params, state, jnp.asarray(toks[:, j]), spec)
+      out_name[rows] = np.asarray(jax.nn.log_softmax(logits, -1))[r, [name_ids[i] for i in rows]]
+  return out_art, out_name
 
 
 def head_scan(model, scenes, items, **air_settings) -> dict[str, np.ndarray]:
