@@ -11,13 +11,13 @@ object per scene; organism.scenes renders), different data design (issue 18):
   another scene type (never another scene's group member), with the same probability everywhere, so there is no
   train/test recognition shift (v1's test split had foreign group members never seen out of context).
 
-Captions are long (24-72 tokens): an opening sentence naming the scene and its floor, then one sentence per
+Captions are long (26-78 tokens measured): an opening sentence naming the scene and its floor, then one sentence per
 object in canonical (class id) order with its grid position, colour and texture:
 
   "A photo of a kitchen with a tiled floor, seen from above. There is a fork at the top left, red and solid.
    There is a spoon at the centre, green and solid. There is a plate at the bottom, blue and solid."
 
-The third group member is named after >= 35 text tokens, so attention to the earlier text (TAI) has distance.
+The third member of a complete group is named after >= 41 text tokens (>= 29 when a member is missing), so attention to the earlier text (TAI) has distance.
 Words are single tokens of the v2 tokenizer; no filler word is an object name.
 """
 

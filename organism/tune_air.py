@@ -7,7 +7,7 @@
 `python -m eval.attribute` on that split (its `attribution.npz` ranks the heads by S_h). Each head count k and
 hyperparameter tuple is one AIRConfig; configs are run together with `air_jax.generate_sweep`. The winner is the
 config with the lowest C_S among the admissible ones: object recall >= `--min-recall`, precision >=
-`--min-precision`, F1 >= `--min-f1`, and at most `--max-malformed` malformed captions (no object named, an object
+`--min-precision` (default: greedy's), F1 >= `--min-f1` (default: greedy's minus 0.02), and at most `--max-malformed` malformed captions (no object named, an object
 or sentence repeated, no final period: `organism.quality.is_malformed`). Every row is printed with C_S, C_I,
 recall, precision, F1, the malformed fraction and the constraints it fails, so the choice can be checked; the
 winner is written as the per-method override file that `python -m eval.chair --air-config` reads, with its
@@ -86,8 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "checkpoint"))
   ap.add_argument("--num-images", type=int, default=400)
   ap.add_argument("--min-recall", type=float, default=0.75)
-  ap.add_argument("--min-precision", type=float, default=0.0)
-  ap.add_argument("--min-f1", type=float, default=0.0)
+  ap.add_argument("--min-precision", type=float, default=None,
+                  help="default: greedy's precision on the dev split (AIR must not name more wrong objects per object)")
+  ap.add_argument("--min-f1", type=float, default=None, help="default: greedy's F1 on the dev split minus 0.02")
   ap.add_argument("--max-malformed", type=float, default=0.02, help="fraction of malformed captions allowed")
   ap.add_argument("--grid", choices=("wide", "paper"), default="wide")
   ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -112,8 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   scores = np.load(os.path.join(args.attribution, "attribution.npz"))["prob_S"]
   prompt = "Please describe this image in detail."
 
-  constraints = Constraints(args.min_recall, args.min_precision, args.min_f1, args.max_malformed)
-
   def metrics(texts):
     records = [{"image_id": i, "caption": t} for i, t in zip(ids, texts)]
     m = dict(compute_chair(records, gt, vocab)["overall_metrics"])
@@ -124,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   for s in range(0, len(pil), args.batch_size):
     greedy += air_jax.generate(model, None, pil[s:s + args.batch_size], prompt, max_new_tokens=args.max_new_tokens).texts
   rows = [("greedy", None, metrics(greedy))]
+  g = rows[0][2]
+  constraints = Constraints(args.min_recall,
+                            g["Precision"] if args.min_precision is None else args.min_precision,
+                            g["F1"] - 0.02 if args.min_f1 is None else args.min_f1, args.max_malformed)
   grid = list(itertools.product(GRID_K, PAPER_VALUES if args.grid == "paper" else GRID_VALUES))
   cfgs = [air_jax.AIRConfig.preset("air", heads=top_heads(scores, k), visual_factor=lam, text_factor=gam,
                                    tau_text=tau, beta=beta) for k, (lam, gam, tau, beta) in grid]
