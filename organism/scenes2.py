@@ -17,7 +17,8 @@ object in canonical (class id) order with its grid position, colour and texture:
   "A photo of a kitchen with a tiled floor, seen from above. There is a fork at the top left, red and solid.
    There is a spoon at the centre, green and solid. There is a plate at the bottom, blue and solid."
 
-The third member of a complete group is named after >= 41 text tokens (>= 29 when a member is missing), so attention to the earlier text (TAI) has distance.
+The third member of a complete group is named after >= 41 text tokens (>= 29 when a member is missing), so
+attention to the earlier text (TAI) has distance.
 Words are single tokens of the v2 tokenizer; no filler word is an object name.
 """
 
