@@ -330,6 +330,7 @@ def _check_prompts(params, images: list, prompts: list) -> None:
   """Prompts are plain text (generate places the image) and each gets as many images as its family takes."""
   fam = family_of(params.config)
   marker = getattr(params.processor, "image_token", None)
+  marker = getattr(marker, "content", marker)  # InstructBLIP's processor holds a tokenizers.AddedToken
   for k, p in enumerate(prompts):
     if not isinstance(p, str):
       raise ValueError(f"prompt {k} must be a string, got {type(p).__name__}")

@@ -67,6 +67,9 @@ def test_instructblip_generate_matches_transformers(blip):
   for b in range(2):
     n = int(out.num_tokens[b])
     np.testing.assert_array_equal(out.token_ids[b, :n], want[b, :n])
+  # The processor's image token is a tokenizers.AddedToken: a prompt holding it is still named.
+  with pytest.raises(ValueError, match="prompt 0 contains the image placeholder '<image>'"):
+    air_jax.generate(model, None, pil_images()[:1], ["<image> " + PROMPTS[0]], max_new_tokens=2)
 
 
 def _reference_greedy(ref, ids, mask, tiles, crops, image_token_id, n):
