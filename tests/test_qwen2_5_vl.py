@@ -4,7 +4,6 @@ Three images of different sizes (one prompt holds two of them) in a left-padded 
 window-attention vision tower, logits and attention probabilities, M-RoPE positions, 32 greedy tokens.
 """
 
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from convert.hf_qwen2_5_vl import load_params, load_processor
 from models import qwen2_5_vl, qwen_vision
-from tests.tiny_vl import chat, make_tiny_qwen2_5_vl, random_image
+from tests.tiny_vl import chat, check_transformers_5_processor_layout, make_tiny_qwen2_5_vl, random_image
 from tests.vl_reference import assert_logits_and_attentions, eager, greedy_full_forward
 
 PROMPTS = ["Please describe this image in detail.", "What is in the picture?"]
@@ -71,35 +70,7 @@ def test_processor_takes_numpy_images_as_transformers(tiny):
 
 
 def test_processor_loads_the_transformers_5_layout(tiny, tmp_path):
-  import json
-  import shutil
-
-  # transformers 5 ProcessorMixin.save_pretrained: no preprocessor_config.json, one processor_config.json with the
-  # image processor's settings under "image_processor" (to_json_file is what it writes; save_pretrained itself
-  # needs a video processor).
-  src, v5 = tiny["path"], str(tmp_path / "v5")
-  shutil.copytree(src, v5, ignore=shutil.ignore_patterns("preprocessor_config.json", "processor_config.json",
-                                                         "*.safetensors*"))
-  tiny["hf_proc"].to_json_file(os.path.join(v5, "processor_config.json"))
-  assert "image_processor" in json.load(open(os.path.join(v5, "processor_config.json")))
-  old, new = load_processor(src), load_processor(v5)
-  assert new.image_processor.to_dict() == old.image_processor.to_dict()
-  text = [chat(tiny["hf_proc"], "hi")]
-  a = old(images=[tiny["images"][2]], text=text, return_tensors="np")
-  b = new(images=[tiny["images"][2]], text=text, return_tensors="np")
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-  # preprocessor_config.json wins when both are there.
-  nested = json.load(open(os.path.join(v5, "processor_config.json")))
-  nested["image_processor"]["image_mean"] = [0.1, 0.2, 0.3]
-  json.dump(nested, open(os.path.join(v5, "processor_config.json"), "w"))
-  assert list(load_processor(v5).image_processor.image_mean) == [0.1, 0.2, 0.3]
-  shutil.copy(os.path.join(src, "preprocessor_config.json"), v5)
-  assert load_processor(v5).image_processor.to_dict() == old.image_processor.to_dict()
-  os.remove(os.path.join(v5, "preprocessor_config.json"))
-  os.remove(os.path.join(v5, "processor_config.json"))
-  with pytest.raises(FileNotFoundError, match="preprocessor_config.json.*processor_config.json"):
-    load_processor(v5)
+  check_transformers_5_processor_layout(tiny["path"], tiny["hf_proc"], load_processor, tiny["images"][2], tmp_path)
 
 
 def test_vision_tower_matches_transformers(tiny):

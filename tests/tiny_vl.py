@@ -188,3 +188,38 @@ def make_tiny_internvl(path: str, *, text_type: str = "qwen3", text_layers: int 
     with open(os.path.join(path, "processor_config.json"), "w") as f:
       json.dump({"image_seq_length": seq, "processor_class": "InternVLProcessor"}, f)
   return torch_model, processor
+
+
+def check_transformers_5_processor_layout(src: str, hf_proc, load_processor, image, tmp_path) -> None:
+  """A processor directory as transformers 5 saves it (no preprocessor_config.json; one processor_config.json with
+  the image processor's settings under "image_processor") loads as the old layout does; preprocessor_config.json
+  wins when both are there; neither is a clear error. (`to_json_file` is what save_pretrained writes; it needs a
+  video processor itself.)"""
+  import json
+  import shutil
+
+  import numpy as np
+  import pytest
+
+  v5 = str(tmp_path / "v5")
+  shutil.copytree(src, v5, ignore=shutil.ignore_patterns("preprocessor_config.json", "processor_config.json",
+                                                         "*.safetensors*"))
+  hf_proc.to_json_file(os.path.join(v5, "processor_config.json"))
+  assert "image_processor" in json.load(open(os.path.join(v5, "processor_config.json")))
+  old, new = load_processor(src), load_processor(v5)
+  assert new.image_processor.to_dict() == old.image_processor.to_dict()
+  text = [chat(hf_proc, "hi")]
+  a = old(images=[image], text=text, return_tensors="np")
+  b = new(images=[image], text=text, return_tensors="np")
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  nested = json.load(open(os.path.join(v5, "processor_config.json")))
+  nested["image_processor"]["image_mean"] = [0.1, 0.2, 0.3]
+  json.dump(nested, open(os.path.join(v5, "processor_config.json"), "w"))
+  assert list(load_processor(v5).image_processor.image_mean) == [0.1, 0.2, 0.3]
+  shutil.copy(os.path.join(src, "preprocessor_config.json"), v5)
+  assert load_processor(v5).image_processor.to_dict() == old.image_processor.to_dict()
+  os.remove(os.path.join(v5, "preprocessor_config.json"))
+  os.remove(os.path.join(v5, "processor_config.json"))
+  with pytest.raises(FileNotFoundError, match="preprocessor_config.json.*processor_config.json"):
+    load_processor(v5)
