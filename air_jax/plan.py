@@ -149,7 +149,8 @@ def _replicated_note(fam, rules, mp: int, all_bytes: int, per_device: int) -> st
   if not rules:
     return (f"note: the {fam.name} family has no tensor-parallel rules (Family.partition_rules): every device holds "
             "all params")
-  if per_device > 0.5 * all_bytes:  # an even split would hold 1 / mp of them
+  # An even split holds 1 / mp of them (plus the small tensors kept whole); note a share nearer to all than to that.
+  if per_device > 0.5 * (1.0 + 1.0 / mp) * all_bytes:
     return (f"note: --model-parallel {mp} divides few of the tensors' head / width dimensions, so "
             f"{per_device / all_bytes:.0%} of the params stay on every device; choose a model-parallel size that "
             "divides the number of heads and the widths")

@@ -75,4 +75,5 @@ def test_config_checks_keep_real_errors(tmp_path):
 def test_a_model_parallel_size_that_divides_nothing_is_noted(dir_34b, capsys):
   p = plan(dir_34b, 3, "bfloat16", model_parallel=3)
   assert "divides few of the tensors" in p.replicated_note and p.params > 0.9 * p.num_params * 2
-  assert plan(dir_34b, 4, "bfloat16").replicated_note == ""
+  for mp in (2, 4, 8):  # good splits (a few small tensors kept whole) get no note
+    assert plan(dir_34b, mp, "bfloat16").replicated_note == "", mp
