@@ -113,7 +113,7 @@ def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True, 
 
   Args:
     path: directory with config.json, *.safetensors (sharded or not) and processor files.
-    dtype: "float32" or "bfloat16" (params and compute dtype; softmax is always float32).
+    dtype: "float32", "bfloat16" or "float16" (params and compute dtype; softmax is always float32).
     with_processor: also load the transformers processor (needed by `generate`).
     mesh: optional (data, model) `jax.sharding.Mesh` (`air_jax.sharding.make_mesh`): the params are then
       tensor-parallel (Megatron split over "model", the family's `partition_rules`), each device's slice read
