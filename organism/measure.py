@@ -95,14 +95,10 @@ def slot_prefix(scene, m: str) -> str:
   return " ".join([scenes2.opening(scene)] + [scenes2.object_sentence(o) for o in before] + ["There is"])
 
 
-def article(m: str) -> str:
-  return "an" if m[0] in "aeiou" else "a"
-
-
 _FWD: dict = {}  # model config -> jitted last-position log-softmax
 
 
-def _last_logprobs(model, prompts: list[str], images, spec=None, batch: int = 32) -> np.ndarray:
+def _last_logprobs(model, prompts: list[str], images, batch: int = 32) -> np.ndarray:
   """log-softmax of the last position of each left-padded prompt [N, V] (images None: text only)."""
   import jax
   import jax.numpy as jnp
@@ -113,9 +109,9 @@ def _last_logprobs(model, prompts: list[str], images, spec=None, batch: int = 32
   out = []
   config = model.config
   fwd = _FWD.get(config)
-  if fwd is None:  # one compile per model config (head scans call this once per head); closes over the config only
-    fwd = _FWD[config] = jax.jit(lambda p, ids, m, px, sp: jax.nn.log_softmax(
-        llava.forward(p, config, ids, px, attention_mask=m, spec=sp)["logits"][:, -1], -1))
+  if fwd is None:  # one compile per model config; closes over the config only (edited runs: _stepwise_logprobs)
+    fwd = _FWD[config] = jax.jit(lambda p, ids, m, px: jax.nn.log_softmax(
+        llava.forward(p, config, ids, px, attention_mask=m)["logits"][:, -1], -1))
   for s in range(0, len(prompts), batch):
     chunk = prompts[s:s + batch]
     if images is None:
@@ -138,7 +134,7 @@ def _last_logprobs(model, prompts: list[str], images, spec=None, batch: int = 32
       ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=tok.pad_token_id)
       mask = np.pad(mask, ((0, 0), (pad, 0)))
       px = jnp.asarray(enc["pixel_values"].astype(np.float32))
-    out.append(np.asarray(fwd(model.params, jnp.asarray(ids), jnp.asarray(mask), px, spec)))
+    out.append(np.asarray(fwd(model.params, jnp.asarray(ids), jnp.asarray(mask), px)))
   return np.concatenate(out)
 
 
@@ -147,7 +143,7 @@ def name_logprob(model, scenes, items, with_image: bool, spec=None, text_model=N
   caption up to m's slot (`slot_prefix`). With a spec (AIR), the caption is fed token by token after the prompt's
   prefill, as decoding runs it, so every caption row is edited as it was when generated (`_stepwise_logprobs`)."""
   from air_jax.generate import format_prompt
-  from organism import train2
+  from organism import scenes2, train2
   from organism.scenes import render
 
   if not items:
@@ -158,15 +154,16 @@ def name_logprob(model, scenes, items, with_image: bool, spec=None, text_model=N
   if not with_image:
     template = template.replace(train2.IMAGE_TOKEN, "")
   captions = [slot_prefix(scenes[i], m) for i, m, _ in items]
-  art_ids = [tok.convert_tokens_to_ids("\u2581" + article(m)) for _, m, _ in items]
+  art_ids = [tok.convert_tokens_to_ids("\u2581" + scenes2.article(m)) for _, m, _ in items]
   name_ids = [tok.convert_tokens_to_ids("\u2581" + m) for _, m, _ in items]
   images = np.stack([render(scenes[i], 64) for i, _, _ in items]) if with_image else None
   n = np.arange(len(items))
   if spec is not None:
-    lp_art, lp_name = _stepwise_logprobs(m_, template, captions, [a for a in art_ids], images, spec, name_ids)
+    lp_art, lp_name = _stepwise_logprobs(m_, template, captions, art_ids, images, spec, name_ids)
     return lp_art + lp_name
   lp = _last_logprobs(m_, [template + " " + c for c in captions], images)
-  lp2 = _last_logprobs(m_, [template + " " + c + " " + article(m) for c, (_, m, _) in zip(captions, items)], images)
+  with_article = [template + " " + c + " " + scenes2.article(m) for c, (_, m, _) in zip(captions, items)]
+  lp2 = _last_logprobs(m_, with_article, images)
   return lp[n, art_ids] + lp2[n, name_ids]
 
 

@@ -72,8 +72,13 @@ def sample_scene2(rng: np.random.Generator, split: str) -> Scene:
   return place_scene(rng, st, _order(names), split, trap)
 
 
+def article(word: str) -> str:
+  """The indefinite article captions use before `word`."""
+  return "an" if word[0] in "aeiou" else "a"
+
+
 def _article(word: str) -> str:
-  return ("an " if word[0] in "aeiou" else "a ") + word
+  return f"{article(word)} {word}"
 
 
 def opening(scene: Scene) -> str:

@@ -103,7 +103,7 @@ def test_tune_air_selects_under_constraints():
 
 
 def test_measure_helpers():
-  from organism.measure import article, auc, fit_logistic, slot_items, slot_prefix
+  from organism.measure import auc, fit_logistic, slot_items, slot_prefix
 
   assert auc([2, 3], [1, 0]) == 1.0 and auc([1], [1]) == 0.5 and auc([0], [1, 2]) == 0.0
   rng = np.random.default_rng(0)
@@ -120,7 +120,7 @@ def test_measure_helpers():
     pre = slot_prefix(s, m)
     assert pre.endswith("There is")  # the article is scored with the name: it would give "an umbrella" away
     if present:  # the prefix is exactly the caption before m's sentence
-      assert scenes2.caption2(s).startswith(pre + " " + article(m) + " " + m)
+      assert scenes2.caption2(s).startswith(pre + " " + scenes2.article(m) + " " + m)
 
 
 TINY = dict(seed=1, image_size=32, patch_size=8, vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32,
