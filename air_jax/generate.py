@@ -347,9 +347,10 @@ def _check_prompts(params, images: list, prompts: list) -> None:
 def _check_filler_rows(method, b: int, rows: int, devices) -> None:
   """Refuses filler rows (a batch padded to split over the devices) for a method whose rows see each other."""
   if rows != b and method.plan.couples_rows(method.values):
-    raise ValueError(f"a batch of {b} does not split evenly over {len(devices)} devices, and {type(method.plan).__name__}"
-                     " computes a statistic over the batch (DoLa batch_js, the official AD-HH trigger) that filler "
-                     "rows would change; pass a batch whose size is a multiple of the device count (or fewer devices)")
+    raise ValueError(f"a batch of {b} does not split evenly over {len(devices)} devices, and "
+                     f"{type(method.plan).__name__} computes a statistic over the batch (DoLa batch_js, the official "
+                     "AD-HH trigger) that filler rows would change; pass a batch whose size is a multiple of the "
+                     "device count (or fewer devices)")
 
 
 def _check_model(params):

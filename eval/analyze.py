@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "LVLM's own language model with the image replaced by one placeholder token; default)")
   p.add_argument("--methods-json", default=None,
                  help=f"methods benchmark JSON for C.3 (default {DEFAULT_METHODS_JSON} when it exists)")
-  p.add_argument("--sweep-images", type=int, default=100, help="held-out images per sweep config, none of them analysed above (default 100)")
+  p.add_argument("--sweep-images", type=int, default=100,
+                 help="held-out images per sweep config, none of them analysed above (default 100)")
   p.add_argument("--sweep-grid", help="JSON {knob: [values]} (knobs lambda, gamma, tau_text, beta)")
   p.add_argument("--batch-size", type=int, default=50)
   p.add_argument("--sigma", choices=("both", "identity"), default="both",

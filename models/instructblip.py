@@ -156,9 +156,9 @@ def _family():
     (InstructBLIP was tuned on raw instructions). The LM ids are laid out as transformers' processor does:
     [<image> x Q][left padding][BOS] prompt, so a padded row has a gap in its mask. The Q-Former gets the prompt
     in its BERT vocabulary, right padded (LAVIS; BERT positions start at its first token), so a prompt's result
-    does not depend on the batch. transformers' 5.x processor pads it on the language tokenizer's side (left, for generation) while
-    the Q-Former numbers positions from slot 0: its batched outputs for shorter prompts then differ from the
-    same prompt alone (a single prompt, or prompts of equal length, are identical to transformers').
+    does not depend on the batch. transformers' 5.x processor pads it on the language tokenizer's side (left, for
+    generation) while the Q-Former numbers positions from slot 0: its batched outputs for shorter prompts then differ
+    from the same prompt alone (a single prompt, or prompts of equal length, are identical to transformers').
     """
 
     name = "instructblip"

@@ -7,12 +7,12 @@
 `python -m eval.attribute` on that split (its `attribution.npz` ranks the heads by S_h). Each head count k and
 hyperparameter tuple is one AIRConfig; configs are run together with `air_jax.generate_sweep`. The winner is the
 config with the lowest C_S among the admissible ones: object recall >= `--min-recall`, precision >=
-`--min-precision` (default: greedy's), F1 >= `--min-f1` (default: greedy's minus 0.02), and at most `--max-malformed` malformed captions (no object named, an object
-or sentence repeated, no final period: `organism.quality.is_malformed`). Every row is printed with C_S, C_I,
-recall, precision, F1, the malformed fraction and the constraints it fails, so the choice can be checked; the
-winner is written as the per-method override file that `python -m eval.chair --air-config` reads, with its
-dev-split metrics and the constraints. `--grid paper` evaluates the paper's settings only (lambda 3.5, gamma
-0.1, tau 0.3, beta 0.3) for each k.
+`--min-precision` (default: greedy's), F1 >= `--min-f1` (default: greedy's minus 0.02), and at most
+`--max-malformed` malformed captions (no object named, an object or sentence repeated, no final period:
+`organism.quality.is_malformed`). Every row is printed with C_S, C_I, recall, precision, F1, the malformed fraction
+and the constraints it fails, so the choice can be checked; the winner is written as the per-method override file
+that `python -m eval.chair --air-config` reads, with its dev-split metrics and the constraints. `--grid paper`
+evaluates the paper's settings only (lambda 3.5, gamma 0.1, tau 0.3, beta 0.3) for each k.
 """
 
 from __future__ import annotations

@@ -213,8 +213,11 @@ def test_batch_coupled_methods_get_no_filler_rows(tiny_model, tiny_dir, monkeypa
 
   gen = sys.modules["air_jax.generate"]
   rows, original = [], gen._run
-  monkeypatch.setattr(gen, "_run", lambda params, run, spec, ids, *a, **kw: (rows.append(ids.shape[0]),
-                                                                             original(params, run, spec, ids, *a, **kw))[1])
+  def recording_run(params, run, spec, ids, *a, **kw):
+    rows.append(ids.shape[0])
+    return original(params, run, spec, ids, *a, **kw)
+
+  monkeypatch.setattr(gen, "_run", recording_run)
   images = random_images(2, 28, seed=4)
   for overrides, want in (({"batch_js": True}, 2), ({}, 4)):
     rows.clear()

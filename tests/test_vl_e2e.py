@@ -169,7 +169,8 @@ def test_vcd_noise_is_per_example_and_keeps_still_frames(tiny):
     np.testing.assert_array_equal(alone.token_ids[0], both.token_ids[i])
     np.testing.assert_allclose(alone.scores[0], both.scores[i], atol=1e-5, rtol=1e-5)
   vision = model.family.prepare_inputs(model.processor, model.config, imgs, PROMPTS, 0)["vision"]
-  noised = model.family.map_pixels(model.config, vision, lambda pix: pix + noise_field(jax.random.key(0), pix.shape[1:]))
+  add_noise = lambda pix: pix + noise_field(jax.random.key(0), pix.shape[1:])
+  noised = model.family.map_pixels(model.config, vision, add_noise)
   if tiny["name"] == "qwen2_5_vl":
     v = model.config.vision
     pix = np.asarray(noised["pixels"])

@@ -157,8 +157,8 @@ def make_tiny_deepseek_vl2(path: str, *, seed: int = 0, global_view_pos: str = "
                          rope_scaling=None)
   config = {"model_type": "deepseek_vl_v2", "architectures": ["DeepseekVLV2ForCausalLM"], "tile_tag": "2D",
             "global_view_pos": global_view_pos, "candidate_resolutions": CANDIDATES,
-            "vision_config": {"model_name": "siglip_tiny", "image_size": 35, "patch_size": patch_size, "width": 32, "layers": 2,
-                              "heads": 4, "mlp_ratio": 2.0, "global_pool": "map", "ignore_head": True},
+            "vision_config": {"model_name": "siglip_tiny", "image_size": 35, "patch_size": patch_size, "width": 32,
+                              "layers": 2, "heads": 4, "mlp_ratio": 2.0, "global_pool": "map", "ignore_head": True},
             "projector_config": {"projector_type": "downsample_mlp_gelu", "input_dim": 32, "n_embed": 64, "depth": 2,
                                  "mlp_ratio": 1, "downsample_ratio": 2},
             "language_config": language_config, "image_token_id": image_token_id}

@@ -22,6 +22,7 @@ __all__ = [
   "DEFAULT_GRID", "KNOBS", "Spectrum", "StepCovariance", "cosine", "distance_to_next", "generating_rows", "group_means",
   "head_mask", "head_similarity", "head_table", "high_tai_tokens", "mai", "mai_summary", "output_block", "pooled_mai",
   "read_methods_json", "rho_closed_form", "rho_finite", "rho_monte_carlo", "row_entropy", "row_variance",
-  "run_sweeps", "spectrum", "spectrum_from_factors", "state_covariance", "step_covariance", "sweep_configs", "symmetrize", "tai", "uniform_causal_block",
+  "run_sweeps", "spectrum", "spectrum_from_factors", "state_covariance", "step_covariance", "sweep_configs",
+  "symmetrize", "tai", "uniform_causal_block",
   "variance_entropy_correlation", "within_fraction",
 ]
