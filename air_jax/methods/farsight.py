@@ -82,7 +82,8 @@ class OfficialRegisterOp:
   sigma: jax.Array  # [L]
   alibi: jax.Array  # [L] 0/1
 
-  def _registers(self, ctx, num_heads: int):
+  def _future(self, ctx):
+    """(future [B, 1, T, S]: the register slots, dist [B, T, S]: key minus query position, qpos [B, T], n [B])."""
     real = ctx.key_segments != PAD  # [B, S]
     first = jnp.argmax(real, axis=-1)  # [B]
     n = real.sum(-1).astype(jnp.float32)  # [B] real tokens so far
@@ -92,18 +93,18 @@ class OfficialRegisterOp:
     dist = pos[:, None, :] - qpos[:, :, None]  # [B, T, S]
     rows = (ctx.query_segments != PAD)[:, :, None]
     future = (dist > 0) & real[:, None, :] & rows & (self.on > 0.5)  # [B, T, S]
+    return future[:, None], dist, qpos, n
+
+  def edit_masked(self, scores, ctx):
+    future, dist, qpos, n = self._future(ctx)
+    num_heads = scores.shape[1]
     decay = self.sigma * (1.0 - qpos / (4.0 * jnp.maximum(n[:, None] - 1.0, 1.0)))  # [B, T]
     slope = 2.0 ** (-8.0 * (jnp.arange(num_heads, dtype=jnp.float32) + 1.0) / num_heads) * self.alibi  # [H]
     reg = -dist[:, None] * (decay[:, None, :, None] + slope[None, :, None, None])  # [B, H, T, S]
-    return future[:, None], reg
-
-  def edit_masked(self, scores, ctx):
-    future, reg = self._registers(ctx, scores.shape[1])
     return jnp.where(future, reg, scores)
 
-  def edit_pattern(self, pattern, ctx):
-    future, _ = self._registers(ctx, pattern.shape[1])
-    return jnp.where(future, 0.0, pattern)
+  def edit_pattern(self, pattern, ctx):  # the register columns leave the softmax's output
+    return jnp.where(self._future(ctx)[0], 0.0, pattern)
 
 
 @flax.struct.dataclass
