@@ -205,8 +205,9 @@ class Attributor:
 
   def screen(self, image, sentence: Mapping[str, Any], *, caption: str | None = None,
              token_ids: Sequence[int] | None = None, match: str = "span") -> SampleResult:
-    """The gradient screen of one caption: dP/dg of every head at every scored token, one backward pass
-    (air_jax.attribution_screen); `ablated_logprob` is None, `screen_grad` [P, L, H] holds the derivatives."""
+    """The gradient screen of one caption: dP/dg of every head at every scored token, one batched backward pass
+    per token (air_jax.attribution_screen); `ablated_logprob` is None, `screen_grad` [P, L, H] holds the
+    derivatives."""
     caption, tp, ids, scored, seq, pixels, positions = self._prepare(image, sentence, caption, token_ids, match)
     nl, nh = self.num_layers, self.num_heads
     if not scored:

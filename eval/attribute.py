@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--synonyms", help="CHAIR vocabulary file for --generate (default: COCO)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--screen", type=int, default=None, metavar="K",
-                 help="gradient screen first (one backward pass per caption estimates Delta P of every head), then "
+                 help="gradient screen first (a backward pass per scored token estimates Delta P of every head), then "
                       "exact ablation of the K heads with the largest |estimated S_h| only; the others are NaN "
                       "in the exact results and never selected")
   p.add_argument("--compile-cache", metavar="DIR",

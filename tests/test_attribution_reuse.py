@@ -11,7 +11,7 @@ from air_jax import decoding
 from air_jax.attribution import Attributor
 from air_jax.attribution_core import head_logprobs
 from air_jax.attribution_screen import screen_deltas, screen_logprobs
-from models import llava
+from models import family
 from models.spec import RectificationSpec
 from tests.tiny import random_images
 
@@ -51,26 +51,28 @@ def test_prefix_reuse_equals_plain(model3, case3, semantics):
     np.testing.assert_allclose(abl, ref_abl, atol=1e-5, rtol=0)
 
 
-def _finite_difference(m, seq, pixels, positions, semantics, eps=1e-2):
-  """Central difference of P in the gate of each head (the row p - 1 only, or every row)."""
+def finite_difference(m, seq, pixels, positions, semantics, eps=1e-2):
+  """Central difference of P in the gate of each head (the row p - 1 only, or every row), for any family:
+  current_token through read-only decoding steps on the clean cache, full_sequence through the whole forward."""
   cfg = m.config
-  nl, nh = cfg.text.num_hidden_layers, cfg.text.num_attention_heads
+  nl, nh = cfg.dims.num_hidden_layers, cfg.dims.num_attention_heads
   ids = jnp.asarray(seq)[None]
+  vision = jax.tree.map(jnp.asarray, pixels)
+  t = ids.shape[1]
   if semantics == "current_token":
-    _, state, _ = decoding.prefill_jit(m.params, cfg, ids, jnp.ones_like(ids), jnp.asarray(pixels), None,
-                                       ids.shape[1])
+    _, state, _ = decoding.prefill_jit(m.params, cfg, ids, jnp.ones_like(ids), vision, None, t)
     step = jax.jit(lambda st, tok, g: jax.nn.softmax(
         decoding.decode_step(m.params, cfg, st, tok, RectificationSpec(head_gate=g))[0][0]))
 
     def probs(g):
       out = []
-      for p in positions:
-        st = state.replace(write_index=jnp.int32(p - 1), next_position=jnp.array([p - 1], jnp.int32))
+      for p in positions:  # the text slot p - 1 sits t - (p - 1) positions before the offset prefill left
+        st = state.replace(write_index=jnp.int32(p - 1), next_position=state.next_position - (t - (p - 1)))
         out.append(float(step(st, jnp.asarray(seq[p - 1:p]), g)[seq[p]]))
       return np.array(out)
   else:
-    fwd = jax.jit(lambda g: jax.nn.softmax(llava.forward(m.params, cfg, ids, jnp.asarray(pixels),
-                                                         spec=RectificationSpec(head_gate=g))["logits"][0], -1))
+    fwd = jax.jit(lambda g: jax.nn.softmax(family.forward(m.params, cfg, ids, vision,
+                                                          spec=RectificationSpec(head_gate=g))["logits"][0], -1))
     rows, tgt = np.asarray(positions) - 1, seq[np.asarray(positions)]
     probs = lambda g: np.asarray(fwd(g))[rows, tgt]
   fd = np.zeros((len(positions), nl, nh))
@@ -88,7 +90,7 @@ def test_screen_equals_finite_difference(model3, case3, semantics):
   clean, grad = screen_logprobs(m.params, m.config, seq, pixels, positions, semantics=semantics)
   ref_clean, _ = head_logprobs(m.params, m.config, seq, pixels, positions, semantics=semantics)
   np.testing.assert_allclose(clean, ref_clean, atol=1e-5)
-  fd = _finite_difference(m, seq, pixels, positions, semantics)
+  fd = finite_difference(m, seq, pixels, positions, semantics)
   assert np.abs(fd).max() > 5e-3
   np.testing.assert_allclose(grad, fd, atol=2e-5, rtol=0)
   np.testing.assert_allclose(screen_deltas(clean, grad, "logprob"), grad / np.exp(clean)[:, None, None])
@@ -118,3 +120,4 @@ def test_cli_screen_then_exact_top_k(tmp_path, tiny_dir):
   assert np.isfinite(exact[chosen]).all() and np.isnan(np.delete(exact, chosen)).all()
   sel = [l * 4 + h for l, h in json.loads((out / "heads_S.json").read_text())["hal_heads"]]
   assert set(sel) <= set(chosen)
+

@@ -60,3 +60,22 @@ def test_methods_run_and_rows_equal_alone(tiny, method):
     alone = air_jax.generate(model, m, imgs[i], PROMPTS[i], max_new_tokens=4, output_scores=True)
     np.testing.assert_array_equal(alone.token_ids[0], both.token_ids[i])
     np.testing.assert_allclose(alone.scores[0], both.scores[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("semantics", ["current_token", "full_sequence"])
+def test_gradient_screen_equals_finite_difference(tiny, semantics):
+  """The generic gradient screen through MLA and the MoE layers (the routing is constant near gate 1)."""
+  from air_jax.attribution import Attributor
+  from air_jax.attribution_screen import screen_logprobs
+  from tests.test_attribution_reuse import finite_difference
+
+  _, _, _, model = tiny
+  att = Attributor(model)
+  prompt_ids, vision = att.prompt_inputs(images()[1])
+  _, ids, _ = att.caption_inputs("A cat sits on a red chair next to a dog.")
+  seq = np.concatenate([prompt_ids, ids]).astype(np.int32)
+  positions = [len(prompt_ids), len(prompt_ids) + 3, len(seq) - 1]
+  _, grad = screen_logprobs(model.params, model.config, seq, vision, positions, semantics=semantics)
+  fd = finite_difference(model, seq, vision, positions, semantics, eps=1e-3)
+  assert np.abs(fd).max() > 1e-3
+  np.testing.assert_allclose(grad, fd, atol=2e-5, rtol=0)

@@ -118,7 +118,8 @@ def test_air_attribution_and_chair_end_to_end(which, request, tmp_path):
                          output_attention_stats=True)
   assert air.segment_mass.shape[2:] == (dims.num_hidden_layers, dims.num_attention_heads, 3)
   assert not np.allclose(air.segment_mass, base.segment_mass)  # the intervention reached the attention
-  # Head attribution (vmapped ablations through the family's decoder) on hand-made CHAIR results.
+  # Head attribution (gradient screen, then vmapped ablations through the family's decoder) on hand-made CHAIR
+  # results.
   caps = tmp_path / "hand_captions.jsonl"
   caps.write_text(json.dumps({"image_id": 296284, "caption": "A donut sits next to a dog. The dog eats a donut."})
                   + "\n")
@@ -126,7 +127,11 @@ def test_air_attribution_and_chair_end_to_end(which, request, tmp_path):
              "--no-progress"])
   out = tmp_path / "attr"
   attribute.run(["--chair-json", str(tmp_path / "hand_chair.json"), "--coco-root", str(FIXTURE), "--model", path,
-                 "--out", str(out), "--top-k", "2", "--chunk", "4", "--no-progress", "--backend", "cpu"])
+                 "--out", str(out), "--top-k", "2", "--chunk", "4", "--no-progress", "--backend", "cpu",
+                 "--screen", "3"])
+  # The gradient screen ranked every head, then the 3 heads it chose were ablated exactly.
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["screen"]["k"] == 3
   assert len(air_jax.read_heads_file(str(out / "heads_S.json"))) == 2
   # eval.chair: greedy and AIR captions generated through the family and scored.
   res = tmp_path / "chair"

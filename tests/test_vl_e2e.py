@@ -111,6 +111,27 @@ def test_head_attribution_end_to_end(tiny):
                              atol=2e-5)
 
 
+@pytest.mark.parametrize("semantics", ["current_token", "full_sequence"])
+def test_gradient_screen_equals_finite_difference(tiny, semantics):
+  """The generic screen (multimodal RoPE for Qwen2.5-VL: the decoding row needs the token's text position)."""
+  from air_jax.attribution_core import head_logprobs
+  from air_jax.attribution_screen import screen_logprobs
+  from tests.test_attribution_reuse import finite_difference
+
+  model = tiny["model"]
+  att = Attributor(model)
+  prompt_ids, pixels = att.prompt_inputs(tiny["images"][0])
+  _, ids, _ = att.caption_inputs("A cat sits on a red chair next to a dog.")
+  seq = np.concatenate([prompt_ids, ids]).astype(np.int32)
+  positions = [len(prompt_ids), len(prompt_ids) + 4, len(seq) - 1]
+  clean, grad = screen_logprobs(model.params, model.config, seq, pixels, positions, semantics=semantics)
+  fd = finite_difference(model, seq, pixels, positions, semantics)
+  assert np.abs(fd).max() > 1e-3
+  np.testing.assert_allclose(grad, fd, atol=2e-5, rtol=0)
+  ref_clean, _ = head_logprobs(model.params, model.config, seq, pixels, positions, semantics=semantics, heads=[])
+  np.testing.assert_allclose(clean, ref_clean, atol=1e-5, rtol=0)
+
+
 def test_chair_cli_end_to_end(tiny, tmp_path, capsys):
   from eval.chair import main
 
