@@ -208,8 +208,9 @@ def text_config_from_dict(d: dict, tie_default: bool = False) -> TextConfig:
       hidden_act=act,
       rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
       max_position_embeddings=max_pos,
-      attention_bias=bool(d.get("attention_bias", False)),
-      mlp_bias=bool(d.get("mlp_bias", False)),
+      # transformers' Mistral layers have no biases whatever these fields say (a stray flag is ignored there too)
+      attention_bias=model_type == "llama" and bool(d.get("attention_bias", False)),
+      mlp_bias=model_type == "llama" and bool(d.get("mlp_bias", False)),
       tie_word_embeddings=bool(tie),
       rope=_rope_from_dict(d, 10000.0, max_pos),
       bos_token_id=d.get("bos_token_id", 1),

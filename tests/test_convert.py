@@ -175,3 +175,15 @@ def test_qwen_text_defaults_are_transformers_config_defaults():
     ours = qwen_text_config_from_dict({"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4})
     theta = (ref.rope_parameters or {}).get("rope_theta", getattr(ref, "rope_theta", None))
     assert ours.rope.rope_theta == theta and ours.rms_norm_eps == ref.rms_norm_eps, model_type
+
+
+def test_mistral_ignores_bias_flags_as_transformers_does():
+  """transformers' Mistral layers have no biases whatever `attention_bias` / `mlp_bias` say; Llama reads them."""
+  from models.config import text_config_from_dict
+
+  flags = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "attention_bias": True,
+           "mlp_bias": True}
+  mistral = text_config_from_dict({"model_type": "mistral", **flags})
+  llama = text_config_from_dict({"model_type": "llama", **flags})
+  assert not mistral.attention_bias and not mistral.mlp_bias
+  assert llama.attention_bias and llama.mlp_bias
