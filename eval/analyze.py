@@ -484,6 +484,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   cfg = model_io.text_config(model)
   nl, nh = cfg.num_hidden_layers, cfg.num_attention_heads
   hal, non = _heads(args, nl, nh)
+  if "propagation" not in skip:
+    try:  # B.1 needs W_QK factors: decoders whose scores are not bilinear (q/k norms or biases, MLA) have none
+      model_io.qk_factors(model, 0)
+    except ValueError as e:
+      skip.add("propagation")
+      result["propagation"] = {"skipped": str(e)}
+      print(f"note: B.1 (propagation) skipped: {e}", file=sys.stderr)
   if "sweeps" not in skip and not hal:  # before the hours of the other sections, not after them
     raise AnalyzeError("the sweeps need sensitive heads: give --heads (or --skip sweeps)")
   sens = imbalance.head_mask(hal, nl, nh)
@@ -525,7 +532,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   from air_jax.analysis.propagation import StepCovariance
 
   sims, floors, var_rows, ent_rows, per_caption = [], [], [], [], []
-  steps = StepCovariance() if args.sigma == "both" else None
+  steps = StepCovariance() if args.sigma == "both" and "propagation" not in skip else None
   tai_dist, base_dist = {"value_norm": [], "uniform": []}, []
   need_pass = bool({"similarity", "variance", "tai", "propagation"} - skip)
   grid_done = False
@@ -684,7 +691,7 @@ def summary_lines(result: dict) -> list[str]:
       lines.append(f"TAI ({info}): {t[info]['num_high_tai_tokens']} high-TAI tokens, "
                    f"{_num(t[info]['within_window_share'], '.0f', 100)}% followed by a hallucination within "
                    f"{t['window']} tokens (any caption token: {_num(t['within_window_share_all_tokens'], '.0f', 100)}%)")
-  if "propagation" in result:
+  if "propagation" in result and "skipped" not in result["propagation"]:
     for name, c in result["propagation"]["monte_carlo"].items():
       lines.append(f"B.1 Monte Carlo {name}: mean |err| corrected eq.7 {_num(c['mean_abs_err_corrected'])}, "
                    f"printed eq.7 {_num(c['mean_abs_err_paper'])}, finite-T eq.2 {_num(c['mean_abs_err_finite'])}")

@@ -103,6 +103,46 @@ def decoder(
   return rms_norm(params["norm"], x, cfg.rms_norm_eps), (None if cache is None else tuple(new_cache)), out
 
 
+def value_norms(params: dict, cfg: DeepseekV2TextConfig, states: jax.Array) -> jax.Array:
+  """||W_O^h v_j^h|| [L, B, H, T] from states [L, B, T, E] (the residual stream entering each layer); MLA's
+  values come from the normed latent through kv_b_proj, the MHA variant's from v_proj (heads sharing one)."""
+  h = cfg.num_attention_heads
+  out = []
+  for li, p in enumerate(params["layers"]):
+    a = p["self_attn"]
+    y = rms_norm(p["input_layernorm"], states[li], cfg.rms_norm_eps)
+    b, t, _ = y.shape
+    if cfg.use_mla:
+      ckv = rms_norm(a["kv_a_layernorm"], linear(a["kv_a_proj_with_mqa"], y)[..., :cfg.kv_lora_rank], 1e-6)
+      kv = linear(a["kv_b_proj"], ckv).reshape(b, t, h, cfg.qk_nope_head_dim + cfg.v_head_dim)
+      v = kv[..., cfg.qk_nope_head_dim:]
+    else:
+      kv = cfg.num_key_value_heads
+      v = jnp.repeat(linear(a["v_proj"], y).reshape(b, t, kv, cfg.head_dim), h // kv, axis=2)
+    wo = a["o_proj"]["weight"].reshape(-1, h, v.shape[-1])  # [E, H, Dv]
+    w = jnp.einsum("bthd,ehd->bthe", v.astype(jnp.float32), wo.astype(jnp.float32))
+    out.append(jnp.linalg.norm(w, axis=-1).transpose(0, 2, 1))
+  return jnp.stack(out)
+
+
+def qk_factors(params: dict, cfg: DeepseekV2TextConfig, layer: int, fold_norm: bool = True):
+  """(a, b) [H, D, E] float64 numpy with W_QK^h = a[h]^T b[h] (RoPE ignored) for the MHA variant (use_mla =
+  False, no attention bias). MLA's keys pass through the latent's RMSNorm, so its scores are not bilinear."""
+  import numpy as np
+
+  if cfg.use_mla or cfg.attention_bias:
+    raise ValueError("W_QK analyses need bilinear attention scores; this DeepSeek-V2 decoder has "
+                     f"{'use_mla (keys through the latent RMSNorm)' if cfg.use_mla else 'attention_bias'}")
+  p = params["layers"][layer]
+  h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  a = np.asarray(p["self_attn"]["q_proj"]["weight"], np.float64).reshape(h, d, -1)
+  b = np.repeat(np.asarray(p["self_attn"]["k_proj"]["weight"], np.float64).reshape(kv, d, -1), h // kv, axis=0)
+  if fold_norm:
+    g = np.asarray(p["input_layernorm"]["weight"], np.float64)
+    a, b = a * g, b * g
+  return a, b
+
+
 def init_cache(cfg: DeepseekV2TextConfig, batch: int, size: int, dtype, per_layer: bool = True):
   """Zeros: a tuple of L {"ckv": [B, S, R], "kpe": [B, S, Dr]} (MLA; always per layer), or {"k", "v"} [B, S, K, D]
   for the use_mla = False variant."""

@@ -391,6 +391,12 @@ def _family():
     def exit_logits(self, params, config, hidden, final_norm: bool):
       return early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
 
+    def value_norms(self, params, config, states):
+      return deepseek_v2.value_norms(params["language_model"], config.text, states)
+
+    def qk_factors(self, params, config, layer: int, fold_norm: bool = True):
+      return deepseek_v2.qk_factors(params["language_model"], config.text, layer, fold_norm)
+
   return family_lib.register(DeepseekVL2Family())
 
 

@@ -231,6 +231,17 @@ class Family:
     raise NotImplementedError(f"the {self.name} family has no early-exit readout (needed by early-exit methods "
                               "such as DoLa)")
 
+  def value_norms(self, params, config, states):
+    """||W_O^h v_j^h|| [L, B, H, T] float32 from states [L, B, T, E], the residual stream entering each decoder
+    layer (`decoder(..., output_hidden_layers=range(L))`): the size of what key j writes into the residual stream
+    through head h per unit of attention (the analyses' value-weighted terms)."""
+    raise NotImplementedError(f"the {self.name} family does not give per-head value norms")
+
+  def qk_factors(self, params, config, layer: int, fold_norm: bool = True):
+    """(a, b) [H, D, E] float64 numpy with W_QK^h = a[h]^T b[h] for one decoder layer (RoPE ignored): the
+    analyses' query-key matrices. Families whose attention score is bilinear in the layer input implement it."""
+    raise NotImplementedError(f"the {self.name} family's attention scores have no W_QK factors")
+
   def per_layer_params(self, params):
     return params
 

@@ -8,12 +8,12 @@ InternVL-3.5, InstructBLIP), so they live here once. Each family still brings it
 from __future__ import annotations
 
 from models import family as family_lib
-from models import llama
+from models import llama, llama_parts
 
 
 class LlamaDecoderFamily(family_lib.Family):
-  """`embed_tokens`, `decoder`, `init_cache`, `cache_view`, `logits`, `exit_logits`, `per_layer_params` on
-  `models.llama`."""
+  """`embed_tokens`, `decoder`, `init_cache`, `cache_view`, `logits`, `exit_logits`, `per_layer_params`,
+  `value_norms`, `qk_factors` on `models.llama`."""
 
   def embed_tokens(self, params, config, ids):
     return llama.embed_tokens(params["language_model"], ids)
@@ -30,6 +30,12 @@ class LlamaDecoderFamily(family_lib.Family):
 
   def exit_logits(self, params, config, hidden, final_norm: bool):
     return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
+
+  def value_norms(self, params, config, states):
+    return llama_parts.value_norms(params["language_model"]["layers"], config.text, states)
+
+  def qk_factors(self, params, config, layer: int, fold_norm: bool = True):
+    return llama_parts.qk_factors(params["language_model"]["layers"], config.text, layer, fold_norm)
 
   def cache_view(self, config, cache):
     if isinstance(cache, dict):  # stacked [L, B, S, K, D]: the default view

@@ -128,3 +128,40 @@ def layer_at_rows(cfg: TextConfig, p, x, cos, sin, rows):
   q = project_q(cfg, p, y[:, rows], cos[:, rows], sin[:, rows])
   z = causal_attention(q, k, v, rows)
   return mlp_residual(cfg, p, attention_output(cfg, p, x[:, rows], z))
+
+
+def value_norms(layers, cfg: TextConfig, states):
+  """||W_O^h v_j^h|| [L, B, H, T]: the norm of what key j writes into the residual stream through head h per unit
+  of attention, from states [L, B, T, E], the residual stream entering each layer (the o_proj bias, shared by all
+  heads, is left out)."""
+  h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  out = []
+  for li in range(cfg.num_hidden_layers):
+    p = layer_params(layers, li)
+    y = input_norm(cfg, p, states[li])
+    b, t, _ = y.shape
+    v = jnp.repeat(linear(p["self_attn"]["v_proj"], y).reshape(b, t, kv, d), h // kv, axis=2)  # head h reads h // G
+    wo = p["self_attn"]["o_proj"]["weight"].reshape(-1, h, d)  # [E, H, D]
+    w = jnp.einsum("bthd,ehd->bthe", v.astype(jnp.float32), wo.astype(jnp.float32))
+    out.append(jnp.linalg.norm(w, axis=-1).transpose(0, 2, 1))
+  return jnp.stack(out)
+
+
+def qk_factors(layers, cfg: TextConfig, layer: int, fold_norm: bool = True):
+  """(a, b) [H, D, E] float64 numpy of one layer with W_QK^h = a[h]^T b[h] (RoPE ignored; key heads repeated for
+  the query heads that share them). With fold_norm the input norm's gain is folded in (W_QK on RMS-normalised
+  states). Only a bilinear score has such factors: q/k biases or q/k norms are refused by name."""
+  import numpy as np
+
+  if cfg.attention_bias or cfg.qkv_bias or cfg.qk_norm:
+    field = "qk_norm" if cfg.qk_norm else ("qkv_bias" if cfg.qkv_bias else "attention_bias")
+    raise ValueError(f"W_QK analyses need bilinear attention scores; this decoder has {field} (q/k biases or "
+                     "norms), so x_i^T W_QK x_j is not its score")
+  p = layer_params(layers, layer)
+  h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  a = np.asarray(p["self_attn"]["q_proj"]["weight"], np.float64).reshape(h, d, -1)
+  b = np.repeat(np.asarray(p["self_attn"]["k_proj"]["weight"], np.float64).reshape(kv, d, -1), h // kv, axis=0)
+  if fold_norm:
+    g = np.asarray(p["input_layernorm"]["weight"], np.float64)
+    a, b = a * g, b * g
+  return a, b

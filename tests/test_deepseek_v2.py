@@ -241,6 +241,25 @@ def test_mha_variant_equals_llama_attention_in_deepseek_layers():
   valid = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[valid], ref.logits.numpy()[valid], atol=1e-5, rtol=1e-5)
   assert deepseek_v2.init_cache(cfg, 2, 5, jnp.float32)[0]["k"].shape == (2, 5, 2, 8)
+  # The analyses' per-head value norms and W_QK factors of this variant (bilinear scores, GQA heads repeated).
+  with torch.no_grad():
+    hs = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+               output_hidden_states=True).hidden_states
+  states = jnp.stack([jnp.asarray(hs[i].numpy()) for i in range(len(model.model.layers))])
+  norms = np.asarray(deepseek_v2.value_norms(params, cfg, states))  # [L, B, H, T]
+  for i, layer in enumerate(model.model.layers):
+    a = layer.self_attn
+    with torch.no_grad():
+      v = a.v_proj(layer.input_layernorm(hs[i])).reshape(*hs[i].shape[:2], 2, 8)
+      wo = a.o_proj.weight.reshape(-1, 4, 8)
+      out = torch.stack([v[:, :, head // 2] @ wo[:, head].T for head in range(4)], 1)  # [B, H, T, E]
+    np.testing.assert_allclose(norms[i], out.norm(dim=-1).numpy(), atol=1e-5, rtol=1e-5)
+  fa, fb = deepseek_v2.qk_factors(params, cfg, 1)
+  a = model.model.layers[1].self_attn
+  g = model.model.layers[1].input_layernorm.weight.detach().double().numpy()
+  wq = a.q_proj.weight.detach().double().numpy().reshape(4, 8, -1) * g
+  wk = np.repeat(a.k_proj.weight.detach().double().numpy().reshape(2, 8, -1), 2, axis=0) * g
+  np.testing.assert_allclose(np.einsum("hde,hdf->hef", fa, fb), np.einsum("hde,hdf->hef", wq, wk), rtol=1e-6)
 
 
 def official_gate(x, weight, bias, cfg):

@@ -79,3 +79,34 @@ def test_gradient_screen_equals_finite_difference(tiny, semantics):
   fd = finite_difference(model, seq, vision, positions, semantics, eps=1e-3)
   assert np.abs(fd).max() > 1e-3
   np.testing.assert_allclose(grad, fd, atol=2e-5, rtol=0)
+
+
+def test_layer_inputs_and_value_norms_match_the_reference(tiny):
+  """The analyses' layer inputs and per-head value norms through MLA (values from the normed latent)."""
+  from air_jax.analysis import model_io
+
+  path, ref, tok, model = tiny
+  cfg = model.config
+  ids, mask, tiles, crops = batch(tok, cfg, [USER_TEMPLATE.format(prompt=PROMPTS[0])], [images()[:1]],
+                                  tok.pad_token_id)
+  vision = {"tiles": jnp.asarray(tiles)[None], "crops": jnp.asarray(crops, jnp.int32)}
+  states, norms = model_io.layer_inputs(model, ids, mask, vision)
+  with torch.no_grad():
+    want = ref(torch.tensor(ids), torch.tensor(mask), torch.tensor(tiles), crops, cfg.image_token_id,
+               output_hidden_states=True)
+  t = cfg.text
+  h, dn, dv, r = t.num_attention_heads, t.qk_nope_head_dim, t.v_head_dim, t.kv_lora_rank
+  assert t.use_mla
+  for layer, block in enumerate(ref.language.model.layers):
+    x = want.hidden_states[layer][0].double()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + t.rms_norm_eps)
+    np.testing.assert_allclose(states[layer, 0], normed.numpy(), atol=1e-4, rtol=1e-4)
+    a = block.self_attn
+    with torch.no_grad():
+      latent = a.kv_a_layernorm(a.kv_a_proj_with_mqa(block.input_layernorm(want.hidden_states[layer][0]))[..., :r])
+      v = a.kv_b_proj(latent).reshape(-1, h, dn + dv)[..., dn:]
+      wo = a.o_proj.weight.reshape(-1, h, dv)
+      out = torch.stack([v[:, head] @ wo[:, head].T for head in range(h)])  # [H, T, E]
+    np.testing.assert_allclose(norms[layer, 0], out.norm(dim=-1).numpy(), atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="use_mla"):
+    model_io.qk_factors(model, 0)

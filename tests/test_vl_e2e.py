@@ -132,6 +132,49 @@ def test_gradient_screen_equals_finite_difference(tiny, semantics):
   np.testing.assert_allclose(clean, ref_clean, atol=1e-5, rtol=0)
 
 
+def test_layer_inputs_and_value_norms_match_transformers(tiny):
+  """The analyses' layer inputs (the residual stream, multimodal RoPE positions for Qwen2.5-VL) and value norms."""
+  from air_jax.analysis import model_io
+
+  model, hf_proc = tiny["model"], tiny["hf_proc"]
+  inputs = hf_proc(images=tiny["images"][:1], text=[chat(hf_proc, PROMPTS[0], 1)], return_tensors="pt")
+  ids, _, vision = air_jax.generate_inputs(model, tiny["images"][:1], PROMPTS[:1], bucket=0)
+  np.testing.assert_array_equal(ids, inputs["input_ids"].numpy())
+  states, norms = model_io.layer_inputs(model, ids, None, vision)
+  with torch.no_grad():
+    ref = tiny["torch"](**inputs, output_hidden_states=True)
+  lm = tiny["torch"].model.language_model
+  cfg = lm.config
+  h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+  d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+  for layer in range(cfg.num_hidden_layers):
+    x = ref.hidden_states[layer][0].double()
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+    np.testing.assert_allclose(states[layer, 0], want.numpy(), atol=1e-4, rtol=1e-4)
+    block = lm.layers[layer]
+    with torch.no_grad():
+      v = block.self_attn.v_proj(block.input_layernorm(ref.hidden_states[layer][0])).reshape(-1, kv, d)
+      wo = block.self_attn.o_proj.weight.reshape(-1, h, d)
+      out = torch.stack([v[:, head // (h // kv)] @ wo[:, head].T for head in range(h)])  # [H, T, E]
+    np.testing.assert_allclose(norms[layer, 0], out.norm(dim=-1).numpy(), atol=1e-4, rtol=1e-4)
+  # Qwen2's q/k biases and Qwen3's q/k norms make the scores non-bilinear: W_QK is refused by name.
+  with pytest.raises(ValueError, match="qkv_bias|qk_norm"):
+    model_io.qk_factors(model, 0)
+
+
+def test_analyze_cli_end_to_end(tiny, tmp_path, capsys):
+  """eval.analyze runs every section it can on the family; B.1 (W_QK) is skipped by name (q/k biases / norms)."""
+  from eval.analyze import main
+
+  argv = ["--model", tiny["path"], "--coco-root", COCO, "--num-images", "2", "--max-new-tokens", "6", "--no-sweeps",
+          "--out", str(tmp_path)]
+  assert main(argv) == 0
+  result = json.loads((tmp_path / "analysis.json").read_text())
+  assert {"similarity", "variance", "tai", "mai"} <= set(result)
+  assert "bilinear" in result["propagation"]["skipped"]
+  assert "B.1 (propagation) skipped" in capsys.readouterr().err
+
+
 def test_chair_cli_end_to_end(tiny, tmp_path, capsys):
   from eval.chair import main
 
