@@ -32,6 +32,9 @@ class DeepseekRope:
   mscale_all_dim: float | None = None
   attention_factor: float | None = None
   truncate: bool = True
+  # The official DeepSeek-VL2 code's yarn factor is always mscale(f, mscale) / mscale(f, mscale_all_dim) (defaults 1
+  # and 0); transformers' takes that ratio only when both are set. They differ when a config sets only one.
+  official_yarn: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +133,10 @@ def rope_inv_freq(cfg: DeepseekV2TextConfig) -> tuple[np.ndarray, float]:
   orig = r.original_max_position_embeddings
   att = r.attention_factor
   if att is None:
-    if r.mscale and r.mscale_all_dim:
+    if r.official_yarn:
+      att = float(_yarn_mscale(factor, 1.0 if r.mscale is None else r.mscale)
+                  / _yarn_mscale(factor, 0.0 if r.mscale_all_dim is None else r.mscale_all_dim))
+    elif r.mscale and r.mscale_all_dim:
       att = float(_yarn_mscale(factor, r.mscale) / _yarn_mscale(factor, r.mscale_all_dim))
     else:
       att = _yarn_mscale(factor)
@@ -151,7 +157,7 @@ def rope_inv_freq(cfg: DeepseekV2TextConfig) -> tuple[np.ndarray, float]:
   return (inv_inter * (1 - extra) + inv_extra * extra).astype(np.float32), float(att)
 
 
-def _rope(d: dict, max_pos: int) -> DeepseekRope:
+def _rope(d: dict, max_pos: int, official_yarn: bool = False) -> DeepseekRope:
   params = dict(d.get("rope_parameters") or {})
   for k, v in (d.get("rope_scaling") or {}).items():
     params.setdefault(k, v)
@@ -175,11 +181,13 @@ def _rope(d: dict, max_pos: int) -> DeepseekRope:
       original_max_position_embeddings=int(orig) if orig is not None else None,
       beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
       mscale=opt("mscale"), mscale_all_dim=opt("mscale_all_dim"), attention_factor=opt("attention_factor"),
-      truncate=bool(params.get("truncate", True)))
+      truncate=bool(params.get("truncate", True)), official_yarn=official_yarn)
 
 
-def deepseek_v2_config_from_dict(d: dict, field: str = "language_config") -> DeepseekV2TextConfig:
-  """Parses a transformers DeepseekV2 config dict or the official DeepSeek-VL2 `language_config`."""
+def deepseek_v2_config_from_dict(d: dict, field: str = "language_config",
+                                 official: bool = False) -> DeepseekV2TextConfig:
+  """Parses a transformers DeepseekV2 config dict or (official = True) the official DeepSeek-VL2 `language_config`,
+  whose yarn attention factor follows the official code (`DeepseekRope.official_yarn`)."""
   mt = d.get("model_type", "deepseek_v2")
   _check(mt == "deepseek_v2", f"{field}.model_type", mt, "'deepseek_v2'")
   use_mla = d.get("use_mla", True) is not False
@@ -231,7 +239,7 @@ def deepseek_v2_config_from_dict(d: dict, field: str = "language_config") -> Dee
       rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), max_position_embeddings=max_pos,
       attention_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
       tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-      rope=_rope(d, max_pos) if use_mla else DeepseekRope(),
+      rope=_rope(d, max_pos, official_yarn=official) if use_mla else DeepseekRope(),
       use_mla=use_mla, kv_heads=int(kvh),
       mha_head_dim=int(d.get("head_dim") or int(d.get("hidden_size", 4096)) // heads),
       mha_rope=RopeConfig() if use_mla else _rope_from_dict(d, 10000.0, max_pos),

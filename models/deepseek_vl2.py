@@ -112,7 +112,7 @@ def config_from_dict(d: dict, image_token_id: int | None = None) -> DeepseekVL2C
   _check(tile_tag == "2D", "tile_tag", tile_tag, "'2D' (the 1D tile-indicator variant is not implemented)")
   gpos = d.get("global_view_pos", "head")
   _check(gpos in ("head", "tail"), "global_view_pos", gpos, "'head' or 'tail'")
-  text = deepseek_v2_config_from_dict(dict(d["language_config"], model_type="deepseek_v2"))
+  text = deepseek_v2_config_from_dict(dict(d["language_config"], model_type="deepseek_v2"), official=True)
   _check(proj.n_embed == text.hidden_size, "projector_config.n_embed", proj.n_embed,
          f"the language width {text.hidden_size}")
   cands = tuple(tuple(int(x) for x in c) for c in d.get("candidate_resolutions", [[vision.image_size] * 2]))

@@ -293,3 +293,27 @@ def test_official_noaux_tc_sigmoid_normalised_gating():
     assert sorted(a) == sorted(b)
     np.testing.assert_allclose(sorted(wa), sorted(wb), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(w).sum(-1), 2.5, rtol=1e-5)  # normalised, then scaled
+
+
+@pytest.mark.parametrize("scaling", [{"mscale": 0.707}, {"mscale_all_dim": 1.0},
+                                     {"mscale": 0.707, "mscale_all_dim": 0.707}, {}])
+def test_yarn_attention_factor_official_and_transformers(scaling):
+  """The official DeepSeek-VL2 yarn factor is mscale(f, mscale) / mscale(f, mscale_all_dim) with defaults 1 and 0;
+  transformers takes the ratio only when both are set. DeepSeek-VL2 configs follow the official code."""
+  import math
+
+  from models.deepseek_v2_config import deepseek_v2_config_from_dict, rope_inv_freq
+
+  def get_mscale(f, m=1.0):
+    return 1.0 if f <= 1 else 0.1 * m * math.log(f) + 1.0
+
+  raw = {"hidden_size": 32, "num_attention_heads": 4, "max_position_embeddings": 256, "kv_lora_rank": 8,
+         "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+         "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, **scaling}}
+  official = rope_inv_freq(deepseek_v2_config_from_dict(raw, official=True))[1]
+  hf = rope_inv_freq(deepseek_v2_config_from_dict(raw))[1]
+  assert official == pytest.approx(get_mscale(4.0, scaling.get("mscale", 1.0))
+                                   / get_mscale(4.0, scaling.get("mscale_all_dim", 0.0)), rel=1e-12)
+  both = scaling.get("mscale") and scaling.get("mscale_all_dim")
+  assert hf == pytest.approx(get_mscale(4.0, scaling["mscale"]) / get_mscale(4.0, scaling["mscale_all_dim"])
+                             if both else get_mscale(4.0), rel=1e-12)
