@@ -15,8 +15,10 @@ attribution_core):
 
 Both return log P of every target without ablation and with every head ablated, equal to a plain rerun of the
 model with the head's gate at 0 (float rounding aside). They read the decoder layer by layer (models.llama_parts),
-so they serve the families whose `Family.supports_layer_reuse(config)` says their decoder is that plain pre-norm
-Llama stack (1-D RoPE, no sliding window); attribution_core runs the plain path for the others.
+so they serve the families whose `Family.supports_layer_reuse(config)` says their decoder is that pre-norm Llama
+stack (optionally with Qwen2's q/k/v biases, Qwen3's q/k norms and multimodal RoPE; no sliding window, no
+dynamic RoPE): LLaVA-1.5, LLaVA-NeXT, InstructBLIP, Qwen2.5-VL, InternVL. attribution_core runs the plain path
+for the others (DeepSeek-VL2).
 
 Shape legend: T tokens, P scored positions (rows P - 1 read), L layers, H heads, E width, V vocab,
 G positions per group.
@@ -53,9 +55,12 @@ def clean_run(params, config: LlavaConfig, input_ids, pixel_values, rows):
   """
   cfg = config.text
   lm = params["language_model"]
-  x = family_of(config).embed(params, config, input_ids, jnp.ones_like(input_ids), pixel_values)  # [1, T, E]
+  fam = family_of(config)
+  mask = jnp.ones_like(input_ids)
+  x = fam.embed(params, config, input_ids, mask, pixel_values)  # [1, T, E]
   t = x.shape[1]
-  cos, sin = rope.cos_sin(cfg, jnp.arange(t, dtype=jnp.int32)[None], x.dtype)
+  # The family's positions ([1, T], or [3, 1, T] for multimodal RoPE): cos/sin [1, T, D] either way.
+  cos, sin = rope.cos_sin(cfg, fam.positions(config, input_ids, mask, pixel_values), x.dtype)
   out = []
   nl = cfg.num_hidden_layers
   for li in range(nl):

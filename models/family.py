@@ -258,8 +258,8 @@ class Family:
     return view
 
   def supports_layer_reuse(self, config) -> bool:
-    """True when the decoder is a plain pre-norm Llama stack (models.llama_parts: 1-D RoPE, no sliding window,
-    params under `language_model`), so head attribution may reuse the clean run layer by layer
+    """True when the decoder is the pre-norm Llama stack of models.llama_parts (params under `language_model`,
+    `config.text` a TextConfig; no sliding window), so head attribution may reuse the clean run layer by layer
     (air_jax.attribution_reuse). Other families get the plain (whole-model) ablation path."""
     return False
 

@@ -212,9 +212,6 @@ def _family():
       return embed_inputs(params, config, input_ids, vision["pixel_values"], vision["qformer_input_ids"],
                           vision.get("qformer_attention_mask"))
 
-    def supports_layer_reuse(self, config):
-      return config.text.rope.rope_type != "dynamic"  # a plain Llama stack under language_model
-
 
   return family_lib.register(InstructBlipFamily())
 

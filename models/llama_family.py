@@ -13,7 +13,7 @@ from models import llama, llama_parts
 
 class LlamaDecoderFamily(family_lib.Family):
   """`embed_tokens`, `decoder`, `init_cache`, `cache_view`, `logits`, `exit_logits`, `per_layer_params`,
-  `value_norms`, `qk_factors` on `models.llama`."""
+  `supports_layer_reuse`, `value_norms`, `qk_factors` on `models.llama`."""
 
   def embed_tokens(self, params, config, ids):
     return llama.embed_tokens(params["language_model"], ids)
@@ -30,6 +30,11 @@ class LlamaDecoderFamily(family_lib.Family):
 
   def exit_logits(self, params, config, hidden, final_norm: bool):
     return llama.early_exit_logits(params["language_model"], params.get("lm_head"), config.text, hidden, final_norm)
+
+  def supports_layer_reuse(self, config) -> bool:
+    # models.llama_parts mirrors models.llama._layer (biases, q/k norms, multimodal RoPE) but has no sliding-window
+    # mask, and dynamic RoPE recomputes frequencies from the sequence length (a decoding step differs from a prefill).
+    return config.text.sliding_window is None and config.text.rope.rope_type != "dynamic"
 
   def value_norms(self, params, config, states):
     return llama_parts.value_norms(params["language_model"]["layers"], config.text, states)

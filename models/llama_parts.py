@@ -37,17 +37,21 @@ def stacked(layers):
 
 
 def project_q(cfg: TextConfig, p, y, cos, sin):
-  """Rotated queries [B, T, H, D] from normed inputs y [B, T, E]."""
+  """Rotated queries [B, T, H, D] from normed inputs y [B, T, E] (Qwen3's per-head q norm before RoPE)."""
   b, t, _ = y.shape
   q = linear(p["self_attn"]["q_proj"], y).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+  if cfg.qk_norm:
+    q = rms_norm(p["self_attn"]["q_norm"], q, cfg.rms_norm_eps)
   return rope.apply_rope(q, cos, sin)
 
 
 def project_kv(cfg: TextConfig, p, y, cos, sin):
-  """Rotated keys and values [B, T, K, D] from normed inputs y [B, T, E]."""
+  """Rotated keys and values [B, T, K, D] from normed inputs y [B, T, E] (Qwen3's per-head k norm before RoPE)."""
   b, t, _ = y.shape
   a = p["self_attn"]
   k = linear(a["k_proj"], y).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+  if cfg.qk_norm:
+    k = rms_norm(a["k_norm"], k, cfg.rms_norm_eps)
   v = linear(a["v_proj"], y).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
   return rope.apply_rope(k, cos, sin), v
 

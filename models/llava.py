@@ -160,9 +160,6 @@ class LlavaFamily(LlamaDecoderFamily):
       check_image_tokens(config, input_ids, vision.shape[0])
     return embed_inputs(params, config, input_ids, vision)
 
-  def supports_layer_reuse(self, config) -> bool:
-    return getattr(config.text, "sliding_window", None) is None and config.text.rope.rope_type != "dynamic"
-
   def partition_rules(self, config):
     # Megatron split over the "model" mesh axis (see air_jax.sharding); specs of the per-layer [out, in] tensors.
     col, row, col_b = ("model", None), (None, "model"), ("model",)

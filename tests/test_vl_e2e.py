@@ -112,6 +112,26 @@ def test_head_attribution_end_to_end(tiny):
 
 
 @pytest.mark.parametrize("semantics", ["current_token", "full_sequence"])
+def test_prefix_reuse_equals_plain(tiny, semantics):
+  """Clean-run reuse (layer by layer: Qwen2 biases / Qwen3 q/k norms, multimodal RoPE) equals the plain rerun."""
+  from air_jax.attribution_core import head_logprobs
+
+  model = tiny["model"]
+  assert model.family.supports_layer_reuse(model.config)
+  att = Attributor(model)
+  prompt_ids, pixels = att.prompt_inputs(tiny["images"][0])
+  _, ids, _ = att.caption_inputs("A cat sits on a red chair next to a dog.")
+  seq = np.concatenate([prompt_ids, ids]).astype(np.int32)
+  positions = [len(prompt_ids), len(prompt_ids) + 4, len(seq) - 1]
+  kw = dict(semantics=semantics, chunk=8)
+  ref_clean, ref_abl = head_logprobs(model.params, model.config, seq, pixels, positions, reuse=False, **kw)
+  assert np.abs(ref_abl - ref_clean[:, None, None]).max() > 1e-3, "ablations must matter"
+  clean, abl = head_logprobs(model.params, model.config, seq, pixels, positions, **kw)
+  np.testing.assert_allclose(clean, ref_clean, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(abl, ref_abl, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("semantics", ["current_token", "full_sequence"])
 def test_gradient_screen_equals_finite_difference(tiny, semantics):
   """The generic screen (multimodal RoPE for Qwen2.5-VL: the decoding row needs the token's text position)."""
   from air_jax.attribution_core import head_logprobs
