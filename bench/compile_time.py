@@ -1,4 +1,4 @@
-"""Compile time of the whole generation graph per method on the mid-size model (CPU per-layer layout).
+"""Compile time of the whole generation graph per method on the mid-size model (per-layer or stacked layout).
 
 Usage: python -m bench.compile_time [--methods greedy,air,air_star,adhh] [--new-tokens 16] [--layout stacked]
 

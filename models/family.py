@@ -91,6 +91,9 @@ Model functions (pure, jit/vmap-able; `params` is the whole param tree, `vision`
     text-only view) must be accepted by `embed`.
   - `max_image_tokens(config)`, `max_vision_tiles(config)`: the largest image's feature count and the images
     (tiles) one example sends through the vision tower; `air_jax.plan` sizes its memory plan with them.
+  - Optional, for the analyses and faster attribution: `value_norms(params, config, states)` (per-head
+    ||W_O^h v_j^h||), `qk_factors(params, config, layer)` (W_QK of bilinear scores), `supports_layer_reuse(config)`
+    (the decoder is models.llama_parts' stack, so attribution may reuse the clean run layer by layer).
 
 Helpers here build the prompt context and a full forward from these pieces, for every family alike.
 """

@@ -12,8 +12,8 @@ from models import llama, llama_parts
 
 
 class LlamaDecoderFamily(family_lib.Family):
-  """`embed_tokens`, `decoder`, `init_cache`, `cache_view`, `logits`, `exit_logits`, `per_layer_params`,
-  `supports_layer_reuse`, `value_norms`, `qk_factors` on `models.llama`."""
+  """`embed_tokens`, `decoder`, `init_cache`, `cache_view`, `logits`, `exit_logits`, `per_layer_params`
+  on `models.llama`; `supports_layer_reuse`, `value_norms`, `qk_factors` on `models.llama_parts`."""
 
   def embed_tokens(self, params, config, ids):
     return llama.embed_tokens(params["language_model"], ids)

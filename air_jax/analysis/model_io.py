@@ -31,7 +31,7 @@ def text_config_of(config):
 
 
 def lm_params(model) -> dict:
-  """The decoder params (embed_tokens, layers stacked over L, norm)."""
+  """The decoder params (embed_tokens, layers stacked over L or a tuple of per-layer trees, norm)."""
   params = getattr(model, "params", model)
   return params["language_model"]
 
