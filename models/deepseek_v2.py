@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models import mla, moe, rope
+from models import llama_parts, mla, moe, rope
 from models.attention import attend
 from models.deepseek_v2_config import DeepseekV2TextConfig
 from models.layers import linear, rms_norm
@@ -119,28 +119,18 @@ def value_norms(params: dict, cfg: DeepseekV2TextConfig, states: jax.Array) -> j
     else:
       kv = cfg.num_key_value_heads
       v = jnp.repeat(linear(a["v_proj"], y).reshape(b, t, kv, cfg.head_dim), h // kv, axis=2)
-    wo = a["o_proj"]["weight"].reshape(-1, h, v.shape[-1])  # [E, H, Dv]
-    w = jnp.einsum("bthd,ehd->bthe", v.astype(jnp.float32), wo.astype(jnp.float32))
-    out.append(jnp.linalg.norm(w, axis=-1).transpose(0, 2, 1))
+    out.append(llama_parts.head_write_norms(v, a["o_proj"]["weight"]))
   return jnp.stack(out)
 
 
 def qk_factors(params: dict, cfg: DeepseekV2TextConfig, layer: int, fold_norm: bool = True):
   """(a, b) [H, D, E] float64 numpy with W_QK^h = a[h]^T b[h] (RoPE ignored) for the MHA variant (use_mla =
   False, no attention bias). MLA's keys pass through the latent's RMSNorm, so its scores are not bilinear."""
-  import numpy as np
-
   if cfg.use_mla or cfg.attention_bias:
     raise ValueError("W_QK analyses need bilinear attention scores; this DeepSeek-V2 decoder has "
                      f"{'use_mla (keys through the latent RMSNorm)' if cfg.use_mla else 'attention_bias'}")
-  p = params["layers"][layer]
-  h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-  a = np.asarray(p["self_attn"]["q_proj"]["weight"], np.float64).reshape(h, d, -1)
-  b = np.repeat(np.asarray(p["self_attn"]["k_proj"]["weight"], np.float64).reshape(kv, d, -1), h // kv, axis=0)
-  if fold_norm:
-    g = np.asarray(p["input_layernorm"]["weight"], np.float64)
-    a, b = a * g, b * g
-  return a, b
+  return llama_parts.layer_qk_factors(params["layers"][layer], cfg.num_attention_heads, cfg.num_key_value_heads,
+                                      cfg.head_dim, fold_norm)
 
 
 def init_cache(cfg: DeepseekV2TextConfig, batch: int, size: int, dtype, per_layer: bool = True):

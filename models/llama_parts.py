@@ -145,24 +145,35 @@ def value_norms(layers, cfg: TextConfig, states):
     y = input_norm(cfg, p, states[li])
     b, t, _ = y.shape
     v = jnp.repeat(linear(p["self_attn"]["v_proj"], y).reshape(b, t, kv, d), h // kv, axis=2)  # head h reads h // G
-    wo = p["self_attn"]["o_proj"]["weight"].reshape(-1, h, d)  # [E, H, D]
-    w = jnp.einsum("bthd,ehd->bthe", v.astype(jnp.float32), wo.astype(jnp.float32))
-    out.append(jnp.linalg.norm(w, axis=-1).transpose(0, 2, 1))
+    out.append(head_write_norms(v, p["self_attn"]["o_proj"]["weight"]))
   return jnp.stack(out)
+
+
+def head_write_norms(v, o_weight):
+  """||W_O^h v_t^h|| [B, H, T] float32 from per-head values v [B, T, H, Dv] and o_proj's weight [E, H * Dv]."""
+  h, dv = v.shape[2], v.shape[3]
+  wo = o_weight.reshape(-1, h, dv)  # [E, H, Dv]
+  w = jnp.einsum("bthd,ehd->bthe", v.astype(jnp.float32), wo.astype(jnp.float32))
+  return jnp.linalg.norm(w, axis=-1).transpose(0, 2, 1)
 
 
 def qk_factors(layers, cfg: TextConfig, layer: int, fold_norm: bool = True):
   """(a, b) [H, D, E] float64 numpy of one layer with W_QK^h = a[h]^T b[h] (RoPE ignored; key heads repeated for
   the query heads that share them). With fold_norm the input norm's gain is folded in (W_QK on RMS-normalised
   states). Only a bilinear score has such factors: q/k biases or q/k norms are refused by name."""
-  import numpy as np
-
   if cfg.attention_bias or cfg.qkv_bias or cfg.qk_norm:
     field = "qk_norm" if cfg.qk_norm else ("qkv_bias" if cfg.qkv_bias else "attention_bias")
     raise ValueError(f"W_QK analyses need bilinear attention scores; this decoder has {field} (q/k biases or "
                      "norms), so x_i^T W_QK x_j is not its score")
-  p = layer_params(layers, layer)
-  h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  return layer_qk_factors(layer_params(layers, layer), cfg.num_attention_heads, cfg.num_key_value_heads,
+                          cfg.head_dim, fold_norm)
+
+
+def layer_qk_factors(p, num_heads: int, num_kv_heads: int, head_dim: int, fold_norm: bool = True):
+  """(a, b) [H, D, E] float64 numpy from one layer's q_proj / k_proj (and input_layernorm gain with fold_norm)."""
+  import numpy as np
+
+  h, kv, d = num_heads, num_kv_heads, head_dim
   a = np.asarray(p["self_attn"]["q_proj"]["weight"], np.float64).reshape(h, d, -1)
   b = np.repeat(np.asarray(p["self_attn"]["k_proj"]["weight"], np.float64).reshape(kv, d, -1), h // kv, axis=0)
   if fold_norm:

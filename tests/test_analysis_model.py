@@ -10,6 +10,7 @@ import pytest
 
 from air_jax.analysis import model_io, similarity
 from air_jax.analysis.base_llm import load_base_llm
+from tests.vl_reference import assert_layer_reads
 
 COCO = os.path.join(os.path.dirname(__file__), "fixtures", "coco")
 METHODS = os.path.join(os.path.dirname(__file__), "fixtures", "methods_bench.json")
@@ -117,19 +118,8 @@ def test_layer_inputs_and_value_norms_match_transformers(tiny_model, tiny_torch)
   with torch.no_grad():
     ref = tiny_torch(input_ids=torch.tensor(seq[None], dtype=torch.long), pixel_values=torch.tensor(pixels),
                      output_hidden_states=True)
-  lm = tiny_torch.model.language_model
-  cfg = tiny_torch.config.text_config
-  h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-  for layer in range(cfg.num_hidden_layers):
-    x = ref.hidden_states[layer][0].double()
-    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
-    np.testing.assert_allclose(states[layer, 0], want.numpy(), atol=1e-4, rtol=1e-4)
-    block = lm.layers[layer]
-    with torch.no_grad():
-      v = block.self_attn.v_proj(block.input_layernorm(ref.hidden_states[layer][0])).reshape(-1, kv, d)
-      wo = block.self_attn.o_proj.weight.reshape(-1, h, d)
-      out = torch.stack([v[:, head // (h // kv)] @ wo[:, head].T for head in range(h)])  # [H, T, E]
-    np.testing.assert_allclose(norms[layer, 0], out.norm(dim=-1).numpy(), atol=1e-4, rtol=1e-4)
+  assert_layer_reads(states, norms, ref.hidden_states, tiny_torch.model.language_model,
+                     tiny_torch.config.text_config)
 
 
 def test_qk_matrices_give_the_pre_rope_logits(tiny_model):

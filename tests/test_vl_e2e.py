@@ -18,7 +18,7 @@ from eval.chair_metric import Vocabulary, score_caption
 from models import family
 from models.segments import IMAGE, PAD, SYSTEM, TEXT
 from tests.tiny_vl import chat, make_tiny_internvl, make_tiny_qwen2_5_vl, random_image
-from tests.vl_reference import eager
+from tests.vl_reference import assert_layer_reads, eager
 
 COCO = os.path.join(os.path.dirname(__file__), "fixtures", "coco")
 PROMPTS = ["Please describe this image in detail.", "What is in the picture?"]
@@ -164,19 +164,7 @@ def test_layer_inputs_and_value_norms_match_transformers(tiny):
   with torch.no_grad():
     ref = tiny["torch"](**inputs, output_hidden_states=True)
   lm = tiny["torch"].model.language_model
-  cfg = lm.config
-  h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-  d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
-  for layer in range(cfg.num_hidden_layers):
-    x = ref.hidden_states[layer][0].double()
-    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
-    np.testing.assert_allclose(states[layer, 0], want.numpy(), atol=1e-4, rtol=1e-4)
-    block = lm.layers[layer]
-    with torch.no_grad():
-      v = block.self_attn.v_proj(block.input_layernorm(ref.hidden_states[layer][0])).reshape(-1, kv, d)
-      wo = block.self_attn.o_proj.weight.reshape(-1, h, d)
-      out = torch.stack([v[:, head // (h // kv)] @ wo[:, head].T for head in range(h)])  # [H, T, E]
-    np.testing.assert_allclose(norms[layer, 0], out.norm(dim=-1).numpy(), atol=1e-4, rtol=1e-4)
+  assert_layer_reads(states, norms, ref.hidden_states, lm, lm.config)
   # Qwen2's q/k biases and Qwen3's q/k norms make the scores non-bilinear: W_QK is refused by name.
   with pytest.raises(ValueError, match="qkv_bias|qk_norm"):
     model_io.qk_factors(model, 0)

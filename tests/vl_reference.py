@@ -1,4 +1,4 @@
-"""Helpers shared by the Qwen2.5-VL and InternVL parity tests (test-only: torch)."""
+"""Helpers shared by the Qwen2.5-VL, InternVL and analysis parity tests (test-only: torch)."""
 
 from __future__ import annotations
 
@@ -45,3 +45,22 @@ def greedy_full_forward(step, ids, mask, n_new: int, eos_ids=()):
     buf[:, t + j], m[:, t + j] = nxt, 1
     out.append(nxt)
   return np.stack(out, 1)
+
+
+def assert_layer_reads(states, norms, hidden_states, lm, cfg, atol=1e-4):
+  """The analyses' layer inputs [L, 1, T, E] and value norms [L, 1, H, T] against a transformers Llama-style decoder
+  `lm` (layers with input_layernorm, v_proj, o_proj) and its output_hidden_states."""
+  import torch
+
+  h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+  d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+  for layer in range(cfg.num_hidden_layers):
+    x = hidden_states[layer][0].double()
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+    np.testing.assert_allclose(states[layer, 0], want.numpy(), atol=atol, rtol=atol)
+    block = lm.layers[layer]
+    with torch.no_grad():
+      v = block.self_attn.v_proj(block.input_layernorm(hidden_states[layer][0])).reshape(-1, kv, d)
+      wo = block.self_attn.o_proj.weight.reshape(-1, h, d)
+      out = torch.stack([v[:, head // (h // kv)] @ wo[:, head].T for head in range(h)])  # [H, T, E]
+    np.testing.assert_allclose(norms[layer, 0], out.norm(dim=-1).numpy(), atol=atol, rtol=atol)
