@@ -2,7 +2,7 @@
 
 from air_jax.air_config import (LLAVA15_7B_HAL_HEADS, LLAVA15_13B_HAL_HEADS, AIRConfig, read_heads_file,
                                 write_heads_file)
-from air_jax.attribution import Attributor, SampleResult, head_logprobs
+from air_jax.attribution import Attributor, SampleResult, head_logprobs, screen_deltas, screen_logprobs
 from air_jax.attribution_stats import HeadStats, select_heads
 from air_jax.beam_search import beam_search_tokens
 from air_jax.detectors import Detection, Detector, GroundingDinoDetector, OwlDetector
@@ -17,5 +17,6 @@ __all__ = [
     "AIRConfig", "Attributor", "Detection", "Detector", "Generation", "GroundingDinoDetector", "HeadStats",
     "ImageError", "LLAVA15_13B_HAL_HEADS", "LLAVA15_7B_HAL_HEADS", "LoadedModel", "OwlDetector", "SampleResult",
     "analysis", "beam_search_tokens", "generate", "generate_inputs", "generate_sweep", "head_logprobs",
-    "load_image", "load_pretrained", "make_mesh", "methods", "read_heads_file", "select_heads", "write_heads_file",
+    "load_image", "load_pretrained", "make_mesh", "methods", "read_heads_file", "screen_deltas", "screen_logprobs",
+    "select_heads", "write_heads_file",
 ]
