@@ -12,8 +12,10 @@ How it runs (the compiled parts and the one host round trip):
      computed once from the CHAIR vocabulary) at a position not decided yet.
   2. host: the word is decoded and looked up in the CHAIR vocabulary (singular form, as the metric does). For an
      object word: the detector (any `air_jax.detectors.Detector`) runs on the image the model sees (the main
-     pixel array, un-normalised), the smallest box above the threshold is kept (no box: the official fallback
-     box; more than `max_boxes`: the word is left as it is), and n FOV boxes grow around it.
+     pixel array, un-normalised); its boxes above the threshold are filtered as the official code does (area
+     below `min_box_area` dropped, IoU above `box_iou` with a kept box: the same instance), the smallest one is
+     kept (none: the official fallback box; more than `max_boxes`: the word is left as it is), and n FOV boxes
+     grow around it.
   3. compiled: ONE batched forward of the n FOV views of just the examples with an object word (their count
      padded to a power of two, the generated prefix to a multiple of 32): the prompt with the FOV's pixels
      (`Family.map_pixels` + crop-and-resize of the pixel array, so no family branches) followed by the tokens
@@ -158,15 +160,39 @@ def image_stats(processor) -> tuple[Any, Any]:
   return mean, std
 
 
-def target_box(detection, size, max_boxes: int | None):
-  """(normalised box or None when skipped, status) from one Detection on an image of `size` (W, H)."""
+def _iou(a, b) -> float:
+  ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+  iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  inter = ix * iy
+  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+  return inter / union if union > 0 else 0.0
+
+
+def instance_boxes(detection, size, min_area: float = 0.01, max_iou: float = 0.6) -> np.ndarray:
+  """The detection's boxes as the official `extract_detection` keeps them: normalised by the image `size` (W, H),
+  clipped to [0, 1], rounded to 3 decimals; a box whose area is below `min_area` is dropped (too small an object),
+  and so is one whose IoU with a box kept before it exceeds `max_iou` (the same instance). Detector order."""
   boxes = np.asarray(detection.boxes, np.float64).reshape(-1, 4)
+  w, h = size
+  boxes = np.around(np.clip(boxes / np.array([w, h, w, h], np.float64), 0.0, 1.0), 3)
+  kept = []
+  for b in boxes:
+    if (b[2] - b[0]) * (b[3] - b[1]) < min_area:
+      continue
+    if any(_iou(b, k) > max_iou for k in kept):
+      continue
+    kept.append(b)
+  return np.asarray(kept, np.float64).reshape(-1, 4)
+
+
+def target_box(detection, size, max_boxes: int | None, min_area: float = 0.01, max_iou: float = 0.6):
+  """(normalised box or None when skipped, status) from one Detection on an image of `size` (W, H): the
+  instances of `instance_boxes`; more than `max_boxes`: skipped; none: the fallback box; else the smallest."""
+  boxes = instance_boxes(detection, size, min_area, max_iou)
   if max_boxes is not None and len(boxes) > max_boxes:
     return None, "skipped"
   if len(boxes) == 0:
     return fov.FALLBACK_BOX, "not-detected"
-  w, h = size
-  boxes = np.clip(boxes / np.array([w, h, w, h], np.float64), 0.0, 1.0)
   area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
   return tuple(boxes[int(np.argmin(area))]), "detected"  # the smallest box, the first on ties (official)
 
@@ -293,6 +319,8 @@ class Settings:
   box_threshold: float
   num_pairs: int
   max_boxes: int | None
+  min_box_area: float
+  box_iou: float
   jsd: str
   contrast: str
   selection: str
@@ -342,7 +370,7 @@ def halc_search(params, config, input_ids, attention_mask, pixel_values, values,
         box, status = fov.FALLBACK_BOX, "not-detected"
       else:
         det = detector.detect(image, [word], settings.box_threshold)[0]
-        box, status = target_box(det, image.size, settings.max_boxes)
+        box, status = target_box(det, image.size, settings.max_boxes, settings.min_box_area, settings.box_iou)
       entry = {"row": int(r), "position": p, "word": word, "status": status, "box": box}
       if trace is not None:
         trace.append(entry)

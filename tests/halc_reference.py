@@ -148,6 +148,26 @@ def reference_halc(model, processor, input_ids, attention_mask, pixel_values, *,
   return gen
 
 
+def extract_detection(boxes, size, area_threshold=0.01, iou_threshold=0.6):
+  """The official detector.py `extract_detection` on one word's pixel boxes: normalised, clipped, rounded to 3
+  decimals; boxes of area < 0.01 skipped, and boxes with IoU > 0.6 to an already kept one (same instance)."""
+  w, h = size
+  normed = np.around(np.clip(np.asarray(boxes, np.float64).reshape(-1, 4) / np.array([w, h, w, h]), 0.0, 1.0), 3)
+  kept = []
+  for b in normed.tolist():
+    if (b[2] - b[0]) * (b[3] - b[1]) < area_threshold:
+      continue
+    same = False
+    for k in kept:
+      iw, ih = min(b[2], k[2]) - max(b[0], k[0]), min(b[3], k[3]) - max(b[1], k[1])
+      inter = max(iw, 0.0) * max(ih, 0.0)
+      union = (b[2] - b[0]) * (b[3] - b[1]) + (k[2] - k[0]) * (k[3] - k[1]) - inter
+      same = same or (union > 0 and inter / union > iou_threshold)
+    if not same:
+      kept.append(b)
+  return kept
+
+
 def decide(model, tok, input_ids, attention_mask, pixel_values, prefix, word, image, detector, n, ratio, threshold,
            m, alpha, beta, max_boxes, jsd_mode, contrast_mode, selection, scorer, trace, p):
   """The candidate token for position p (None when the word is skipped)."""
@@ -158,16 +178,15 @@ def decide(model, tok, input_ids, attention_mask, pixel_values, prefix, word, im
   entry = {"position": p, "word": word}
   if trace is not None:
     trace.append(entry)
+  boxes = extract_detection(boxes, image.size)
   if max_boxes is not None and len(boxes) > max_boxes:
     entry["status"] = "skipped"
     return None
   if len(boxes) == 0:
     box, entry["status"] = FALLBACK, "not-detected"
   else:
-    w, h = image.size
-    boxes = np.clip(boxes / np.array([w, h, w, h]), 0, 1)
     areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
-    box, entry["status"] = boxes[areas.index(min(areas))], "detected"
+    box, entry["status"] = np.asarray(boxes[areas.index(min(areas))]), "detected"
   fovs = fov_boxes(box, n, ratio)
   seq = torch.cat([input_ids, torch.tensor([prefix], dtype=input_ids.dtype)], 1)
   mask = torch.cat([attention_mask, torch.ones((1, len(prefix)), dtype=attention_mask.dtype)], 1)

@@ -164,6 +164,32 @@ def test_batch_equals_rows_alone(tiny_model, images, synonyms):
     np.testing.assert_array_equal(alone.token_ids[0], batch.token_ids[r])
 
 
+@pytest.mark.parametrize("boxes, size", [
+    ([[100, 100, 120, 120], [50, 50, 250, 250]], (336, 336)),  # a tiny box beside a real one: dropped
+    ([[0, 0, 100, 100], [2, 2, 100, 100], [150, 150, 250, 250], [200, 0, 300, 100]], (336, 336)),  # a duplicate
+    ([[20, 120, 60, 200], [100, 10, 200, 90]], (336, 100)),  # a box in the padding below: zero area once clipped
+    ([[0, 0, 3, 3]], (336, 336)),  # nothing left: the fallback box
+    ([[0, 0, 90, 90], [100, 0, 190, 90], [200, 0, 290, 90], [0, 100, 90, 190]], (336, 336)),  # 4 instances
+])
+def test_target_box_filters_as_the_official_extract_detection(boxes, size):
+  """Official detector.py: area < 0.01 and IoU > 0.6 to a kept box are dropped before max_handle_box and the
+  smallest-box choice (tests.halc_reference re-creates it from the official code)."""
+  from air_jax.halc_search import target_box
+  from tests.halc_reference import FALLBACK, extract_detection
+
+  det = Detection(word="dog", boxes=np.asarray(boxes, np.float64), scores=np.ones(len(boxes)))
+  got, status = target_box(det, size, 3)
+  kept = extract_detection(boxes, size)
+  if len(kept) > 3:
+    assert (got, status) == (None, "skipped")
+  elif not kept:
+    assert status == "not-detected" and np.allclose(got, FALLBACK)
+  else:
+    areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in kept]
+    assert status == "detected" and np.allclose(got, kept[areas.index(min(areas))])
+    assert (got[2] - got[0]) * (got[3] - got[1]) >= 0.01
+
+
 def test_fov_pieces_equal_torch():
   import jax.numpy as jnp
 
@@ -193,7 +219,8 @@ def test_fov_pieces_equal_torch():
     ("num_fovs", 0, "num_fovs"), ("num_fovs", 1, "num_fovs"), ("expand_ratio", 0.0, "expand_ratio"),
     ("expand_ratio", -0.5, "expand_ratio"), ("box_threshold", 0.0, "box_threshold"),
     ("box_threshold", 1.5, "box_threshold"), ("num_pairs", 7, "num_pairs"), ("num_beams", 2, "num_beams"),
-    ("beta", 0.0, "beta"), ("jsd", "kl", "jsd"), ("selection", "matching", "scorer")])
+    ("beta", 0.0, "beta"), ("jsd", "kl", "jsd"), ("selection", "matching", "scorer"),
+    ("min_box_area", 1.0, "min_box_area"), ("min_box_area", -0.1, "min_box_area"), ("box_iou", 0.0, "box_iou")])
 def test_bad_settings(field, value, match):
   with pytest.raises(ValueError, match=match):
     air_jax.methods.make("halc", **{field: value})

@@ -14,9 +14,14 @@ What the official code does (read from the repository; facts only):
     the previous word (stripped of .,'[]), a trailing "s" cut) is POS-tagged with spaCy `en_core_web_sm`; NOUN /
     PROPN (or one of 10 "add" words) are verified, except 31 hard-coded "exempt" words (cat, horse, bus, boat,
     bench, toilet, mirror, ... and "red", "white") and a random 30 % of all words (`skip_rate` 0.3, unseeded).
-  - Detector: Grounding DINO with box threshold 0.4 (README; the script's default is 0.45); more than 3 boxes
-    (`max_handle_box`): the word is left as it is; no box: the fallback box (0.2, 0.2, 0.8, 0.8); otherwise the
-    smallest box.
+  - Detector: Grounding DINO with box threshold 0.4 (README; the script's default is 0.45). Its boxes pass
+    `extract_detection` (context_density/detector.py): normalised, clipped and rounded to 3 decimals; a box of
+    area below 0.01 (`AREA_THRESHOLD`) is dropped, and so is one with IoU above 0.6 (`IOU_THRESHOLD`) to a box
+    kept before it (the same instance). Then more than 3 boxes (`max_handle_box`): the word is left as it is; no
+    box: the fallback box (0.2, 0.2, 0.8, 0.8); otherwise the smallest box. (The code's alternative OWLv2 branch
+    queries the bare word at a hard-coded threshold 0.05 without these filters and, lacking `target_sizes`,
+    reads boxes relative to the padded square; air-jax's OWL detectors scale to the image and the 0.4 preset is
+    the Grounding DINO value.)
   - FOVs (`context_window` 4, `expand_ratio` 0.6): [box shrunk by 0.6 (0.8 if the ratio exceeds 0.8), box, then
     each grown by 0.6 from the previous one], every side moved by ratio * size / 2 and clipped to the image; the
     ORIGINAL image is cropped to each and goes through the vision processor.
@@ -155,7 +160,9 @@ class HalcPlan(Plan):
 class HALCConfig(ConfigMixin):
   """num_fovs n >= 2; expand_ratio > 0 (FOV growth); box_threshold in (0, 1]; num_pairs m in [1, n(n-1)/2];
   num_beams 1; alpha >= 0 (contrast weight); beta in (0, 1] (adaptive plausibility, contrast "paper");
-  max_boxes >= 1 or None (more boxes: the word is left as is); jsd / contrast "paper" | "official"; selection
+  max_boxes >= 1 or None (more boxes: the word is left as is); min_box_area in [0, 1) (smaller boxes dropped) and
+  box_iou in (0, 1] (a box overlapping a kept one by more is the same instance), the official
+  `extract_detection` filters; jsd / contrast "paper" | "official"; selection
   "top" | "matching" (needs `scorer(image, texts) -> scores`); detector_path (local OWL checkpoint; default the
   AIR_JAX_HALC_DETECTOR environment variable) or detector (a Detector object); synonyms: CHAIR synonyms file
   (default COCO); extra_slots: cache slots for rewound tokens (default max_new_tokens)."""
@@ -169,6 +176,8 @@ class HALCConfig(ConfigMixin):
   alpha: float = 0.05
   beta: float = 0.1
   max_boxes: int | None = 3
+  min_box_area: float = 0.01
+  box_iou: float = 0.6
   jsd: str = "paper"
   contrast: str = "paper"
   selection: str = "top"
@@ -194,6 +203,8 @@ class HALCConfig(ConfigMixin):
     check_number(o, "beta", self.beta, lo=0.0, hi=1.0, lo_open=True)
     if self.max_boxes is not None:
       check_int(o, "max_boxes", self.max_boxes, lo=1)
+    check_number(o, "min_box_area", self.min_box_area, lo=0.0, hi=1.0, hi_open=True)
+    check_number(o, "box_iou", self.box_iou, lo=0.0, hi=1.0, lo_open=True)
     for field, allowed in (("jsd", JSD_MODES), ("contrast", CONTRAST_MODES), ("selection", SELECTIONS)):
       if getattr(self, field) not in allowed:
         raise ValueError(f"{o}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
@@ -228,6 +239,7 @@ class HALCConfig(ConfigMixin):
     load_vocabulary(self.synonyms)
     settings = Settings(num_fovs=self.num_fovs, expand_ratio=float(self.expand_ratio),
                         box_threshold=float(self.box_threshold), num_pairs=self.num_pairs, max_boxes=self.max_boxes,
+                        min_box_area=float(self.min_box_area), box_iou=float(self.box_iou),
                         jsd=self.jsd, contrast=self.contrast, selection=self.selection,
                         extra_slots=-1 if self.extra_slots is None else self.extra_slots)
     plan = HalcPlan(settings=settings, detector=self.resolve_detector(), scorer=self.scorer, synonyms=self.synonyms)
