@@ -151,6 +151,10 @@ def test_farsight_official_equals_the_official_forward(tiny_model, tiny_torch, i
     ("farsight", dict(sigma=-1.0), r"FarSightConfig\.sigma must be >= 0.0, got -1.0"),
     ("farsight", dict(alibi="no"), r"FarSightConfig\.alibi must be a bool, got 'no'"),
     ("vcd", dict(strength=2.0), r"decoding method .vcd.: .*strength"),
+    ("pai", dict(layer_ref=0), r"PAIConfig\.layer_ref must lie in \[1, None\], got 0"),
+    ("pai", dict(layer_ref="32"), r"PAIConfig\.layer_ref must be an int, got '32'"),
+    ("pai", dict(layer_ref=True, layers=(0, 1)), r"PAIConfig\.layer_ref must be an int, got True"),
+    ("farsight", dict(layer_ref=-1), r"FarSightConfig\.layer_ref must lie in \[1, None\], got -1"),
 ])
 def test_bad_values_are_clear_errors(name, kw, match):
   with pytest.raises((ValueError, TypeError), match=match):

@@ -37,7 +37,7 @@ import numpy as np
 
 from air_jax.air_config import scale_layer_range
 from air_jax.methods.base import (CompiledMethod, ConfigMixin, Plan, ViewInputs, below_plausibility, check_bool,
-                                  check_number, concat_views, image_positions, per_view_rows,
+                                  check_int, check_number, concat_views, image_positions, per_view_rows,
                                   without_image_tokens)
 from air_jax.methods.registry import register
 from models.segments import IMAGE, PAD
@@ -143,6 +143,8 @@ class PAIConfig(ConfigMixin):
 
 
 def _check_range(owner: str, field: str, r, ref) -> None:
+  if ref is not None:  # the depth the range is written for (scaled to the model's); checked first, by name
+    check_int(owner, "layer_ref", ref, lo=1)
   if r is None:
     return
   ok = isinstance(r, (tuple, list)) and len(r) == 2
