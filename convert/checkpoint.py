@@ -117,7 +117,7 @@ def index_checkpoint(path: str, config, family=None):
   fam = family if family is not None else family_of(config)
   shapes = fam.param_shapes(config)
   sources: dict[tuple, dict] = {}
-  unused, mismatched = [], []
+  unused, mismatched, duplicated = [], [], []
   for file in checkpoint_files(path):
     with SafetensorsFile(file) as st:
       for key in st.keys():
@@ -143,7 +143,13 @@ def index_checkpoint(path: str, config, family=None):
         if tuple(got) != tuple(want):
           mismatched.append(f"{key}: checkpoint {tuple(got)} vs expected {tuple(want)}")
           continue
-        sources.setdefault(parts, {})[layer] = (file, key)
+        held = sources.setdefault(parts, {})
+        if layer in held:  # e.g. one tensor under two layouts' names, or one key in two shards
+          duplicated.append(f"{key} ({os.path.basename(file)}) and {held[layer][1]} "
+                            f"({os.path.basename(held[layer][0])}) both fill {name}"
+                            + (f" layer {layer}" if layer is not None else ""))
+          continue
+        held[layer] = (file, key)
   unfilled = []
   for kp, shape in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]:
     parts = tuple(k.key for k in kp)
@@ -155,7 +161,7 @@ def index_checkpoint(path: str, config, family=None):
         unfilled.append(f"{name} (layers {missing})")
     elif None not in got:
       unfilled.append(name)
-  if unused or unfilled or mismatched:
+  if unused or unfilled or mismatched or duplicated:
     lines = [f"checkpoint {path} does not match the config ({fam.name} family):"]
     if unused:
       lines.append(f"  unused checkpoint keys ({len(unused)}): {sorted(unused)}")
@@ -163,6 +169,8 @@ def index_checkpoint(path: str, config, family=None):
       lines.append(f"  unfilled parameters ({len(unfilled)}): {unfilled}")
     if mismatched:
       lines.append(f"  shape mismatches ({len(mismatched)}): {mismatched}")
+    if duplicated:
+      lines.append(f"  parameters filled twice ({len(duplicated)}; keep one of each): {duplicated}")
     raise ValueError("\n".join(lines))
   return shapes, sources
 

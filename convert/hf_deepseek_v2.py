@@ -38,6 +38,10 @@ def feed(filler: TreeFiller, cfg: DeepseekV2TextConfig, key: str, name: str, arr
   m = _FUSED.match(name)
   if m:
     arr = np.asarray(array)
+    if arr.ndim != 3 or (m.group(2) == "gate_up_proj" and arr.shape[1] % 2):
+      want = "2 * intermediate, hidden" if m.group(2) == "gate_up_proj" else "hidden, intermediate"
+      filler.mismatched.append(f"{key}: checkpoint {arr.shape} is not a fused expert tensor [experts, {want}]")
+      return
     if m.group(2) == "gate_up_proj":
       i = arr.shape[1] // 2
       filler.set(key, prefix + m.group(1) + ".gate_proj.weight", arr[:, :i])

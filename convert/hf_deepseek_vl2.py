@@ -73,8 +73,11 @@ def feed(filler: TreeFiller, cfg: DeepseekVL2Config, key: str, arr) -> None:
   if key in ("vision.patch_embed.proj.weight", "vision.patch_embed.proj.bias"):
     filler.set(key, "vision.embeddings.patch_embedding." + key.rsplit(".", 1)[1], arr)
     return
-  if key == "vision.pos_embed":
-    filler.set(key, "vision.embeddings.position_embedding.weight", np.asarray(arr).reshape(arr.shape[-2:]))
+  if key == "vision.pos_embed":  # official [1, N, E]
+    if np.ndim(arr) < 2 or int(np.prod(np.shape(arr)[:-2])) != 1:
+      filler.mismatched.append(f"{key}: checkpoint {tuple(np.shape(arr))} vs expected [1, N, E] or [N, E]")
+      return
+    filler.set(key, "vision.embeddings.position_embedding.weight", np.asarray(arr).reshape(np.shape(arr)[-2:]))
     return
   if key.startswith("vision.norm."):
     filler.set(key, "vision.post_layernorm." + key.rsplit(".", 1)[1], arr)
@@ -84,7 +87,11 @@ def feed(filler: TreeFiller, cfg: DeepseekVL2Config, key: str, arr) -> None:
     i, rest = m.group(1), m.group(2)
     sub, leaf = rest.rsplit(".", 1)
     base = f"vision.encoder.layers.{i}."
-    if sub == "attn.qkv":
+    if sub == "attn.qkv":  # fused [3E, E] / [3E]: q, k, v stacked on the first axis
+      if np.ndim(arr) not in (1, 2) or np.shape(arr)[0] % 3:
+        filler.mismatched.append(f"{key}: checkpoint {tuple(np.shape(arr))} is not a fused q/k/v tensor "
+                                 "(first axis a multiple of 3)")
+        return
       for part, name in zip(np.split(np.asarray(arr), 3, axis=0), ("q_proj", "k_proj", "v_proj")):
         filler.set(key, f"{base}self_attn.{name}.{leaf}", part)
       return

@@ -23,6 +23,9 @@ class TreeFiller:
     self.rows: dict[tuple, set] = {}
     self.unused: list[str] = []
     self.mismatched: list[str] = []
+    self.duplicated: list[str] = []
+    self.writer: dict[tuple, dict] = {}  # leaf path -> {rows: checkpoint key that wrote them}
+    self.below: dict[tuple, dict] = {}  # leaf path -> {proper prefix of written rows: a key written under it}
 
   def _resolve(self, name: str):
     """-> (leaf path tuple, leaf shape, stacked row indices tuple) or None."""
@@ -61,10 +64,21 @@ class TreeFiller:
     if tuple(array.shape) != tuple(want):
       self.mismatched.append(f"{key}: checkpoint {tuple(array.shape)} vs expected {tuple(want)}")
       return False
+    # Every element is written once: a second writer of the same rows (or of rows overlapping a whole-leaf or
+    # per-row write, e.g. fused and per-expert weights of one layer) is a checkpoint that fills a param twice.
+    written, below = self.writer.setdefault(path, {}), self.below.setdefault(path, {})
+    other = next((written[rows[:k]] for k in range(len(rows) + 1) if rows[:k] in written), below.get(rows))
+    if other is not None:
+      self.duplicated.append(f"{key} and {other} both fill {'.'.join(map(str, path))}"
+                             + (f" rows {list(rows)}" if rows else ""))
+      return False
     if path not in self.values:
       self.values[path] = np.zeros(shape, self.dtype)
     self.values[path][rows] = np.asarray(array).astype(self.dtype)
     self.rows.setdefault(path, set()).add(rows)
+    written[rows] = key
+    for k in range(len(rows)):
+      below.setdefault(rows[:k], key)
     return True
 
   def skip(self, key: str) -> None:
@@ -77,6 +91,9 @@ class TreeFiller:
     def build(node, path):
       if is_shape(node):
         got = self.rows.get(path, set())
+        if len({len(r) for r in got}) > 1:  # mixed whole / per-row writes are refused in `set`
+          unfilled.append(".".join(map(str, path)) + " (written at mixed depths)")
+          return None
         n_stack = len(next(iter(got))) if got else 0
         need = int(np.prod(node[:n_stack])) if got else 1
         if not got or len(got) < need:
@@ -88,7 +105,7 @@ class TreeFiller:
       return {k: build(v, path + (k,)) for k, v in node.items()}
 
     out = build(self.shapes, ())
-    if self.unused or unfilled or self.mismatched:
+    if self.unused or unfilled or self.mismatched or self.duplicated:
       lines = [f"checkpoint {self.source} does not match the config:"]
       if self.unused:
         lines.append(f"  unused checkpoint keys ({len(self.unused)}): {sorted(self.unused)[:50]}")
@@ -96,6 +113,8 @@ class TreeFiller:
         lines.append(f"  unfilled parameters ({len(unfilled)}): {unfilled[:50]}")
       if self.mismatched:
         lines.append(f"  shape mismatches ({len(self.mismatched)}): {self.mismatched[:50]}")
+      if self.duplicated:
+        lines.append(f"  parameters filled twice ({len(self.duplicated)}; keep one of each): {self.duplicated[:50]}")
       raise ValueError("\n".join(lines))
     return out
 

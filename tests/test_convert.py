@@ -90,6 +90,44 @@ def test_missing_extra_and_misshaped_keys_are_listed(tiny_dir, tensors, tmp_path
   assert "vision_tower.post_layernorm.weight: checkpoint (7,) vs expected (32,)" in msg
 
 
+def test_a_parameter_filled_twice_is_named(tiny_dir, tensors, tmp_path):
+  """One tensor under two layouts' names, or one key in two shards: refused, naming both, never silently dropped."""
+  alias = dict(tensors, **{"model.language_model.norm.weight": tensors["language_model.model.norm.weight"] * 2})
+  _copy_with(tiny_dir, str(tmp_path / "alias"), alias)
+  with pytest.raises(ValueError, match=r"filled twice.*model\.language_model\.norm\.weight \(model\.safetensors\) "
+                                       r"and language_model\.model\.norm\.weight"):
+    air_jax.load_pretrained(str(tmp_path / "alias"), with_processor=False)
+  shards = tmp_path / "shards"
+  _copy_with(tiny_dir, str(shards), tensors)
+  os.rename(shards / "model.safetensors", shards / "model-00001-of-00002.safetensors")
+  key = "language_model.lm_head.weight"
+  save_file({key: tensors[key] + 1}, str(shards / "model-00002-of-00002.safetensors"))
+  with pytest.raises(ValueError, match="both fill lm_head.weight"):
+    air_jax.load_pretrained(str(shards), with_processor=False)
+
+
+def test_tree_filler_refuses_overlapping_writes():
+  """Per-family converters (InstructBLIP, DeepSeek-VL2): a whole-leaf write and a per-row write of one leaf (e.g.
+  fused and per-expert weights of one layer), or one row written twice, are named."""
+  from convert.tree_fill import TreeFiller
+
+  shapes = {"layers": {"w": (2, 3, 4)}, "b": (4,)}
+  f = TreeFiller(shapes, np.float32, "ckpt")
+  assert f.set("k0", "layers.0.w", np.ones((3, 4)))
+  assert f.set("k1", "layers.1.w", np.ones((3, 4)))
+  assert f.set("b", "b", np.ones(4))
+  assert not f.set("k0 again", "layers.0.w", np.zeros((3, 4)))
+  assert not f.set("fused", "layers.w", np.zeros((2, 3, 4)))
+  assert not f.set("b2", "b", np.zeros(4))
+  with pytest.raises(ValueError, match=r"filled twice \(3;.*k0 again and k0 both fill layers\.w rows \[0\]"):
+    f.finish()
+  g = TreeFiller(shapes, np.float32, "ckpt")
+  assert g.set("fused", "layers.w", np.ones((2, 3, 4))) and g.set("b", "b", np.ones(4))
+  assert not g.set("row", "layers.1.w", np.zeros((3, 4)))
+  with pytest.raises(ValueError, match="row and fused both fill layers.w rows"):
+    g.finish()
+
+
 def test_pickle_checkpoint_is_refused(tiny_dir, tmp_path):
   shutil.copy(os.path.join(tiny_dir, "config.json"), tmp_path)
   # Never unpickled: the loader must refuse on the file name alone, so any bytes will do.
