@@ -2,9 +2,10 @@
 
 The shape tree is nested dicts (and tuples for per-layer lists) with shape-tuple leaves. A dotted name walks it;
 an integer part either selects a tuple element (per-layer trees), a dict key spelled as digits (torch Sequential
-indices) or, otherwise in a dict, is an index into the leading (stacked) axis of every leaf below it (`layers.3.mlp.fc1.weight` -> leaf `layers.mlp.fc1.weight`,
-row 3). `finish()` raises one ValueError listing unused keys, unfilled parameters (with missing rows) and shape
-mismatches, so a checkpoint that does not match its config never loads silently.
+indices) or, otherwise in a dict, is an index into the leading (stacked) axis of every leaf below it
+(`layers.3.mlp.fc1.weight` -> leaf `layers.mlp.fc1.weight`, row 3). `finish()` raises one ValueError listing
+unused keys, unfilled parameters (with missing rows), shape mismatches and parameters filled twice (every element
+has one source), so a checkpoint that does not match its config never loads silently.
 """
 
 from __future__ import annotations
