@@ -124,11 +124,19 @@ def rank_heads(scores: np.ndarray, k: int, *, largest: bool = True, by_abs: bool
 
 
 def select_heads(scores: np.ndarray, k: int, non_hal: str = "negative") -> dict[str, list[list[int]]]:
-  """Heads file content {"hal_heads", "non_hal_heads"} from a score matrix [L, H] (see the module docstring)."""
+  """Heads file content {"hal_heads", "non_hal_heads"} from a score matrix [L, H] (see the module docstring).
+
+  The two lists are disjoint: the non-hallucination heads are ranked among the heads not already chosen as
+  hallucination heads (this matters only when fewer than 2k heads have a score, e.g. a `--screen` subset; the
+  lists then come out shorter than k).
+  """
   if non_hal not in ("negative", "abs"):
     raise ValueError(f"non_hal must be 'negative' or 'abs', got {non_hal!r}")
-  return {"hal_heads": rank_heads(scores, k, largest=True),
-          "non_hal_heads": rank_heads(scores, k, largest=False, by_abs=non_hal == "abs")}
+  hal = rank_heads(scores, k, largest=True)
+  rest = np.array(scores, np.float64)
+  for layer, head in hal:
+    rest[layer, head] = np.nan
+  return {"hal_heads": hal, "non_hal_heads": rank_heads(rest, k, largest=False, by_abs=non_hal == "abs")}
 
 
 def summary_arrays(stats: HeadStats) -> dict[str, np.ndarray]:

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--screen", type=int, default=None, metavar="K",
                  help="gradient screen first (a backward pass per scored token estimates Delta P of every head), then "
                       "exact ablation of the K heads with the largest |estimated S_h| only; the others are NaN "
-                      "in the exact results and never selected")
+                      "in the exact results and never selected (K >= 2 * --top-k fills both heads lists)")
   p.add_argument("--compile-cache", metavar="DIR",
                  help="JAX persistent compilation cache: repeated runs load compiled graphs from DIR")
   p.add_argument("--no-progress", action="store_true")
@@ -198,6 +198,10 @@ def write_outputs(out: Path, state: RunState, score: str, top_k: int, non_hal: s
     if len(sel["hal_heads"]) < top_k:
       warnings.append(f"heads_{key}.json lists {len(sel['hal_heads'])} hallucination heads of the {top_k} asked "
                       f"({key}_h is undefined for the other heads)")
+    if len(sel["hal_heads"]) == top_k and len(sel["non_hal_heads"]) < top_k:
+      warnings.append(f"heads_{key}.json lists {len(sel['non_hal_heads'])} non-hallucination heads of the {top_k} "
+                      f"asked: only {len(sel['hal_heads']) + len(sel['non_hal_heads'])} heads have {key}_h "
+                      "(with --screen K, K >= 2 * --top-k gives both lists in full)")
     write_heads_file(out / f"heads_{key}.json", sel["hal_heads"], sel["non_hal_heads"])
     save_heatmap(out / f"heatmap_{key}.png", arrays[key], f"{key}_h ({score}); black: hal, green: non-hal",
                  hal_heads=sel["hal_heads"], non_hal_heads=sel["non_hal_heads"])

@@ -82,6 +82,11 @@ def test_rankings_and_selection():
   assert sel == {"hal_heads": [[1, 0], [0, 0]], "non_hal_heads": [[1, 2], [0, 1]]}
   assert select_heads(s, 2, non_hal="abs")["non_hal_heads"] == [[1, 1], [0, 1]]
   assert rank_heads(np.zeros((2, 2)), 3) == [[0, 0], [0, 1], [1, 0]]  # ties: layer-major order
+  # Fewer than 2k scored heads (a --screen subset): the lists stay disjoint, the non-hal one shorter.
+  few = np.full((2, 3), np.nan)
+  few[0, 0], few[1, 1], few[1, 2] = 0.3, -0.1, 0.2
+  assert select_heads(few, 2) == {"hal_heads": [[0, 0], [1, 2]], "non_hal_heads": [[1, 1]]}
+  assert select_heads(few, 2, non_hal="abs")["non_hal_heads"] == [[1, 1]]
   with pytest.raises(ValueError, match="non_hal"):
     select_heads(s, 2, non_hal="smallest")
 
