@@ -109,14 +109,22 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 
 def _text_spans(text: str, word: str, exclude: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
-  """Spans of the whole-word occurrences of `word` in `text` outside the `exclude` spans (other mentions' double
-  words: "dog" is not the "dog" of "hot dog"); when there are none, of the caption words whose singular (CHAIR's
-  singulariser) is `word`: CHAIR outputs of the Rohrbach style record "dog" for "dogs"."""
+  """Spans, in text order, of the whole-word occurrences of `word` in `text` and of the caption words whose
+  singular (CHAIR's singulariser) is `word` (CHAIR outputs of the Rohrbach style record "dog" for "dogs", so
+  "Dogs ... a dog" holds two mentions of "dog"), outside the `exclude` spans (other mentions' double words: "dog"
+  is not the "dog" of "hot dog")."""
   pattern = r"(?<![\w])" + re.escape(word) + r"(?![\w])"
-  found = [(m.start(), m.end()) for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
-  found = [sp for sp in found if not any(_overlaps(sp, x) for x in exclude)]
-  if found:
-    return found
+  exact = [(m.start(), m.end()) for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+  return _merge_spans(exact, _singular_spans(text, word), exclude)
+
+
+def _merge_spans(a, b, exclude) -> list[tuple[int, int]]:
+  """The spans of a and b, each once, in text order, that overlap no `exclude` span."""
+  return sorted({sp for sp in list(a) + list(b) if not any(_overlaps(sp, x) for x in exclude)})
+
+
+def _singular_spans(text: str, word: str) -> list[tuple[int, int]]:
+  """Spans of the caption words (runs of words for a double word) whose singular is `word` (or that equal it)."""
   from eval.chair_metric import singularize
   from eval.word_tokenize import word_tokenize
 
@@ -125,12 +133,13 @@ def _text_spans(text: str, word: str, exclude: Sequence[tuple[int, int]] = ()) -
     return []
   tokens = word_tokenize(lower)
   spans = align_words(lower, tokens)
+  found = []
   for i in range(len(tokens) - len(parts) + 1):
     window = spans[i:i + len(parts)]
     if all(sp is not None for sp in window) and all(
         t == p or singularize(t) == p for t, p in zip(tokens[i:i + len(parts)], parts)):
       found.append((window[0][0], window[-1][1]))
-  return [sp for sp in found if not any(_overlaps(sp, x) for x in exclude)]
+  return found
 
 
 def _token_text(tokenizer, token_id: int) -> str:

@@ -189,6 +189,13 @@ def test_external_chair_outputs_without_tokens(tiny_model):
   spans = [(t.set, t.word, caption[t.char_span[0]:t.char_span[1]]) for t in got]
   assert spans == [("N", "person", "People"), ("H", "dog", "dogs"), ("H", "hot dog", "hot dog")]
   assert all(t.token and t.locate == "text" for t in got)
+  # A plural and an exact mention of one word: both located, in text order.
+  caption = "Dogs and a cat sit at a table with a dog."
+  full = score_caption(1, caption, {"cat"}, Vocabulary.coco(style="rohrbach"))
+  bare = {k: full[k] for k in ("mscoco_hallucinated_words", "mscoco_non_hallucinated_words")}
+  ids, offsets = caption_tokens(tok, caption)
+  got = [(t.word, caption[t.char_span[0]:t.char_span[1]]) for t in scored_tokens(bare, caption, tok, ids, offsets)]
+  assert [c for w, c in got if w == "dog"] == ["Dogs", "dog"]
   # AD-HH's chair.py names the correct-object indices non_hallucination_idxs.
   adhh = score_caption(1, HAND_CAPTION, {"chair"}, Vocabulary.coco())
   adhh["non_hallucination_idxs"] = adhh.pop("correct_idxs")
