@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -162,6 +163,9 @@ class OpenAIChatJudge(Judge):
         raise JudgeError(f"{self!r}: cannot reach the endpoint ({reason})") from None
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise JudgeError(f"{self!r}: the reply is not JSON ({e})") from None
+      except (ConnectionError, http.client.HTTPException) as e:  # hung up, reset, cut short: retry
+        last = f"connection failed ({type(e).__name__})"
+        continue
       try:
         text = data["choices"][0]["message"]["content"]
       except (KeyError, IndexError, TypeError):

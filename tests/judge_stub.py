@@ -32,6 +32,9 @@ class StubServer:
         status, payload, delay = stub.responder(body)
         if delay:
           time.sleep(delay)
+        if status is None:  # hang up without an answer (the client sees RemoteDisconnected)
+          self.close_connection = True
+          return
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
           self.send_response(status)

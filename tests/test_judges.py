@@ -56,6 +56,11 @@ def test_http_judge_failures_are_replies_not_crashes(tmp_path):
       return (503, {"error": "busy"}, 0) if state["n"] == 1 else (200, chat_reply("fine"), 0)
     if prompt == "denied":
       return 401, {"error": "bad key"}, 0
+    if prompt == "hang up":
+      return None, None, 0
+    if prompt == "drops once":
+      state["d"] = state.get("d", 0) + 1
+      return (None, None, 0) if state["d"] == 1 else (200, chat_reply("back"), 0)
     return 200, chat_reply("ok"), 0
 
   with StubServer(responder) as srv:
@@ -67,6 +72,8 @@ def test_http_judge_failures_are_replies_not_crashes(tmp_path):
     assert "choices" in judge.ask("empty").error
     assert "HTTP 401" in judge.ask("denied").error
     assert judge.ask("flaky").text == "fine"  # a 503 is retried
+    assert "connection failed (RemoteDisconnected) (2 attempts)" in judge.ask("hang up").error  # a reply, no crash
+    assert judge.ask("drops once").text == "back"  # a dropped connection is retried
     for r in (slow,):
       assert SECRET not in r.error
     before = judge.calls
