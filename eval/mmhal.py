@@ -69,11 +69,12 @@ def parse_rating_reference(reply: str) -> int | None:
   return found[0] if len(found) == 1 else None
 
 
-_RATING = re.compile(r"rating\s*[:：]\s*\**\s*\[?([0-6])\b")
+_RATING = re.compile(r"rating\s*[:：]\s*\**\s*\[?([0-6])(?![\w.]\d|\d)")
 
 
 def parse_rating_strict(reply: str) -> int | None:
-  """"rating: s" tolerating markdown (**Rating:** 5) and spacing; None when absent or conflicting."""
+  """"rating: s" tolerating markdown (**Rating:** 5) and spacing; None when absent, conflicting or not a whole
+  number of the scale ("Rating: 4.5")."""
   found = {int(m) for m in _RATING.findall(reply.replace("**", "").lower())}
   return found.pop() if len(found) == 1 else None
 

@@ -262,7 +262,7 @@ _NEGATIONS = {"no", "not", "none", "nothing", "nobody", "nowhere", "neither", "n
 _YES_FIRST = {"yes", "yeah", "yep", "yup", "correct", "true"}
 _NO_FIRST = {"no", "nope", "incorrect", "false"}
 _HEDGE = re.compile(r"\b(not sure|unsure|don't know|do not know|can't tell|cannot tell|can't determine|cannot "
-                    r"determine|cannot be determined|unclear|uncertain|impossible to (tell|say|determine))\b")
+                    r"determine|cannot be determined|unclear|not clear|uncertain|impossible to (tell|say|determine))\b")
 _AFFIRM = re.compile(r"^(there\s+(is|are)|i\s+(can\s+)?see|the\s+image\s+(shows|contains|has|features))\b")
 
 

@@ -38,6 +38,7 @@ def test_reference_parser_quirks():
   assert strict("Not at all.") == "no" and strict("A cat.") is None and strict("") is None
   assert strict("I'm not sure.") is None and strict("There is a dog on the left.") == "yes"
   assert strict("Yes, there is.") == "yes" and strict("The image doesn't show one.") == "no"
+  assert strict("It's not clear.") is None  # a hedge, not a "no"
 
 
 def test_reference_scoring_hand_counts(official):
