@@ -5,8 +5,9 @@ Usage: python -m bench.screen_rank [--organism-images 40]
 Two models: the embedded organism (greedy captions of its held-out scenes, CHAIR-scored with its vocabulary)
 and a tiny random LLaVA (tests/tiny.py; hand-written captions of the COCO test fixture). For every caption, the
 exact Delta P of every head (attribution_core, prefix reuse) and the screen's first-order estimate (one batched
-backward pass per token) at every scored token; reported per semantics: Spearman over all (token, head) pairs, over heads of S_h
-(mean over hallucinated minus mean over correct tokens), and the overlap of the top-k heads by |S_h|.
+backward pass per token) at every scored token; reported per semantics: Spearman over all (token, head) pairs,
+over heads of S_h (mean over hallucinated minus mean over correct tokens), and the overlap of the top-k heads by
+|S_h|.
 """
 
 from __future__ import annotations
