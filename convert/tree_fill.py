@@ -16,12 +16,11 @@ from models.params import is_shape
 
 
 class TreeFiller:
-  """Allocates leaves lazily in `dtype` and records which (leaf, row) pairs were written."""
+  """Allocates leaves lazily in `dtype` and records which (leaf, row) pairs were written, and by which key."""
 
   def __init__(self, shapes, dtype, source: str):
     self.shapes, self.dtype, self.source = shapes, np.dtype(dtype), source
     self.values: dict[tuple, np.ndarray] = {}
-    self.rows: dict[tuple, set] = {}
     self.unused: list[str] = []
     self.mismatched: list[str] = []
     self.duplicated: list[str] = []
@@ -76,7 +75,6 @@ class TreeFiller:
     if path not in self.values:
       self.values[path] = np.zeros(shape, self.dtype)
     self.values[path][rows] = np.asarray(array).astype(self.dtype)
-    self.rows.setdefault(path, set()).add(rows)
     written[rows] = key
     for k in range(len(rows)):
       below.setdefault(rows[:k], key)
@@ -91,7 +89,7 @@ class TreeFiller:
 
     def build(node, path):
       if is_shape(node):
-        got = self.rows.get(path, set())
+        got = set(self.writer.get(path, {}))
         if len({len(r) for r in got}) > 1:  # mixed whole / per-row writes are refused in `set`
           unfilled.append(".".join(map(str, path)) + " (written at mixed depths)")
           return None
