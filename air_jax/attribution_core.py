@@ -54,6 +54,18 @@ def _param_dtype(params, config) -> jnp.dtype:
   return jax.tree.leaves(params[family_of(config).decoder_path])[0].dtype
 
 
+def slot_row(state: decoding.DecodeState, input_ids, p):
+  """(state, token [1]) of a decoding step that re-reads slot p - 1 of a clean cache prefilled with input_ids
+  [1, T]: the step feeds the token at p - 1 at write index p - 1 (with write_cache=False it attends to the cache's
+  slots < p - 1 and to its own key/value), and its logits predict slot p."""
+  t = input_ids.shape[1]
+  # Text after the last image advances the position offset by one per slot (1-D and multimodal RoPE alike), so
+  # slot p - 1 sits t - (p - 1) steps before the offset prefill left for slot t.
+  st = state.replace(write_index=(p - 1).astype(jnp.int32),
+                     next_position=(state.next_position - (t - (p - 1))).astype(jnp.int32))
+  return st, jax.lax.dynamic_slice_in_dim(input_ids[0], p - 1, 1)
+
+
 def _target_logprob(params, config, hidden, targets):
   logits = family_of(config).logits(params, config, hidden)  # [..., V] float32
   logp = jax.nn.log_softmax(logits, axis=-1)
@@ -92,11 +104,7 @@ def current_token_logprobs(params, config: LlavaConfig, input_ids, pixel_values,
   def one(g, i):
     p = positions[i]
     spec = RectificationSpec(head_gate=ablation_gate(g, nl, nh, dtype))
-    # Text after the last image advances the position offset by one per slot (1-D and multimodal RoPE alike), so
-    # slot p - 1 sits t - (p - 1) steps before the offset prefill left for slot t.
-    st = state.replace(write_index=(p - 1).astype(jnp.int32),
-                       next_position=(state.next_position - (t - (p - 1))).astype(jnp.int32))
-    token = jax.lax.dynamic_slice_in_dim(input_ids[0], p - 1, 1)
+    st, token = slot_row(state, input_ids, p)
     logits, _, _ = decoding.decode_step(params, config, st, token, spec, write_cache=False)
     return jax.nn.log_softmax(logits[0])[targets[i]]
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from air_jax import decoding
-from air_jax.attribution_core import _param_dtype, scored_inputs
+from air_jax.attribution_core import _param_dtype, scored_inputs, slot_row
 from models.family import family_of, prompt_pieces
 from models.spec import RectificationSpec
 
@@ -56,10 +56,7 @@ def screen_gradients(params, config, input_ids, pixel_values, positions, targets
 
     def one(item):
       p, target = item
-      # as attribution_core.current_token_logprobs: slot p - 1 sits t - (p - 1) positions before the offset
-      st = state.replace(write_index=(p - 1).astype(jnp.int32),
-                         next_position=(state.next_position - (t - (p - 1))).astype(jnp.int32))
-      token = jax.lax.dynamic_slice_in_dim(input_ids[0], p - 1, 1)
+      st, token = slot_row(state, input_ids, p)
 
       def prob(g):
         logits, _, _ = decoding.decode_step(params, config, st, token, RectificationSpec(head_gate=g),
