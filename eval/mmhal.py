@@ -69,7 +69,7 @@ def parse_rating_reference(reply: str) -> int | None:
   return found[0] if len(found) == 1 else None
 
 
-_RATING = re.compile(r"rating\s*[:：]\s*\**\s*\[?([0-6])(?![\w.]\d|\d)")
+_RATING = re.compile(r"rating\s*[:：]\s*\**\s*\[?([0-6])\b(?!\.\d)")
 
 
 def parse_rating_strict(reply: str) -> int | None:

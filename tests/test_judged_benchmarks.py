@@ -26,6 +26,7 @@ def test_mmhal_rating_parsers():
   assert mmhal.parse_rating_strict("rating:6") == 6 and mmhal.parse_rating_strict("no rating here") is None
   assert mmhal.parse_rating_strict("Rating: 3. Rating: 5") is None
   assert mmhal.parse_rating_strict("Rating: 4.5") is None and mmhal.parse_rating_strict("Rating: 4.") == 4
+  assert mmhal.parse_rating_strict("Rating: 46") is None and mmhal.parse_rating_strict("Rating: 4a") is None
 
 
 def test_mmhal_prompt_is_the_official_template():
