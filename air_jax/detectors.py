@@ -14,6 +14,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from air_jax.hub import resolve_checkpoint
+
 
 @dataclasses.dataclass
 class Detection:
@@ -53,7 +55,7 @@ class OwlDetector:
     from convert.hf_owl import load_owl
     from models import owl
 
-    self.path = os.fspath(path)
+    self.path = resolve_checkpoint(path, what="detector checkpoint")
     params, self.config = load_owl(self.path, dtype)
     self.params = jax.tree.map(jax.numpy.asarray, params)
     self.identity = f"{self.config.prefix}:{os.path.abspath(self.path)}"
@@ -110,7 +112,7 @@ class GroundingDinoDetector:
       from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
     except ImportError as e:
       raise ValueError("the Grounding DINO detector needs torch (pip install torch); the OWL detector does not") from e
-    self.path = os.fspath(path)
+    self.path = resolve_checkpoint(path, what="detector checkpoint")
     if not os.path.isdir(self.path):
       raise FileNotFoundError(f"detector checkpoint directory {self.path} does not exist")
     self.processor = AutoProcessor.from_pretrained(self.path)

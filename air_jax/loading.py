@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from air_jax.config_checks import _walk, check_config_dict, check_param_memory
+from air_jax.hub import resolve_checkpoint
 from convert.checkpoint import resolve_tied_head
 from models.family import family_for_config_dict, family_of
 
@@ -64,14 +65,19 @@ class LoadedModel:
 
 
 def load_processor(path: str, config=None):
-  """The checkpoint's processor (tokenizer, image processor, chat template), loaded by its family."""
+  """The checkpoint's processor (tokenizer, image processor, chat template), loaded by its family.
+
+  `path`: a checkpoint directory or a Hugging Face repository id (`air_jax.hub`).
+  """
+  path = resolve_checkpoint(path)
   if config is None:
     config, _ = load_config(path)
   return family_of(config).load_processor(path)
 
 
 def read_config_json(path: str) -> tuple[dict, str]:
-  """(the config.json dict, its file name) of a checkpoint directory (or the file itself)."""
+  """(the config.json dict, its file name) of a checkpoint directory, the file itself, or a repository id."""
+  path = resolve_checkpoint(path, config_only=True)
   file = os.path.join(path, "config.json") if os.path.isdir(path) else path
   if not os.path.exists(file):
     raise FileNotFoundError(f"no config.json at {file}")
@@ -112,7 +118,9 @@ def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True, 
   """Loads a local Hugging Face checkpoint directory of any registered family (LLaVA-1.5, LLaVA-NeXT, ...).
 
   Args:
-    path: directory with config.json, *.safetensors (sharded or not) and processor files.
+    path: directory with config.json, *.safetensors (sharded or not) and processor files, or a Hugging Face
+      repository id (``org/name`` or ``org/name@revision``) resolved through the local cache or downloaded
+      (safetensors and configs only; `air_jax.hub`).
     dtype: "float32", "bfloat16" or "float16" (params and compute dtype; softmax is always float32).
     with_processor: also load the transformers processor (needed by `generate`).
     mesh: optional (data, model) `jax.sharding.Mesh` (`air_jax.sharding.make_mesh`): the params are then
@@ -123,7 +131,7 @@ def load_pretrained(path: str, dtype="float32", *, with_processor: bool = True, 
     A LoadedModel whose `params` are jax arrays, streamed from the files one parameter (one device slice) at a
     time, so the model is never held twice in host memory.
   """
-  path = os.fspath(path)
+  path = resolve_checkpoint(path)
   config, fam = load_config(path)
   config = resolve_tied_head(path, config, fam)
   np_dtype = np.dtype(resolve_dtype(dtype))

@@ -159,7 +159,8 @@ def _replicated_note(fam, rules, mp: int, all_bytes: int, per_device: int) -> st
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m air_jax.plan", description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", required=True, help="checkpoint directory (config.json is enough)")
+  p.add_argument("--model", required=True, help="checkpoint directory (config.json is enough) or Hugging Face "
+                                                 "repository id (only its JSON configs are fetched)")
   p.add_argument("--devices", type=int, required=True, help="number of devices")
   p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16")
   p.add_argument("--model-parallel", type=int, default=None, help="size of the model axis (default: --devices)")

@@ -42,7 +42,8 @@ class AnalyzeError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m eval.analyze", description=__doc__.splitlines()[0])
-  p.add_argument("--model", help="LVLM directory (air_jax.load_pretrained); default: the organism")
+  p.add_argument("--model", help="LVLM checkpoint directory or Hugging Face repository id (air_jax.load_pretrained); "
+                                  "default: the organism")
   p.add_argument("--coco-root", help="COCO-style root; default: the organism's held-out scenes")
   p.add_argument("--split", default=None, help="default val2014 (test for the organism)")
   p.add_argument("--synonyms", help="CHAIR vocabulary (default COCO's; the organism's for the organism)")
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--attribution", help="attribution .npz of eval.attribute (for the E_h heatmap)")
   p.add_argument("--air-config", help="JSON {'air': {AIRConfig field: value}}: the base of the sweeps")
   p.add_argument("--base-llm", default="self",
-                 help="A.2 base LLM: a LlamaForCausalLM directory sharing the LVLM's vocabulary, or 'self' (the "
+                 help="A.2 base LLM: a LlamaForCausalLM directory (or repository id) sharing the LVLM's vocabulary, or "
+                      "'self' (the "
                       "LVLM's own language model with the image replaced by one placeholder token; default)")
   p.add_argument("--methods-json", default=None,
                  help=f"methods benchmark JSON for C.3 (default {DEFAULT_METHODS_JSON} when it exists)")
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_defaults(args: argparse.Namespace) -> None:
   """Organism defaults when neither --model nor --coco-root is given; checks the rest."""
+  from eval.cli import resolve_model_flag
+
   if args.model is None and args.coco_root is None:
     from eval import organism_default as od
 
@@ -110,15 +114,15 @@ def apply_defaults(args: argparse.Namespace) -> None:
     raise AnalyzeError(f"--skip {bad}: unknown section(s); expected {', '.join(SECTIONS)}")
   if args.methods_json is None and DEFAULT_METHODS_JSON.is_file():
     args.methods_json = str(DEFAULT_METHODS_JSON)
-  for flag in ("model", "coco_root"):
-    if not Path(getattr(args, flag)).is_dir():
-      raise AnalyzeError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: not a directory")
+  if not Path(args.coco_root).is_dir():
+    raise AnalyzeError(f"--coco-root {args.coco_root}: not a directory")
+  args.model = resolve_model_flag(args.model)
   for flag in ("heads", "attribution", "air_config", "methods_json", "synonyms"):
     value = getattr(args, flag)
     if value is not None and not Path(value).is_file():
       raise AnalyzeError(f"--{flag.replace('_', '-')} {value}: file not found")
-  if args.base_llm != "self" and not Path(args.base_llm).is_dir():
-    raise AnalyzeError(f"--base-llm {args.base_llm}: not a directory (or use 'self')")
+  if args.base_llm != "self":
+    args.base_llm = resolve_model_flag(args.base_llm, "--base-llm")
   if args.num_images < 1:
     raise AnalyzeError(f"--num-images must be at least 1, got {args.num_images}")
 

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--chair-json", required=True, help="CHAIR result JSON written by eval.chair")
   p.add_argument("--coco-root", required=True, help="COCO-style root (annotations/, <split>/)")
   p.add_argument("--split", default="val2014")
-  p.add_argument("--model", required=True, help="converted model directory")
+  p.add_argument("--model", required=True,
+                 help="checkpoint directory or Hugging Face repository id (org/name[@revision])")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--semantics", choices=("current_token", "full_sequence"), default="current_token")
   p.add_argument("--score", choices=SCORES, default="prob", help="Delta P used for the heads files")
@@ -253,9 +254,9 @@ def run(argv: Sequence[str] | None = None, on_sample: Callable[[int], None] | No
     from air_jax.compile_cache import enable_compile_cache
 
     enable_compile_cache(args.compile_cache)  # a ValueError names the directory (exit status 2)
-  if not Path(args.model).is_dir():
-    raise AttributionError(f"--model {args.model}: not a directory")
-  from eval.cli import check_output_dir
+  from eval.cli import check_output_dir, resolve_model_flag
+
+  args.model = resolve_model_flag(args.model)
 
   check_output_dir(args.out)  # before any work
   chair_path = Path(args.chair_json)

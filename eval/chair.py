@@ -26,7 +26,7 @@ from eval import chair_splits
 from eval.captions_io import CaptionRecord, CaptionsFormatError, CaptionsWriter, load_captions, \
   read_jsonl_records
 from eval.chair_metric import STYLES, Vocabulary, compute_chair
-from eval.cli import check_output_dir
+from eval.cli import check_output_dir, resolve_model_flag
 from eval.coco import AnnotationError, CocoImages, GroundTruth, atomic_write_json, match_image_id
 
 log = logging.getLogger("eval.chair")
@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "template, no prompt padding, batches of 4 in sample order, absolute layer ranges, "
                       "float16; see air_jax.protocol). Recorded in every output")
   p.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None)
-  p.add_argument("--model", help="converted model directory (needed to generate)")
+  p.add_argument("--model", help="checkpoint directory or Hugging Face repository id, org/name[@revision] "
+                                  "(needed to generate)")
   p.add_argument("--heads", help="heads JSON for the AIR/AD-HH presets")
   p.add_argument("--air-config", help="JSON {method: {config field: value}} overriding the presets' "
                                       "hyperparameters (recorded in the output)")
@@ -444,8 +445,7 @@ def run(argv: Sequence[str] | None = None,
     if captioner_factory is None:
       if not args.model:
         raise EvalError("--model DIR is required to generate captions (or pass --captions FILE to score)")
-      if not Path(args.model).is_dir():
-        raise EvalError(f"--model {args.model}: not a directory")
+      args.model = resolve_model_flag(args.model)
     if args.heads and not Path(args.heads).is_file():
       raise EvalError(f"--heads {args.heads}: file not found")
     if args.max_new_tokens < 1:

@@ -90,6 +90,20 @@ def check_output_dir(path: str | os.PathLike) -> None:
     raise UserError(f"--out {path} is not writable: {describe_os_error(e)}") from e
 
 
+def resolve_model_flag(value: str | os.PathLike, flag: str = "--model") -> str:
+  """The local checkpoint directory of a model flag: a directory, or a Hugging Face repository id (``org/name``,
+  ``org/name@revision``) resolved through the local cache or downloaded (`air_jax.hub`). Errors name the flag."""
+  from air_jax.hub import CheckpointNotFoundError, resolve_checkpoint
+
+  try:
+    path = resolve_checkpoint(value, what=flag)
+  except CheckpointNotFoundError as e:
+    raise UserError(str(e)) from e
+  if not os.path.isdir(path):
+    raise UserError(f"{flag} {os.fspath(value)}: not a directory (nor a Hugging Face repository id org/name)")
+  return path
+
+
 def where_results_are(*paths: str | os.PathLike) -> str:
   """The closing line of a CLI run: where its results (and figures) are."""
   return "results: " + ", ".join(os.fspath(p) for p in paths)

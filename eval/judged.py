@@ -25,7 +25,7 @@ def add_common_args(p: argparse.ArgumentParser, default_max_new_tokens: int = 51
   p.add_argument("--data", help="the benchmark's data directory (see the module docstring for its layout)")
   p.add_argument("--responses", help="score this responses file instead of generating answers")
   p.add_argument("--manifest", help="rerun exactly the samples and settings of this manifest")
-  p.add_argument("--model", help="converted model directory (to generate answers)")
+  p.add_argument("--model", help="checkpoint directory or Hugging Face repository id (to generate answers)")
   p.add_argument("--method", default="greedy", help="a registered decoding method "
                  "(air_jax.methods.names(): greedy, air, air_star, adhh, vcd, ...; default greedy)")
   p.add_argument("--heads", help="heads JSON for the AIR/AD-HH presets")
@@ -38,7 +38,7 @@ def add_common_args(p: argparse.ArgumentParser, default_max_new_tokens: int = 51
                  help="openai: an OpenAI-compatible endpoint from AIR_JUDGE_BASE_URL / AIR_JUDGE_MODEL / "
                       "AIR_JUDGE_API_KEY; local: a Hugging Face Llama causal LM run by air-jax (--judge-model DIR)")
   p.add_argument("--judge-model", help="judge model name (openai; default AIR_JUDGE_MODEL or the benchmark's) or "
-                                       "directory (local)")
+                                       "directory or Hugging Face repository id (local)")
   p.add_argument("--judge-cache", help="judge cache directory (default <out>/judge_cache)")
   p.add_argument("--out", default="results")
   p.add_argument("--no-progress", action="store_true")
@@ -79,6 +79,10 @@ def answer(samples: Sequence[Mapping[str, Any]], args: argparse.Namespace, bench
   if overrides is None:
     overrides = overrides_for(args.air_config, args.method)
   mrec = method_record(args.method, args.heads, overrides)
+  if args.model:
+    from eval.cli import resolve_model_flag
+
+    args.model = resolve_model_flag(args.model)
   model_sha = manifest_lib.directory_hash(args.model) if args.model else None
   if answerer is None:
     if not args.model:

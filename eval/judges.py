@@ -181,7 +181,9 @@ class LocalLMJudge(Judge):
   """A local Hugging Face Llama causal LM run by air-jax's decoder (loaded on first use)."""
 
   def __init__(self, model_dir: str | os.PathLike, *, default_max_tokens: int = 256, dtype: str = "float32"):
-    self.model_dir = os.fspath(model_dir)
+    from air_jax.hub import resolve_checkpoint
+
+    self.model_dir = resolve_checkpoint(model_dir, what="judge model")
     if not os.path.isdir(self.model_dir):
       raise FileNotFoundError(f"judge model directory not found: {self.model_dir}")
     self.default_max_tokens, self.dtype = default_max_tokens, dtype

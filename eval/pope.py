@@ -157,6 +157,13 @@ def score_questions(questions: Mapping[str, Sequence[Mapping[str, Any]]], answer
   return metrics, rows
 
 
+def _model_dir(value: str | None) -> str | None:
+  """--model as a local directory (a Hugging Face repository id is resolved), None when answers are given."""
+  from eval.cli import resolve_model_flag
+
+  return None if value is None else resolve_model_flag(value)
+
+
 def evaluate_method(plan: Mapping[str, Any], method: str, *, answerer=None, out_dir: Path, batch_size: int,
                     progress: bool, backend: str | None) -> dict[str, Any]:
   """Answers and scores every split for one method; writes answers, results and manifest."""
@@ -226,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="score existing answers instead of generating: JSONL with question_id and text (LLaVA), or "
                       "question and answer without ids (POPE's format, paired with the split's questions by line "
                       "order); repeat per split; --method names them")
-  p.add_argument("--model", help="converted model directory")
+  p.add_argument("--model", help="checkpoint directory or Hugging Face repository id (org/name[@revision])")
   p.add_argument("--method", action="append", default=None, help="a registered decoding method "
                  "(air_jax.methods.names(): greedy, air, air_star, adhh, vcd, dola, pai, farsight, opera, halc); "
                  "repeat or comma-separate (default greedy)")
@@ -275,8 +282,8 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     method = man["method"]
     for w in manifest_lib.check_model(man, man["model_dir"], args.manifest):
       log.warning("%s", w)
-    return {"questions": questions, "settings": man["settings"], "model_dir": args.model or man["model_dir"],
-            "methods": [method["name"]], "heads": method.get("heads"),
+    return {"questions": questions, "settings": man["settings"],
+            "model_dir": _model_dir(args.model or man["model_dir"]), "methods": [method["name"]], "heads": method.get("heads"),
             "air_config": {method["name"]: method.get("overrides") or {}}, "seed": man["seed"]}
   sources = [x for x in (args.pope_dir, args.instances) if x]
   if len(sources) > 1:
@@ -334,7 +341,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
   methods = [m.strip() for v in args.method or ["greedy"] for m in v.split(",") if m.strip()]
   if len(set(methods)) != len(methods):
     raise RunError(f"--method lists a method twice: {methods}")
-  return {"questions": questions, "settings": settings, "model_dir": args.model, "methods": methods,
+  return {"questions": questions, "settings": settings, "model_dir": _model_dir(args.model), "methods": methods,
           "heads": args.heads, "air_config": _read_air_config(args.air_config), "seed": seed}
 
 

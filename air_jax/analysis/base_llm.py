@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from air_jax.hub import resolve_checkpoint
 from air_jax.loading import LoadedModel
 from convert.hf_llava import checkpoint_files
 from convert.safetensors_io import SafetensorsFile
@@ -28,8 +29,9 @@ NO_IMAGE_TOKEN = -1  # no input id equals it: every position is a text key
 
 
 def load_base_llm(path: str, dtype=np.float32) -> LoadedModel:
-  """Loads a local LlamaForCausalLM directory as a text-only LoadedModel (processor: its tokenizer or None)."""
-  path = os.fspath(path)
+  """Loads a LlamaForCausalLM directory (or Hugging Face repository id) as a text-only LoadedModel (processor:
+  its tokenizer or None)."""
+  path = resolve_checkpoint(path, what="base LLM")
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_file):
     raise FileNotFoundError(f"base LLM: no config.json in {path}")

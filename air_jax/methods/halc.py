@@ -103,16 +103,24 @@ class HalcValues:
 
 
 def load_detector(path: str):
-  """The OWL detector of a local checkpoint (cached per path); errors name HALCConfig.detector_path."""
+  """The OWL detector of a checkpoint directory or repository id (cached per path); errors name
+  HALCConfig.detector_path."""
   if path in _DETECTORS:
     return _DETECTORS[path]
-  if not os.path.isdir(path):
+  from air_jax.hub import CheckpointNotFoundError, resolve_checkpoint
+
+  try:
+    local = resolve_checkpoint(path, what="HALCConfig.detector_path")
+  except CheckpointNotFoundError as e:
+    raise ValueError(str(e)) from e
+  if not os.path.isdir(local):
     raise ValueError(f"HALCConfig.detector_path={path!r} is not a directory: give a local OWL-ViT / OWLv2 "
-                     "checkpoint directory (config.json, model.safetensors, tokenizer and preprocessor files)")
+                     "checkpoint directory (config.json, model.safetensors, tokenizer and preprocessor files) or "
+                     "a Hugging Face repository id (e.g. google/owlv2-base-patch16-ensemble)")
   from air_jax.detectors import OwlDetector
 
   try:
-    det = OwlDetector(path)
+    det = OwlDetector(local)
   except Exception as e:  # noqa: BLE001 -- many loader errors; name the option and the directory
     raise ValueError(f"HALCConfig.detector_path={path!r}: not a usable OWL-ViT / OWLv2 checkpoint: {e}") from e
   _DETECTORS[path] = det
@@ -162,8 +170,8 @@ class HALCConfig(ConfigMixin):
   num_beams 1; alpha >= 0 (contrast weight); beta in (0, 1] (adaptive plausibility, contrast "paper");
   max_boxes >= 1 or None (more boxes: the word is left as is); min_box_area in [0, 1) (smaller boxes dropped) and
   box_iou in (0, 1] (a box overlapping a kept one by more is the same instance), the official
-  `extract_detection` filters; jsd / contrast "paper" | "official"; selection
-  "top" | "matching" (needs `scorer(image, texts) -> scores`); detector_path (local OWL checkpoint; default the
+  `extract_detection` filters; jsd / contrast "paper" | "official"; selection "top" | "matching" (needs
+  `scorer(image, texts) -> scores`); detector_path (OWL checkpoint directory or repository id; default the
   AIR_JAX_HALC_DETECTOR environment variable) or detector (a Detector object); synonyms: CHAIR synonyms file
   (default COCO); extra_slots: cache slots for rewound tokens (default max_new_tokens)."""
 
