@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import build, machine, table
+from bench.common import build, matmul_gflop, machine, peak_gemm_gflops, table
 
 
 def zero_head_hook(head: int, head_dim: int):
@@ -74,9 +74,9 @@ def torch_current_token(model, ids, vision_kw: dict, p: int, heads: list[tuple[i
   return elapsed, prefix_s, clean, np.array(probs)
 
 
-def ours_prefill_s(loaded, ids, pixels, p: int, layout: str, repeats: int = 2) -> float:
-  """Seconds of our clean run as head_logprobs runs it (cut after p, padded to a bucket of 32; the last layer
-  at the scored row only) with the clean log-probability."""
+def ours_prefill_s(loaded, ids, pixels, p: int, layout: str, repeats: int = 2) -> tuple[float, float]:
+  """(seconds, matrix-product GFLOP) of our clean run as head_logprobs runs it (cut after p, padded to a bucket
+  of 32; the last layer at the scored row only) with the clean log-probability."""
   from air_jax.attribution_reuse import _target_logprob, clean_run
   from models.llama import unstack_layers
 
@@ -100,7 +100,7 @@ def ours_prefill_s(loaded, ids, pixels, p: int, layout: str, repeats: int = 2) -
     t = time.perf_counter()
     jax.block_until_ready(run(*args))
     best = min(best, time.perf_counter() - t)
-  return best
+  return best, matmul_gflop(run, *args)
 
 
 def torch_full_sequence(model, ids, vision_kw: dict, p: int, heads: list[tuple[int, int]]):
@@ -184,7 +184,7 @@ def main(argv=None):
     t_compile, t_ours, p_ours, c_ours = ours(loaded, ids, pixels, p, "current_token", args.chunk, args.layout,
                                            args.repeats)
     t_torch, pre_torch, c_torch, p_torch = torch_current_token(model, ids, vision_kw, p, heads)
-    pre_ours = ours_prefill_s(loaded, ids, pixels, p, args.layout, args.repeats)
+    pre_ours, pre_gflop = ours_prefill_s(loaded, ids, pixels, p, args.layout, args.repeats)
     err = float(np.abs(np.log(p_ours.reshape(-1)) - np.log(p_torch)).max())
     rows.append(("current_token", f"{t_ours:.2f}", f"{t_compile:.1f}", f"{t_torch:.2f}",
                  f"{t_torch / t_ours:.1f}x", f"{err:.1e}"))
@@ -217,6 +217,14 @@ def main(argv=None):
   print(table(rows, ("semantics", "air-jax s", "compile s", "transformers s", "speed-up", "max |log P diff|")))
   if c_ours is not None:
     print(f"clean probability of the scored token: ours {c_ours:.3e}, transformers {c_torch:.3e}")
+    # The roofline of current_token: both sides must run the clean prefix, a compute-bound forward, so even
+    # free ablations leave at least its FLOPs at this machine's matrix-product rate.
+    peak = peak_gemm_gflops()
+    floor = pre_gflop / peak
+    print(f"roofline: the clean prefix is {pre_gflop:.1f} GFLOP (its matrix products); this machine "
+          f"multiplies float32 matrices at {peak:.0f} GFLOP/s (measured now), so the prefix needs at least "
+          f"{floor:.2f} s (ours {pre_ours:.2f} s runs at {floor / pre_ours:.0%} of that rate) and current_token "
+          f"can be at most {t_torch / floor:.1f}x the transformers loop here, even with free ablations")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,65 @@ def read_bandwidth_gbs(mb: int = 1024, repeats: int = 10) -> float:
   return x.nbytes / best / 1e9
 
 
+def peak_gemm_gflops(repeats: int = 8) -> float:
+  """This machine's float32 matrix-product rate (GFLOP/s): the best over `repeats` runs of jitted products of the
+  shapes a prefill is made of (a few hundred rows by 1024 by 1024-4096).
+
+  A compute-bound forward (a prefill) cannot run faster than its FLOP count at this rate: the roofline the
+  benchmarks compare with.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  f = jax.jit(lambda x, y: x @ y)
+  best = 0.0
+  for m, k, n in ((296, 1024, 4096), (512, 1024, 4096), (1024, 1024, 1024)):
+    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    f(a, b).block_until_ready()
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(a, b).block_until_ready()
+      best = max(best, 2 * m * k * n / (time.perf_counter() - t) / 1e9)
+  return best
+
+
+def matmul_gflop(fn, *args) -> float:
+  """The matrix-product work (GFLOP, 2 m n k per product; convolutions alike) of `fn(*args)`, counted on its
+  jaxpr, nested calls and scans included (XLA's own cost analysis misses the bodies of nested jitted calls).
+
+  Element-wise work is left out, so this is a lower bound of what a forward must compute.
+  """
+  import math
+
+  import jax
+  from jax.extend import core as jcore
+
+  def count(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      if name == "dot_general":
+        (lc, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lc)
+      elif name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval.shape  # the kernel: every output element is in_channels/groups x spatial MACs
+        spec = eqn.params["dimension_numbers"].rhs_spec
+        per_out = math.prod(rhs) // rhs[spec[0]]
+        total += 2 * math.prod(eqn.outvars[0].aval.shape) * per_out
+      subs = [v for v in eqn.params.values() if isinstance(v, (jcore.Jaxpr, jcore.ClosedJaxpr))]
+      subs += [b for v in eqn.params.values() if isinstance(v, tuple)
+               for b in v if isinstance(b, (jcore.Jaxpr, jcore.ClosedJaxpr))]
+      inner = 0.0
+      for sub in subs:
+        inner_one = count(sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub)
+        inner = max(inner, inner_one) if name == "cond" else inner + inner_one
+      total += inner * (eqn.params.get("length", 1) if name == "scan" else 1)
+    return total
+
+  return count(jax.make_jaxpr(fn)(*args).jaxpr) / 1e9
+
+
 def table(rows: list[tuple], header: tuple) -> str:
   cols = [header] + [tuple(str(c) for c in r) for r in rows]
   w = [max(len(r[i]) for r in cols) for i in range(len(header))]

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import build, machine, table
+from bench.common import build, matmul_gflop, machine, peak_gemm_gflops, table
 
 
 def ours_run(loaded, ids, pixels, n_new: int, batch: int, out: Path):
@@ -55,6 +55,17 @@ def ours_run(loaded, ids, pixels, n_new: int, batch: int, out: Path):
   elapsed = time.perf_counter() - t0
   recs = sorted(read_jsonl_records(out), key=lambda r: r.image_id)
   return elapsed, np.array([[int(t) for t in r.caption.split()] for r in recs])
+
+
+def prefill_gflop(loaded, ids, pixels, n_new: int) -> float:
+  """The matrix-product GFLOP of one image's prefill (vision tower, projector, the prompt through the decoder)."""
+  from air_jax import decoding
+  from models.llama import unstack_layers
+
+  params = dict(loaded.params, language_model=unstack_layers(loaded.params["language_model"]))
+  b_ids = jnp.asarray(ids)
+  fn = lambda p, i, px: decoding.prefill(p, loaded.config, i, jnp.ones_like(i), px, None, i.shape[1] + n_new)[0]
+  return matmul_gflop(fn, params, b_ids, jnp.asarray(pixels[:1]))
 
 
 def official_run(model, ids, pixels, n_new: int, batch: int):
@@ -102,7 +113,14 @@ def main(argv=None):
            f"{t_off / t_ours:.1f}x")]
   print(table(rows, ("pipeline", "wall s", "captions/s", "speed-up")))
   print(f"identical token sequences: {same} / {n}")
-  print(json.dumps({"ours_s": t_ours, "official_s": t_off, "speedup": t_off / t_ours, "identical": same}))
+  # The roofline: every image's prefill is a compute-bound forward that both pipelines must run.
+  gflop, peak = prefill_gflop(loaded, ids, pixels, args.max_new_tokens) * n, peak_gemm_gflops()
+  floor = gflop / peak
+  print(f"roofline: the {n} prefills are {gflop:.0f} GFLOP (their matrix products); this machine multiplies "
+        f"float32 matrices at {peak:.0f} GFLOP/s (measured now), so they need at least {floor:.1f} s and any "
+        f"pipeline can be at most {t_off / floor:.1f}x the official one here")
+  print(json.dumps({"ours_s": t_ours, "official_s": t_off, "speedup": t_off / t_ours, "identical": same,
+                    "prefill_gflop": gflop, "peak_gflops": peak, "max_speedup_on_this_machine": t_off / floor}))
 
 
 if __name__ == "__main__":
