@@ -8,7 +8,8 @@ The id is resolved through `huggingface_hub.snapshot_download` with the usual ca
 and offline switch (``HF_HUB_OFFLINE=1``): a cached snapshot is used as it is when offline or when the hub cannot
 be reached; online, the missing files are downloaded. Only files air-jax reads are fetched: safetensors weights,
 JSON configs, tokenizer and chat-template files. Pickle-format weights (``*.bin``, ``*.pt``, ...) and repository
-code (``*.py``) are never downloaded, so nothing is unpickled and no remote code runs.
+code (``*.py``) are never downloaded, so nothing is unpickled and no remote code runs. A snapshot directory
+recorded on another machine (``.../models--org--name/snapshots/<commit>``) resolves to the same commit here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ CONFIG_PATTERNS = ("*.json",)
 
 # org/name, each part as the hub allows ([A-Za-z0-9._-], not starting with '.' or '-'), optionally @revision.
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[^\s@]+))?$")
+# A snapshot directory of a Hugging Face cache, as results and manifests record it:
+# .../models--org--name/snapshots/<commit>
+_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<org>[A-Za-z0-9][A-Za-z0-9._-]*?)--(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)"
+                       r"/snapshots/(?P<rev>[0-9a-f]{40})/?$")
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -31,9 +36,13 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 
 def parse_repo_id(name: str) -> tuple[str, str | None] | None:
-  """(repo id, revision or None) when `name` reads as ``org/name[@revision]``, else None."""
+  """(repo id, revision or None) when `name` reads as ``org/name[@revision]`` or is the path of a Hugging Face
+  cache snapshot (``.../models--org--name/snapshots/<commit>``, as results record it), else None."""
   m = _REPO_ID.match(name)
-  return (m.group("repo"), m.group("rev")) if m else None
+  if m:
+    return m.group("repo"), m.group("rev")
+  m = _SNAPSHOT.search(name.replace(os.sep, "/"))
+  return (f"{m.group('org')}/{m.group('name')}", m.group("rev")) if m else None
 
 
 def _offline() -> bool:
@@ -55,7 +64,9 @@ def resolve_checkpoint(path: str | os.PathLike, *, config_only: bool = False,
 
   Args:
     path: a local file or directory (returned unchanged, even if it does not exist and is no repository id, so
-      that the caller's own error names it), or ``org/name`` / ``org/name@revision``.
+      that the caller's own error names it), or ``org/name`` / ``org/name@revision``. A snapshot path of another
+      machine's cache (``.../models--org--name/snapshots/<commit>``, as a manifest records it) that does not exist
+      here is resolved as ``org/name@<commit>``, so reruns find the same weights.
     config_only: fetch only the JSON configs (enough for `air_jax.plan` and config checks).
     local_files_only: use the local cache only; default: ``HF_HUB_OFFLINE``.
     what: the name used in error messages (e.g. "--model", "HALCConfig.detector_path").

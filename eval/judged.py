@@ -114,6 +114,10 @@ def apply_manifest(args: argparse.Namespace, benchmark: str) -> dict[str, Any] |
     if key in s and hasattr(args, key):
       setattr(args, key, s[key])
   args._manifest_overrides = man["method"].get("overrides") or {}
+  if args.model and not args.responses:  # a recorded hub snapshot of another machine resolves to its commit here
+    from eval.cli import resolve_model_flag
+
+    args.model = resolve_model_flag(args.model)
   for w in manifest_lib.check_model(man, args.model if not args.responses else None, args.manifest):
     log.warning("%s", w)
   return man

@@ -280,10 +280,11 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     for s in man["samples"]:
       questions.setdefault(s["split"], []).append({k: v for k, v in s.items() if k != "split"})
     method = man["method"]
-    for w in manifest_lib.check_model(man, man["model_dir"], args.manifest):
+    model_dir = _model_dir(args.model or man["model_dir"])  # a recorded hub snapshot resolves to its commit
+    for w in manifest_lib.check_model(man, model_dir, args.manifest):
       log.warning("%s", w)
-    return {"questions": questions, "settings": man["settings"],
-            "model_dir": _model_dir(args.model or man["model_dir"]), "methods": [method["name"]], "heads": method.get("heads"),
+    return {"questions": questions, "settings": man["settings"], "model_dir": model_dir,
+            "methods": [method["name"]], "heads": method.get("heads"),
             "air_config": {method["name"]: method.get("overrides") or {}}, "seed": man["seed"]}
   sources = [x for x in (args.pope_dir, args.instances) if x]
   if len(sources) > 1:

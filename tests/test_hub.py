@@ -98,3 +98,14 @@ def test_cli_names_the_flag(tmp_path, offline_cache, capsys):
   assert code == 2
   err = capsys.readouterr().err
   assert "--model 'org/absent'" in err and "Traceback" not in err
+
+
+def test_recorded_snapshot_of_another_machine_resolves(tiny_dir, offline_cache):
+  snap = _cache_repo(offline_cache, "org/tiny-llava", [os.path.join(tiny_dir, "config.json")])
+  elsewhere = f"/home/someone/.cache/huggingface/hub/models--org--tiny-llava/snapshots/{SHA}"
+  assert hub.parse_repo_id(elsewhere) == ("org/tiny-llava", SHA)
+  assert os.path.samefile(hub.resolve_checkpoint(elsewhere, config_only=True), snap)
+  # Another commit is not in this cache: the error names it rather than loading other weights.
+  other = elsewhere.replace(SHA, "f" * 40)
+  with pytest.raises(hub.CheckpointNotFoundError, match="f" * 40):
+    hub.resolve_checkpoint(other)
