@@ -222,7 +222,7 @@ class AIRConfig:
     if isinstance(heads, (str, os.PathLike)) and heads != "all":
       heads = read_heads_file(heads)
     elif heads is not None and not (isinstance(heads, str) and heads == "all"):
-      heads = _pairs(heads, "heads")
+      heads = _pairs(heads, "AIRConfig.heads")
     object.__setattr__(self, "heads", heads)
     self._validate()
     # Lists given by users become tuples so that configs stay hashable.

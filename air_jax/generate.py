@@ -383,7 +383,8 @@ def generate_sweep(params: LoadedModel, air_cfgs: Sequence, image, prompt, *, ma
   """One compiled, vmapped call for several method configs (a hyperparameter sweep, e.g. 8 values of lambda).
 
   Every config must compile to one structure (same method, same ops switched on; values may differ). Returns
-  one Generation per config, equal to calling `generate` with each config in turn.
+  one Generation per config, equal to calling `generate` with each config in turn. Methods that bring their own
+  search (OPERA, HALC, FarSight's official mode) cannot be vmapped: they run as that loop of `generate` calls.
   """
   from air_jax import methods
 
@@ -395,10 +396,15 @@ def generate_sweep(params: LoadedModel, air_cfgs: Sequence, image, prompt, *, ma
   if do_sample:
     check_sampling(temperature, top_k, top_p)
   specs = methods.stack_methods([_method_for(c, params.config) for c in air_cfgs])
+  if specs.plan.searches:  # the search is a host-driven loop of its own, not the vmappable sampling loop
+    return [generate(params, c, image, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, bucket=bucket, backend=backend)
+            for c in air_cfgs]
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
   _check_filler_rows(specs, b, ids.shape[0], devices)
-  check_lengths(params.config, ids.shape[0] * len(air_cfgs), ids.shape[1], max_new_tokens, params.dtype.itemsize,
-                devices, real_prompt_len=int(mask.sum(-1).max()))
+  # Every config runs every view of every example as a row of its own.
+  check_lengths(params.config, ids.shape[0] * len(air_cfgs) * specs.plan.num_views, ids.shape[1], max_new_tokens,
+                params.dtype.itemsize, devices, real_prompt_len=int(mask.sum(-1).max()))
   out = _run(params, _sweep_jit, specs, ids, mask, pixels, devices, do_sample=do_sample, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens, output_scores=False,
              output_stats=False)

@@ -95,6 +95,32 @@ def test_vmapped_sweep_equals_the_loop(tiny_model):
   assert len({g.token_ids.tobytes() for g in loop}) > 1, "alpha must matter for the test to bite"
 
 
+def test_sweep_of_a_searching_method_runs_each_search(tiny_model):
+  """FarSight's official mode (and OPERA, HALC) bring their own search: a sweep runs it per config, as
+  `generate` does, instead of the plain sampling loop."""
+  images = random_images(2, 28, seed=36)
+  greedy = air_jax.generate(tiny_model, None, images, PROMPTS, max_new_tokens=8)
+  cfgs = [methods.make("farsight", mode="official", sigma=s) for s in (0.0, 0.8)]
+  swept = air_jax.generate_sweep(tiny_model, cfgs, images, PROMPTS, max_new_tokens=8)
+  for c, s in zip(cfgs, swept):
+    np.testing.assert_array_equal(s.token_ids, air_jax.generate(tiny_model, c, images, PROMPTS,
+                                                                max_new_tokens=8).token_ids)
+  assert any(not np.array_equal(s.token_ids, greedy.token_ids) for s in swept), "the search must matter"
+
+
+def test_sweep_memory_check_counts_every_view(tiny_model, monkeypatch):
+  """A sweep runs configs x examples x views rows; the memory check counts all of them, as generate does."""
+  from air_jax import limits
+
+  images = random_images(2, 28, seed=37)
+  one_row = limits.kv_cache_bytes(tiny_model.config, 1, 64 + 8, 4)
+  monkeypatch.setattr(limits, "available_memory_bytes", lambda devices=None: one_row * 12)
+  cfgs = [methods.make("vcd", alpha=a) for a in (0.0, 1.0, 2.0, 3.0)]  # 4 x 2 examples x 2 views = 16 rows
+  with pytest.raises(ValueError):
+    air_jax.generate_sweep(tiny_model, cfgs, images, PROMPTS, max_new_tokens=8)
+  air_jax.generate_sweep(tiny_model, cfgs[:2], images, PROMPTS, max_new_tokens=8)  # 8 rows fit
+
+
 def test_sampling_is_reproducible_from_a_key(tiny_model):
   images = random_images(1, 28, seed=35)
   kw = dict(max_new_tokens=12, do_sample=True, temperature=1.0)
@@ -140,6 +166,7 @@ def test_farsight_official_equals_the_official_forward(tiny_model, tiny_torch, i
     ("vcd", dict(beta=0.0), r"VCDConfig\.beta must be > 0.0, got 0.0"),
     ("vcd", dict(beta=1.5), r"VCDConfig\.beta must be <= 1.0, got 1.5"),
     ("vcd", dict(noise_step=1000), r"VCDConfig\.noise_step must lie in \[0, 999\], got 1000"),
+    ("vcd", dict(seed=2 ** 63), r"VCDConfig\.seed must lie in \[0, 9223372036854775807\], got 9223372036854775808"),
     ("dola", dict(relative_top=0.0), r"DoLaConfig\.relative_top must be > 0.0, got 0.0"),
     ("dola", dict(layers=(0, 2, 40)), r"DoLaConfig\.layers=\[0, 2, 40\]: the last entry"),
     ("dola", dict(layers=(4, 2, 32)), r"DoLaConfig\.layers must be ascending"),

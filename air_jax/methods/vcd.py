@@ -102,7 +102,7 @@ class VCDConfig(ConfigMixin):
     check_number("VCDConfig", "alpha", self.alpha, lo=0.0)
     check_number("VCDConfig", "beta", self.beta, lo=0.0, hi=1.0, lo_open=True)
     check_int("VCDConfig", "noise_step", self.noise_step, lo=0, hi=NUM_STEPS - 1)
-    check_int("VCDConfig", "seed", self.seed, lo=0)
+    check_int("VCDConfig", "seed", self.seed, lo=0, hi=2 ** 63 - 1)  # jax.random.key takes a signed 64-bit int
 
   def compile(self, model_config) -> CompiledMethod:
     del model_config
