@@ -309,6 +309,8 @@ def _prepare(params, image, prompt, bucket, devices, protocol=None):
   if not images:
     raise ValueError("no images given")
   _check_prompts(params, images, prompts)
+  if family_of(params.config).max_images_per_prompt == 1:  # a list of one image is that image
+    images = [im[0] if isinstance(im, (list, tuple)) else im for im in images]
   loaded = [_load_image(im, f"image {k}") for k, im in enumerate(images)]
   if protocol is None:
     ids, mask, pixels = prepare_inputs(params.processor, loaded, prompts, bucket, config=params.config)
@@ -342,6 +344,9 @@ def _check_prompts(params, images: list, prompts: list) -> None:
     if isinstance(im, (list, tuple)) and limit is not None and len(im) > limit:
       raise ValueError(f"image {k} is a list of {len(im)} images for one prompt, but the {fam.name} family takes "
                        f"{limit} image per prompt (Qwen2.5-VL and InternVL take several)")
+    if isinstance(im, (list, tuple)) and not im and limit == 1:
+      raise ValueError(f"image {k} is an empty list, but the {fam.name} family needs one image per prompt "
+                       "(prompts without an image: Qwen2.5-VL and InternVL)")
 
 
 def _check_filler_rows(method, b: int, rows: int, devices) -> None:

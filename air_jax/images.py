@@ -7,11 +7,13 @@ Arrays are checked before anything is captioned, because the wrong guesses produ
   processor would normalise a second time). A float maximum above 1 means the 0-255 scale; a float image
   whose maximum is <= 1 is ambiguous (0-1 scale, or a dark 0-255 image?) and is refused: convert it to uint8.
 
-Colour conversion follows transformers (its image processors' `convert_to_rgb` and `image_utils.load_image`), not
-the official LLaVA / DeepSeek-VL2 loaders, which call a plain `Image.convert("RGB")`:
+Colour conversion follows transformers' image processors (`convert_to_rgb`), for paths and PIL images alike:
   images with an alpha channel (RGBA, LA, PA, or a palette / RGB image with a transparency key) are composited onto
-  white before dropping the alpha, so transparent pixels become white instead of their hidden colour;
-  image files are turned upright by their EXIF orientation tag (already opened PIL images are taken as given).
+  white before dropping the alpha, so transparent pixels become white instead of their hidden colour. (The
+  official LLaVA / DeepSeek-VL2 loaders and transformers' `image_utils.load_image` for a path call a plain
+  `Image.convert("RGB")`, which keeps the hidden colour; they differ from this only on transparent pixels.)
+  Image files are turned upright by their EXIF orientation tag, as `image_utils.load_image` does (already opened
+  PIL images are taken as given).
 """
 
 from __future__ import annotations

@@ -264,6 +264,9 @@ class InternVLFamily(LlamaDecoderFamily):
 
   def prepare_inputs(self, processor, config, images, prompts, bucket):
     enc, ids, mask, groups = encode_turns(processor, images, prompts, bucket)
+    if "pixel_values" not in enc:  # no prompt holds an image (text-only prompts): empty image inputs
+      s = config.vision.image_size
+      enc["pixel_values"], enc["num_patches"] = np.zeros((0, 3, s, s), np.float32), np.zeros((0,), np.int64)
     check_image_tokens(config, ids, enc["pixel_values"].shape[0])
     tiles = np.asarray(enc["num_patches"]).tolist()
     bounds = np.cumsum([0] + [len(g) for g in groups])

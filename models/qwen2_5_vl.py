@@ -309,6 +309,10 @@ class Qwen25VLFamily(LlamaDecoderFamily):
 
   def prepare_inputs(self, processor, config, images, prompts, bucket):
     enc, ids, mask, groups = encode_turns(processor, images, prompts, bucket)
+    if "image_grid_thw" not in enc:  # no prompt holds an image (text-only prompts): empty image inputs
+      vc = config.vision
+      enc["image_grid_thw"] = np.zeros((0, 3), np.int64)
+      enc["pixel_values"] = np.zeros((0, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2), np.float32)
     check_image_tokens(config, ids, enc["image_grid_thw"])
     vision = vision_inputs(config, enc["pixel_values"], enc["image_grid_thw"], [len(g) for g in groups])
     return {"input_ids": ids, "attention_mask": mask, "vision": vision}

@@ -62,6 +62,17 @@ def test_methods_run_and_rows_equal_alone(tiny, method):
     np.testing.assert_allclose(alone.scores[0], both.scores[i], atol=1e-5, rtol=1e-5)
 
 
+def test_a_list_of_one_image_is_that_image(tiny):
+  """generate takes a list of images per prompt in every family: [a] is a, an empty list a named error."""
+  model = tiny[3]
+  img = images()[0]
+  as_list = air_jax.generate(model, None, [[img]], PROMPTS[:1], max_new_tokens=3)
+  np.testing.assert_array_equal(as_list.token_ids, air_jax.generate(model, None, [img], PROMPTS[:1],
+                                                                    max_new_tokens=3).token_ids)
+  with pytest.raises(ValueError, match="image 0 is an empty list, but the deepseek_vl2 family needs one image"):
+    air_jax.generate(model, None, [[]], PROMPTS[:1], max_new_tokens=3)
+
+
 @pytest.mark.parametrize("semantics", ["current_token", "full_sequence"])
 def test_gradient_screen_equals_finite_difference(tiny, semantics):
   """The generic gradient screen through MLA and the MoE layers (the routing is constant near gate 1)."""

@@ -65,6 +65,25 @@ def test_generate_equals_transformers_generate(tiny):
     np.testing.assert_array_equal(real, inputs["input_ids"][b][inputs["attention_mask"][b].bool()].numpy())
 
 
+def test_text_only_prompts_equal_transformers_generate(tiny):
+  """Prompts without an image ([] per prompt), alone or in a batch with no image at all, as transformers; the same
+  row inside a batch with images is unchanged."""
+  model, hf_proc = tiny["model"], tiny["hf_proc"]
+  alone = air_jax.generate(model, None, [[], []], PROMPTS, max_new_tokens=12, bucket=32)
+  hf_proc.tokenizer.padding_side = "left"
+  inputs = hf_proc(text=[chat(hf_proc, p, 0) for p in PROMPTS], return_tensors="pt", padding=True)
+  eos = list(eos_token_ids(model.config, model.processor.tokenizer))
+  with torch.no_grad():
+    ref = tiny["torch"].generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=model.processor.tokenizer.pad_token_id)
+  ref = ref[:, inputs["input_ids"].shape[1]:].numpy()
+  mixed = air_jax.generate(model, None, [[], tiny["images"][2]], PROMPTS, max_new_tokens=12, bucket=32)
+  for b in range(2):
+    n = int(alone.num_tokens[b])
+    np.testing.assert_array_equal(alone.token_ids[b, :n], ref[b, :n])
+  np.testing.assert_array_equal(mixed.token_ids[0], alone.token_ids[0])
+
+
 def test_segments_follow_the_image_tokens(tiny):
   model = tiny["model"]
   cfg = model.config
