@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from eval.cli import check_output_dir
+
 log = logging.getLogger("eval.analyze")
 PROMPT = "Please describe this image in detail."
 SECTIONS = ("similarity", "propagation", "variance", "tai", "mai", "heatmap", "sweeps", "cost")
@@ -464,7 +466,7 @@ def sweeps_section(model, split, hal, args, out_dir, fig, analysed: Sequence = (
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = build_parser().parse_args(argv)
   out_dir = Path(args.out)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  check_output_dir(out_dir)  # before any work; also keeps a second run off this directory
   apply_defaults(args)
   skip = set(args.skip)
 

@@ -70,6 +70,8 @@ def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...
   except (UserError, ValueError, *user_errors) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  finally:
+    release_output_locks()
 
 
 def check_output_dir(path: str | os.PathLike) -> None:
@@ -88,6 +90,50 @@ def check_output_dir(path: str | os.PathLike) -> None:
     os.unlink(probe)
   except OSError as e:
     raise UserError(f"--out {path} is not writable: {describe_os_error(e)}") from e
+  lock_output_dir(path)
+
+
+LOCK_FILE = ".air_jax.lock"
+_LOCKS: dict[str, int] = {}  # real path of an output directory -> descriptor of its held lock file
+
+
+def lock_output_dir(path: str | os.PathLike) -> None:
+  """Holds `<path>/.air_jax.lock` (an advisory `flock`) until the run ends, so that a second run started on the same
+  output directory stops with a named error instead of interleaving its records with this run's.
+
+  The lock goes with the process (a killed run leaves no stale lock); a process holding it may take it again.
+  Where the file system has no flock (some network mounts) the run proceeds unlocked.
+  """
+  try:
+    import fcntl
+  except ImportError:  # not POSIX
+    return
+  key = os.path.realpath(path)
+  if key in _LOCKS:
+    return
+  fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    os.close(fd)
+    raise UserError(f"--out {os.fspath(path)} is in use by another run ({holder}); wait for it to end, or choose "
+                    "another --out") from None
+  except OSError as e:  # no flock on this file system
+    os.close(fd)
+    logging.getLogger("eval").warning("--out %s: cannot lock it (%s); make sure no other run writes there",
+                                      os.fspath(path), e.strerror or e)
+    return
+  os.ftruncate(fd, 0)
+  os.write(fd, f"pid {os.getpid()}".encode())
+  _LOCKS[key] = fd
+
+
+def release_output_locks() -> None:
+  """Releases the output-directory locks this process holds (the CLIs' runner calls it when a run ends)."""
+  for fd in _LOCKS.values():
+    os.close(fd)  # closing the descriptor releases its flock
+  _LOCKS.clear()
 
 
 def resolve_model_flag(value: str | os.PathLike, flag: str = "--model") -> str:

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 from air_jax.atomic import atomic_write_json
 from eval import judged
 from eval import manifest as manifest_lib
-from eval.cli import run_cli
+from eval.cli import check_output_dir, run_cli
 from eval.judges import CachedJudge
 from eval.runner import RunError
 
@@ -169,6 +169,7 @@ def run(argv: Sequence[str] | None = None, *, answerer=None, judge: CachedJudge 
   args = build_parser().parse_args(argv)
   man = judged.apply_manifest(args, "mmhal")
   out_dir = Path(args.out)
+  check_output_dir(out_dir)  # before any work; also keeps a second run off this directory
   started = time.time()
   if args.responses:
     records = read_records(args.responses)

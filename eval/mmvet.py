@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 from air_jax.atomic import atomic_write_json
 from eval import judged
 from eval import manifest as manifest_lib
-from eval.cli import run_cli
+from eval.cli import check_output_dir, run_cli
 from eval.judges import CachedJudge
 from eval.runner import RunError
 
@@ -172,6 +172,7 @@ def run(argv: Sequence[str] | None = None, *, answerer=None, judge: CachedJudge 
   if not args.data:
     raise RunError("--data DIR (the unzipped MM-Vet with mm-vet.json and images/) is required")
   out_dir = Path(args.out)
+  check_output_dir(out_dir)  # before any work; also keeps a second run off this directory
   started = time.time()
   data = read_data(Path(args.data) / "mm-vet.json")
   if man is not None:

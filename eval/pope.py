@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 from air_jax.atomic import atomic_write_json
 from eval import manifest as manifest_lib
 from eval import pope_data
+from eval.cli import check_output_dir
 from eval.runner import RunError, answer_samples, make_answerer, method_record
 
 log = logging.getLogger("eval.pope")
@@ -463,6 +464,7 @@ def run(argv: Sequence[str] | None = None, answerer_factory: Callable[[str], Any
   args = build_parser().parse_args(argv)
   plan = make_plan(args)
   out_dir = Path(args.out)
+  check_output_dir(out_dir)  # before any work; also keeps a second run off this directory
   if args.batch_size < 1:
     raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
   if args.answers:

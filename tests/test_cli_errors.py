@@ -98,3 +98,26 @@ def test_missing_annotations_list_fails_before_any_caption(tmp_path, capsys):
   rc = main(["--coco-root", str(root), "--num-images", "3", "--out", str(out), "--no-progress"], factory)
   assert rc == 2 and calls == []
   assert "instances_val2014.json" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
+  """Another process writing to --out holds its lock: this run stops before any work, naming the holder; once the
+  holder is gone the run proceeds (no stale lock), and the run's own lock is released when it ends."""
+  from eval import cli
+
+  out = tmp_path / "out"
+  out.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from eval.cli import lock_output_dir; "
+                             f"lock_output_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    assert main(args(out, n=3), gt_captioner) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} is in use by another run (pid {holder.pid})" in err and "Traceback" not in err
+    assert not (out / "greedy_captions.jsonl").exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  assert main(args(out, n=3), gt_captioner) == 0
+  assert not cli._LOCKS  # released at the end of the run
