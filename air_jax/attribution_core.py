@@ -166,9 +166,14 @@ def scored_inputs(input_ids, pixel_values, positions, bucket: int, pad_id: int):
   return ids, pos, pixels, seq, pos_pad
 
 
+def _staged(fn, how, *args, **kwargs):
+  """`fn` (a jitted function) traced (how == "trace") or lowered, not run."""
+  return fn.trace(*args, **kwargs) if how == "trace" else fn.lower(*args, **kwargs)
+
+
 def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, positions, *,
                   semantics: str = "current_token", chunk: int = 256, bucket: int = 32,
-                  pad_id: int = 0, lower: bool = False, reuse: bool = True,
+                  pad_id: int = 0, lower: bool | str = False, reuse: bool = True,
                   heads=None) -> tuple[np.ndarray, np.ndarray]:
   """Clean and ablated log-probabilities of the tokens at `positions`, for every head.
 
@@ -182,7 +187,8 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     chunk: ablations per vectorised call (bounds memory).
     bucket: the sequence is cut after the last needed slot and padded to a multiple of this (fewer compiles).
     pad_id: id used for right padding (never attended to by a scored row).
-    lower: return the `jax.stages.Lowered` computation instead of running it (to time compilation).
+    lower: True: return the `jax.stages.Lowered` computation instead of running it (to time compilation);
+      "trace": the `jax.stages.Traced` one (its jaxpr, e.g. to count its FLOPs).
     reuse: reuse the clean run below the ablated layer (`attribution_reuse`, default); False reruns the whole
       model per ablation (the plain vmapped reference).
     heads: optional flat head ids (layer * H + head) to ablate, the others are left NaN (a screened subset;
@@ -216,11 +222,11 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     group = 1 << (max(1, min(cap, chunk // (nl * nh))).bit_length() - 1)
     call = (*args, jnp.int32(n))
     if lower:
-      return attribution_reuse.current_token_logprobs.lower(*call, group=group)
+      return _staged(attribution_reuse.current_token_logprobs, lower, *call, group=group)
     out = np.asarray(attribution_reuse.current_token_logprobs(*call, group=group), np.float64)[:n].T
   elif reuse:
     if lower:
-      return attribution_reuse.full_sequence_logprobs.lower(*args, chunk=chunk)
+      return _staged(attribution_reuse.full_sequence_logprobs, lower, *args, chunk=chunk)
     out = np.asarray(attribution_reuse.full_sequence_logprobs(*args, chunk=chunk), np.float64)[:n].T
   elif semantics == "current_token":
     # Items gate-major: (gate -1, every position), (head 0, every position), ...; only the first n_items run.
@@ -234,13 +240,13 @@ def head_logprobs(params, config: LlavaConfig, input_ids, pixel_values, position
     item_pos[:n_items] = np.tile(np.arange(n, dtype=np.int32), num_gates)
     call = (*args, jnp.asarray(item_gate), jnp.asarray(item_pos), jnp.int32(n_items))
     if lower:
-      return current_token_logprobs.lower(*call, chunk=chunk)
+      return _staged(current_token_logprobs, lower, *call, chunk=chunk)
     out = current_token_logprobs(*call, chunk=chunk)
     out = np.asarray(out, np.float64)[:n_items].reshape(num_gates, n)
   else:
     gates = jnp.asarray(gate_ids)
     if lower:
-      return full_sequence_logprobs.lower(*args, gates, chunk=min(chunk, num_gates))
+      return _staged(full_sequence_logprobs, lower, *args, gates, chunk=min(chunk, num_gates))
     out = np.asarray(full_sequence_logprobs(*args, gates, chunk=min(chunk, num_gates)), np.float64)[:, :n]
   clean = out[0]
   if heads is not None:

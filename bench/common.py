@@ -88,9 +88,16 @@ def matmul_gflop(fn, *args) -> float:
 
   Element-wise work is left out, so this is a lower bound of what a forward must compute.
   """
+  import jax
+
+  return jaxpr_matmul_gflop(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def jaxpr_matmul_gflop(jaxpr) -> float:
+  """`matmul_gflop` of a jaxpr (e.g. `jitted.trace(*args).jaxpr`). A while loop's body counts once (its trip
+  count is not static), so the count stays a lower bound."""
   import math
 
-  import jax
   from jax.extend import core as jcore
 
   def count(jaxpr) -> float:
@@ -116,7 +123,7 @@ def matmul_gflop(fn, *args) -> float:
       total += inner * (eqn.params.get("length", 1) if name == "scan" else 1)
     return total
 
-  return count(jax.make_jaxpr(fn)(*args).jaxpr) / 1e9
+  return count(getattr(jaxpr, "jaxpr", jaxpr)) / 1e9
 
 
 def table(rows: list[tuple], header: tuple) -> str:
