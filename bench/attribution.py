@@ -227,5 +227,6 @@ def main(argv=None):
           f"no implementation can beat the transformers loop by more than {t_torch / floor:.1f}x here "
           f"({t_torch / floor_pre:.1f}x even with free ablations)")
 
+
 if __name__ == "__main__":
   main()
