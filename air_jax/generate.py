@@ -85,6 +85,18 @@ def _method_for(method_cfg, config):
 _PLACED: dict = {}
 
 
+def _mesh_for(params, devices):
+  """The mesh the batch is split over: the params' (data, model) mesh when loaded sharded, else `devices`."""
+  from air_jax.sharding import params_mesh
+
+  return params_mesh(params.params) or data_mesh(devices)
+
+
+def _data_shards(params, devices) -> int:
+  """How many ways the batch is split (the mesh's data axis): the batch is padded to a multiple of this."""
+  return _mesh_for(params, devices).shape["data"]
+
+
 def _on_devices(params, mesh) -> bool:
   """True when every param already lives on exactly the mesh's devices (e.g. loaded sharded): keep its layout."""
   devs = set(mesh.devices.flat)
@@ -160,7 +172,8 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
 
     protocol = get_protocol(protocol)
     bucket = protocol.bucket
-  ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices, protocol)
+  ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices, protocol,
+                                  shards=_data_shards(params, devices))
   if protocol is not None and protocol.group_by_length and len(set(mask[:b].sum(1).tolist())) > 1:
     kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
               top_p=top_p, seed=seed, output_scores=output_scores, output_attention_stats=output_attention_stats,
@@ -225,7 +238,7 @@ def _run(params: LoadedModel, run, method, ids, mask, pixels, devices, *, do_sam
             pad_id=pad_id, output_scores=output_scores, output_stats=output_stats)
   from air_jax.sharding import params_mesh
 
-  mesh = params_mesh(params.params) or data_mesh(devices)  # sharded params: their (data, model) mesh
+  mesh = _mesh_for(params, devices)  # sharded params: their (data, model) mesh
   p = _place_params(params.params, mesh, config)
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
   out = run(p, config, shard(ids), shard(mask), shard(pixels), method, sv, **kw)
@@ -254,7 +267,7 @@ def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_b
     raise ValueError("num_beams > 1 is deterministic beam search: do_sample, output_scores and "
                      "output_attention_stats are not available with it")
   config, tok = params.config, params.processor.tokenizer
-  mesh = data_mesh(devices)
+  mesh = _mesh_for(params, devices)
   p = _place_params(params.params, mesh, config)
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
   spec = plan.spec(method.values, ids.shape[0], config)
@@ -278,7 +291,7 @@ def _run_search(params: LoadedModel, method, ids, mask, pixels, devices, *, num_
     raise ValueError(f"{type(plan).__name__} runs a deterministic search: do_sample, output_scores and "
                      "output_attention_stats are not available with it")
   config, tok = params.config, params.processor.tokenizer
-  mesh = data_mesh(devices)
+  mesh = _mesh_for(params, devices)
   p = _place_params(params.params, mesh, config)
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
   extra = {"processor": params.processor} if getattr(plan, "needs_processor", False) else {}  # e.g. HALC
@@ -300,8 +313,9 @@ def _to_generation(params: LoadedModel, out: dict, ids, mask, b: int) -> Generat
                     scores=scores, segment_mass=stats)
 
 
-def _prepare(params, image, prompt, bucket, devices, protocol=None):
-  """Images/prompts -> padded numpy inputs (batch padded to a multiple of the device count) and the real size."""
+def _prepare(params, image, prompt, bucket, devices, protocol=None, shards=None):
+  """Images/prompts -> padded numpy inputs (batch padded to a multiple of `shards`, the data axis; default the
+  device count) and the real size."""
   images = list(image) if isinstance(image, (list, tuple)) else [image]
   prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(images)
   if len(prompts) != len(images):
@@ -322,7 +336,7 @@ def _prepare(params, image, prompt, bucket, devices, protocol=None):
                                                  pad_token_id(params.processor.tokenizer), bucket,
                                                  config=params.config)
   b = ids.shape[0]
-  extra = (-b) % len(devices)  # copies of row 0, dropped afterwards
+  extra = (-b) % (len(devices) if shards is None else shards)  # copies of row 0, dropped afterwards
   if extra:
     ids, mask, pixels = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], extra, 0)]), (ids, mask, pixels))
   return ids, mask, pixels, b
@@ -350,12 +364,13 @@ def _check_prompts(params, images: list, prompts: list) -> None:
 
 
 def _check_filler_rows(method, b: int, rows: int, devices) -> None:
-  """Refuses filler rows (a batch padded to split over the devices) for a method whose rows see each other."""
+  """Refuses filler rows (a batch padded to split over the data axis) for a method whose rows see each other."""
+  del devices
   if rows != b and method.plan.couples_rows(method.values):
-    raise ValueError(f"a batch of {b} does not split evenly over {len(devices)} devices, and "
+    raise ValueError(f"a batch of {b} does not split evenly over the data axis ({rows} rows after padding), and "
                      f"{type(method.plan).__name__} computes a statistic over the batch (DoLa batch_js, the official "
                      "AD-HH trigger) that filler rows would change; pass a batch whose size is a multiple of the "
-                     "device count (or fewer devices)")
+                     "data axis (the device count, or the mesh's data size for a sharded model)")
 
 
 def _check_model(params):
@@ -405,7 +420,7 @@ def generate_sweep(params: LoadedModel, air_cfgs: Sequence, image, prompt, *, ma
     return [generate(params, c, image, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, bucket=bucket, backend=backend)
             for c in air_cfgs]
-  ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices)
+  ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices, shards=_data_shards(params, devices))
   _check_filler_rows(specs, b, ids.shape[0], devices)
   # Every config runs every view of every example as a row of its own.
   check_lengths(params.config, ids.shape[0] * len(air_cfgs) * specs.plan.num_views, ids.shape[1], max_new_tokens,

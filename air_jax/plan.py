@@ -100,7 +100,7 @@ def plan(path: str, devices: int, dtype="bfloat16", *, model_parallel: int | Non
     param_bytes += per_device_bytes(leaf.shape, dt.itemsize, spec_for(rules, parts, leaf.shape, mp), mesh_shape)
   d = config.dims
   t = prompt_tokens if prompt_tokens is not None else fam.max_image_tokens(config) + 64
-  b = max(batch, dp)
+  b = -(-max(batch, 1) // dp) * dp  # generate pads the batch to a multiple of the data axis
   s = t + new_tokens
 
   # The cache exactly as prefill creates it (text-only prompt of the same length: same cache shapes).

@@ -51,6 +51,12 @@ def test_sharded_logits_and_head_gate_equal_one_device(sharded_result):
 
 
 @pytest.mark.slow
+def test_batch_is_padded_to_the_data_axis(sharded_result):
+  assert sharded_result["rows_for_3_examples"] == 4  # not 8, the device count
+  assert sharded_result["dola_batch_js_tokens_equal"]
+
+
+@pytest.mark.slow
 def test_sharded_greedy_and_air_tokens_equal_one_device(sharded_result):
   r = sharded_result
   assert r["greedy_tokens_equal"] and r["air_star_tokens_equal"]

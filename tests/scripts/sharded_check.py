@@ -59,6 +59,17 @@ def main(path: str) -> dict:
     out[f"{name}_tokens_equal"] = bool(np.array_equal(a.token_ids, b.token_ids))
     out[f"{name}_scores_maxdiff"] = float(np.abs(a.scores - b.scores).max())
     out[f"{name}_tokens"] = a.token_ids.tolist()
+  # The batch is padded to the mesh's data axis (2), not to the device count (8): 3 examples run as 4 rows, and a
+  # method whose rows see each other (DoLa's batch JSD) runs a batch of 2 without filler rows.
+  gen = sys.modules["air_jax.generate"]
+  rows, prepare = [], gen._prepare
+  gen._prepare = lambda *a, **k: (lambda r: rows.append(r[0].shape[0]) or r)(prepare(*a, **k))
+  air_jax.generate(sharded, None, images[:3], prompts[:3], max_new_tokens=2)
+  out["rows_for_3_examples"] = rows[-1]
+  dola = air_jax.methods.make("dola", batch_js=True)
+  a = air_jax.generate(single, dola, images[:2], prompts[:2], max_new_tokens=8, devices=[jax.devices()[0]])
+  b = air_jax.generate(sharded, dola, images[:2], prompts[:2], max_new_tokens=8)
+  out["dola_batch_js_tokens_equal"] = bool(np.array_equal(a.token_ids, b.token_ids))
   return out
 
 
