@@ -131,6 +131,33 @@ def test_sampling_is_reproducible_from_a_key(tiny_model):
   assert (a.token_ids != c.token_ids).any()
 
 
+def test_farsight_registers_skip_padding_inside_a_row():
+  """InstructBLIP pads a row between its query tokens and the prompt: FarSight's registers and distances count
+  real keys (and the unwritten generation window) only, so the row equals its compact form, in both modes."""
+  import jax.numpy as jnp
+
+  from air_jax.methods.farsight import OfficialRegisterOp, RegisterOp
+  from models.segments import IMAGE, PAD, TEXT
+  from models.spec import AttnContext
+
+  def ctx(keys, queries):
+    keys, queries = jnp.asarray([keys], jnp.int32), jnp.asarray([queries], jnp.int32)
+    t, s = queries.shape[1], keys.shape[1]
+    mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None] & (keys != PAD)[:, None, :]
+    return AttnContext(key_segments=keys, query_segments=queries, mask=mask, query_slot=jnp.arange(t))
+
+  gap = ctx([IMAGE, IMAGE, PAD, PAD, TEXT, TEXT, PAD, PAD], [IMAGE, IMAGE, PAD, PAD, TEXT, TEXT])
+  compact = ctx([IMAGE, IMAGE, TEXT, TEXT, PAD, PAD], [IMAGE, IMAGE, TEXT, TEXT])
+  rows, cols = np.array([0, 1, 4, 5]), np.array([0, 1, 4, 5, 6, 7])
+  for op in (RegisterOp(on=jnp.float32(1), log_alpha=jnp.log(jnp.float32(4))),
+             OfficialRegisterOp(on=jnp.float32(1), sigma=jnp.float32(0.8), alibi=jnp.float32(1))):
+    a = np.asarray(op.edit_masked(jnp.zeros((1, 2, 6, 8)), gap))
+    b = np.asarray(op.edit_masked(jnp.zeros((1, 2, 4, 6)), compact))
+    assert np.abs(b).max() > 0  # registers are placed
+    np.testing.assert_allclose(a[:, :, rows][:, :, :, cols], b, rtol=1e-6, err_msg=type(op).__name__)
+    assert not a[:, :, [2, 3]].any() and not a[:, :, :, [2, 3]].any()  # padding: no query row, no register
+
+
 def test_farsight_official_equals_the_official_forward(tiny_model, tiny_torch, inputs):
   """mode="official": the cache-free search (two prompts of different lengths, left padded) = the official
   forward of FeilongTangmonash/FarSight re-run without a cache on each example alone."""

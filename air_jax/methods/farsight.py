@@ -16,6 +16,9 @@ README's "Decoding methods"). The paper mode:
   slot after the query up to the last slot, in prefill and in every decoding step, so their total mass shrinks
   as generation proceeds (the "diminishing masking rate").
 - Every layer and every head (the causal mask is shared); `layers` narrows this (scaled like AIRConfig ranges).
+- Padding is no position: distances count real keys and the unwritten window only, so padding inside a row
+  (InstructBLIP's gap after its query tokens) neither holds a register nor adds to a distance or to seq (in both
+  modes); a row equals the same example without padding.
 Our reading, not stated in the paper: the exact register values, where the window ends (max_new_tokens), and
 that the visible (lower-triangle) logits are left untouched. Preset "farsight": alpha 1024, all layers.
 `enabled=False` is exactly plain decoding (same compiled graph).
@@ -57,13 +60,18 @@ class RegisterOp:
   def _registers(self, ctx):
     s = ctx.key_segments.shape[-1]
     slots = jnp.arange(s)
-    dist = (slots[None, :] - ctx.query_slot[:, None]).astype(jnp.float32)  # [T, S]
-    real = ctx.key_segments != PAD
-    first = jnp.argmax(real, axis=-1)  # left padding before the first real slot
-    seq = (s - first).astype(jnp.float32)  # real prompt + generation window
+    # Slots that count: real keys and the unwritten generation window after the last query; padding inside the
+    # prompt (InstructBLIP's gap after the query tokens) is neither a register nor a unit of distance.
+    window = slots[None, :] > jnp.max(ctx.query_slot)
+    counted = (ctx.key_segments != PAD) | window  # [B, S]
+    rank = (jnp.cumsum(counted, axis=-1) - 1).astype(jnp.float32)  # [B, S]
+    qrank = jnp.take(rank, ctx.query_slot, axis=-1)  # [B, T]
+    dist = rank[:, None, :] - qrank[:, :, None]  # [B, T, S]
+    seq = counted.sum(-1).astype(jnp.float32)  # real prompt + generation window
     sigma = jnp.log(jnp.maximum(seq, 2.0)) / self.log_alpha  # [B]
-    future = (dist > 0)[None, None] & (ctx.query_segments != PAD)[:, None, :, None] & (self.on > 0.5)
-    return future, -dist[None, None] * sigma[:, None, None, None]  # [B, 1, T, S]
+    future = ((dist > 0) & counted[:, None, :])[:, None] & (ctx.query_segments != PAD)[:, None, :, None] \
+        & (self.on > 0.5)
+    return future, -dist[:, None] * sigma[:, None, None, None]  # [B, 1, T, S]
 
   def edit_masked(self, scores, ctx):
     future, reg = self._registers(ctx)
@@ -85,11 +93,9 @@ class OfficialRegisterOp:
   def _future(self, ctx):
     """(future [B, 1, T, S]: the register slots, dist [B, T, S]: key minus query position, qpos [B, T], n [B])."""
     real = ctx.key_segments != PAD  # [B, S]
-    first = jnp.argmax(real, axis=-1)  # [B]
     n = real.sum(-1).astype(jnp.float32)  # [B] real tokens so far
-    slots = jnp.arange(real.shape[-1])
-    pos = (slots[None, :] - first[:, None]).astype(jnp.float32)  # [B, S] position of each slot
-    qpos = (ctx.query_slot[None, :] - first[:, None]).astype(jnp.float32)  # [B, T]
+    pos = (jnp.cumsum(real, axis=-1) - 1).astype(jnp.float32)  # [B, S] rank of each slot among the real ones
+    qpos = jnp.take(pos, ctx.query_slot, axis=-1)  # [B, T]
     dist = pos[:, None, :] - qpos[:, :, None]  # [B, T, S]
     rows = (ctx.query_segments != PAD)[:, :, None]
     future = (dist > 0) & real[:, None, :] & rows & (self.on > 0.5)  # [B, T, S]
