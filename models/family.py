@@ -135,6 +135,10 @@ class Family:
 
   name: str = ""
   max_images_per_prompt: int | None = 1  # None: any number (a list of images per prompt)
+  # True when every run of image tokens is framed by one start and one end token that exist only because of the
+  # image (Qwen2.5-VL's <|vision_start|> / <|vision_end|>, InternVL's <img> / </img>): views of the prompt without
+  # the image (PAI's text-only view) drop them with it.
+  wraps_images: bool = False
   model_types: tuple[str, ...] = ()
   architectures: tuple[str, ...] = ()
   config_types: tuple[type, ...] = ()

@@ -245,6 +245,7 @@ class InternVLFamily(LlamaDecoderFamily):
 
   name = "internvl"
   max_images_per_prompt = None
+  wraps_images = True
   model_types = ("internvl",)
   architectures = ("InternVLForConditionalGeneration",)
   config_types = (InternVLConfig,)

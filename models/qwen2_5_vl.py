@@ -290,6 +290,7 @@ class Qwen25VLFamily(LlamaDecoderFamily):
 
   name = "qwen2_5_vl"
   max_images_per_prompt = None
+  wraps_images = True
   model_types = ("qwen2_5_vl",)
   architectures = ("Qwen2_5_VLForConditionalGeneration",)
   config_types = (Qwen25VLConfig,)

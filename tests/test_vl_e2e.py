@@ -84,6 +84,27 @@ def test_text_only_prompts_equal_transformers_generate(tiny):
   np.testing.assert_array_equal(mixed.token_ids[0], alone.token_ids[0])
 
 
+def test_text_only_view_drops_the_image_frame(tiny):
+  """PAI's text-only view drops each image run with its start / end frame (Qwen's vision_start / vision_end,
+  InternVL's <img> / </img>): what is left is the prompt's text."""
+  from air_jax.methods.base import ViewInputs, text_only_positions, without_image_tokens
+
+  model = tiny["model"]
+  tok = model.processor.tokenizer
+  frame = {"qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "internvl": ("<img>", "</img>")}[tiny["name"]]
+  frame_ids = tok.convert_tokens_to_ids(list(frame))
+  ids, mask, _ = air_jax.generate_inputs(model, [[tiny["images"][0], tiny["images"][1]], tiny["images"][2]],
+                                         PROMPTS, bucket=32)
+  inputs = ViewInputs(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), pixel_values=None)
+  view = without_image_tokens(inputs, is_image=text_only_positions(inputs, model.config))
+  for b in range(2):
+    real = ids[b][mask[b] == 1]
+    want = [t for t in real.tolist() if t != model.config.image_token_id and t not in frame_ids]
+    assert len(want) == len(real) - (real == model.config.image_token_id).sum() - 2 * (2 - b)  # 2 images, then 1
+    got = np.asarray(view.input_ids[b])[np.asarray(view.attention_mask[b]) == 1]
+    assert got.tolist() == want
+
+
 def test_segments_follow_the_image_tokens(tiny):
   model = tiny["model"]
   cfg = model.config

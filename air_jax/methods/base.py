@@ -280,6 +280,19 @@ def image_positions(inputs: ViewInputs, config) -> jax.Array:
   return family_of(config).segments(config, inputs.input_ids, inputs.attention_mask) == IMAGE
 
 
+def text_only_positions(inputs: ViewInputs, config) -> jax.Array:
+  """[R, T] bool: the positions a view of the prompt without its image drops: the image-feature positions and,
+  for families that frame each image run (`Family.wraps_images`), the start and end token around each run."""
+  from models.family import family_of
+
+  is_img = image_positions(inputs, config)
+  if not family_of(config).wraps_images:
+    return is_img
+  before = jnp.pad(is_img[:, 1:], ((0, 0), (0, 1)))  # the slot just before an image token
+  after = jnp.pad(is_img[:, :-1], ((0, 0), (1, 0)))  # the slot just after one
+  return is_img | before | after
+
+
 def without_image_tokens(inputs: ViewInputs, image_token_id: int | None = None, pad_id: int = 0, *,
                          is_image: jax.Array | None = None) -> ViewInputs:
   """The same prompts with every image token removed, left padded again to the same length T.

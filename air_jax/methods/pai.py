@@ -23,7 +23,11 @@ pass); without the text-only view (`use_cfg=False`) both modes amplify from the 
 
 Neutral: alpha 0 and gamma 1 decode exactly like greedy (gamma 1 gives log-probabilities, the same argmax).
 In the HF LLaVA layout the text-only view keeps the template's newline after the image token (the official
-LLaVA template has a space there): it is the same prompt, token for token, without the image tokens.
+LLaVA template has a space there): it is the same prompt, token for token, without the image tokens. Families
+that frame each image (Qwen2.5-VL's <|vision_start|> / <|vision_end|>, InternVL's <img> / </img>) lose the frame
+with the image, so the view is the chat template's text-only prompt up to how the tokenizer splits the text
+after the frame (InternVL keeps the template's newline after the image, as LLaVA does); InstructBLIP's view drops
+the query tokens.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 
 from air_jax.air_config import scale_layer_range
 from air_jax.methods.base import (CompiledMethod, ConfigMixin, Plan, ViewInputs, below_plausibility, check_bool,
-                                  check_int, check_number, concat_views, image_positions, per_view_rows,
+                                  check_int, check_number, concat_views, per_view_rows, text_only_positions,
                                   without_image_tokens)
 from air_jax.methods.registry import register
 from models.segments import IMAGE, PAD
@@ -79,7 +83,7 @@ class PAIPlan(Plan):
   def views(self, values, inputs: ViewInputs, config) -> ViewInputs:
     if self.num_views == 1:
       return inputs
-    return concat_views(inputs, without_image_tokens(inputs, is_image=image_positions(inputs, config)))
+    return concat_views(inputs, without_image_tokens(inputs, is_image=text_only_positions(inputs, config)))
 
   def spec(self, values: PAIValues, batch: int, config) -> RectificationSpec:
     text = config.dims
