@@ -57,7 +57,8 @@ Model functions (pure, jit/vmap-able; `params` is the whole param tree, `vision`
   - `segments(config, input_ids, attention_mask) -> [B, T] int32` key segments (models.segments ids): SYSTEM
     before the first image token, IMAGE at every image-feature position (all runs: tiles, newline rows, several
     images), TEXT for the rest, PAD for padding. Default: `models.segments.segment_ids` with the config's
-    `image_token_id`.
+    `image_token_id`. `wraps_images`: True when each image run is framed by a start and an end token that
+    views without the image drop with it (Qwen2.5-VL, InternVL).
   - `embed_tokens(params, config, ids [B, t]) -> [B, t, E]` (decoding steps feed tokens only).
   - `decoder(params, config, embeds, positions, ctx, *, spec=None, cache=None, write_index=0,
     output_attentions=False, output_stats=False, cache_write=True[, output_hidden_layers=()]) -> (hidden [B, T, E],
