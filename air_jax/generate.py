@@ -236,8 +236,6 @@ def _run(params: LoadedModel, run, method, ids, mask, pixels, devices, *, do_sam
   sv = decoding.SamplingValues.make(seed, temperature, top_k, top_p)
   kw = dict(max_new_tokens=max_new_tokens, sampling=decoding.Sampling(greedy=not do_sample), eos_ids=eos,
             pad_id=pad_id, output_scores=output_scores, output_stats=output_stats)
-  from air_jax.sharding import params_mesh
-
   mesh = _mesh_for(params, devices)  # sharded params: their (data, model) mesh
   p = _place_params(params.params, mesh, config)
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim)), t)
@@ -245,11 +243,39 @@ def _run(params: LoadedModel, run, method, ids, mask, pixels, devices, *, do_sam
   return jax.tree.map(np.asarray, out)
 
 
+def check_decoding_options(method, *, num_beams: int = 1, sampling: bool = False) -> None:
+  """Raises the ValueError `generate` would raise for this compiled method with these options, before any work.
+
+  A method with its own search (OPERA, HALC, FarSight official) takes its beam width from its config and is
+  deterministic; beam search (num_beams > 1) runs only methods that edit attention and is deterministic too.
+  `sampling`: do_sample, output_scores or output_attention_stats asked for.
+  """
+  from air_jax.methods.base import Plan
+
+  plan = method.plan
+  if plan.searches:
+    own = getattr(plan, "num_beams", None)
+    if num_beams != 1 and num_beams != own:
+      raise ValueError(f"num_beams={num_beams}: {type(plan).__name__} runs its own search with num_beams={own} "
+                       "(set it in the method config); leave generate's num_beams at 1")
+    if sampling:
+      raise ValueError(f"{type(plan).__name__} runs a deterministic search: do_sample, output_scores and "
+                       "output_attention_stats are not available with it")
+  elif num_beams != 1:
+    plain = (plan.num_views == 1 and not plan.early_exit_layers and type(plan).combine is Plan.combine
+             and type(plan).init_state is Plan.init_state)
+    if not plain:
+      raise ValueError(f"num_beams={num_beams}: beam search runs with methods that only edit attention (AIR, "
+                       f"AIR*, AD-HH, head ablations); {type(plan).__name__} adds views or changes the logits")
+    if sampling:
+      raise ValueError("num_beams > 1 is deterministic beam search: do_sample, output_scores and "
+                       "output_attention_stats are not available with it")
+
+
 def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_beams, length_penalty,
                max_new_tokens, b, sampling, early_stopping=False):
   """Beam search (air_jax.beam_search) for methods that only edit attention."""
   from air_jax import beam_search
-  from air_jax.methods.base import Plan
 
   if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or \
       not np.isfinite(length_penalty):
@@ -258,14 +284,7 @@ def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_b
     raise ValueError(f"early_stopping must be True, False or \"never\" (transformers' values), got "
                      f"{early_stopping!r}")
   plan = method.plan
-  plain = (plan.num_views == 1 and not plan.early_exit_layers and type(plan).combine is Plan.combine
-           and type(plan).init_state is Plan.init_state)
-  if not plain:
-    raise ValueError(f"num_beams={num_beams}: beam search runs with methods that only edit attention (AIR, AIR*, "
-                     f"AD-HH, head ablations); {type(plan).__name__} adds views or changes the logits")
-  if sampling:
-    raise ValueError("num_beams > 1 is deterministic beam search: do_sample, output_scores and "
-                     "output_attention_stats are not available with it")
+  check_decoding_options(method, num_beams=num_beams, sampling=sampling)
   config, tok = params.config, params.processor.tokenizer
   mesh = _mesh_for(params, devices)
   p = _place_params(params.params, mesh, config)
@@ -283,13 +302,7 @@ def _run_beams(params: LoadedModel, method, ids, mask, pixels, devices, *, num_b
 def _run_search(params: LoadedModel, method, ids, mask, pixels, devices, *, num_beams, max_new_tokens, sampling):
   """A method's own search (`Plan.searches`): its beam width comes from the method config."""
   plan = method.plan
-  own = getattr(plan, "num_beams", None)
-  if num_beams != 1 and num_beams != own:
-    raise ValueError(f"num_beams={num_beams}: {type(plan).__name__} runs its own search with num_beams={own} "
-                     "(set it in the method config); leave generate's num_beams at 1")
-  if sampling:
-    raise ValueError(f"{type(plan).__name__} runs a deterministic search: do_sample, output_scores and "
-                     "output_attention_stats are not available with it")
+  check_decoding_options(method, num_beams=num_beams, sampling=sampling)
   config, tok = params.config, params.processor.tokenizer
   mesh = _mesh_for(params, devices)
   p = _place_params(params.params, mesh, config)

@@ -41,7 +41,7 @@ def parse_repo_id(name: str) -> tuple[str, str | None] | None:
   m = _REPO_ID.match(name)
   if m:
     return m.group("repo"), m.group("rev")
-  m = _SNAPSHOT.search(name.replace(os.sep, "/"))
+  m = _SNAPSHOT.search(name.replace("\\", "/"))  # a path recorded on Windows too
   return (f"{m.group('org')}/{m.group('name')}", m.group("rev")) if m else None
 
 
@@ -49,13 +49,17 @@ def _offline() -> bool:
   return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _cache_dir() -> str | None:
-  # Read at call time (huggingface_hub reads its environment once, at import).
-  if os.environ.get("HF_HUB_CACHE"):
-    return os.environ["HF_HUB_CACHE"]
-  if os.environ.get("HF_HOME"):
-    return os.path.join(os.environ["HF_HOME"], "hub")
-  return None
+def _cache_dir() -> str:
+  """The hub cache huggingface_hub uses, read at call time (it reads its environment once, at import):
+  HF_HUB_CACHE, else the legacy HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub
+  (default ~/.cache/huggingface/hub)."""
+  env = os.environ
+  path = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+  if not path:
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"),
+                                              "huggingface")
+    path = os.path.join(home, "hub")
+  return os.path.expandvars(os.path.expanduser(path))
 
 
 def resolve_checkpoint(path: str | os.PathLike, *, config_only: bool = False,
@@ -95,11 +99,12 @@ def resolve_checkpoint(path: str | os.PathLike, *, config_only: bool = False,
     return snapshot_download(repo, revision=revision, allow_patterns=patterns, cache_dir=_cache_dir(),
                              local_files_only=offline)
   except Exception as e:  # noqa: BLE001 -- hub errors (offline, missing, gated, network) all end the same way
-    cache = _cache_dir() or "the default Hugging Face cache (~/.cache/huggingface/hub)"
+    cache = _cache_dir()
     reason = type(e).__name__
+    includes = " ".join(f"--include '{p}'" for p in patterns)  # hf download takes one pattern per --include
     hint = (f"download it where the hub is reachable (`hf download {repo}"
-            f"{' --revision ' + revision if revision else ''} --include '*.json' '*.safetensors' '*.model' "
-            "'*.txt' '*.jinja'`) into that cache, or pass the checkpoint directory")
+            f"{' --revision ' + revision if revision else ''} {includes}`) into that cache, or pass the "
+            "checkpoint directory")
     raise CheckpointNotFoundError(
         f"{what} {path!r} is neither a local path nor a Hugging Face repository available "
         f"{'in the local cache (offline: HF_HUB_OFFLINE is set)' if offline else 'from the hub or the local cache'}"

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from eval.cli import check_output_dir
+from eval.cli import check_output_dir, releases_output_locks
 
 log = logging.getLogger("eval.analyze")
 PROMPT = "Please describe this image in detail."
@@ -463,6 +463,7 @@ def sweeps_section(model, split, hal, args, out_dir, fig, analysed: Sequence = (
   return {"num_images": len(ids), "base": {k: defaults[k] for k in defaults}, "curves": curves}
 
 
+@releases_output_locks
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = build_parser().parse_args(argv)
   out_dir = Path(args.out)

@@ -32,6 +32,7 @@ import numpy as np
 
 from air_jax.atomic import atomic_write
 from eval.captions_io import append_record, iter_jsonl, repair_tail
+from eval.cli import releases_output_locks
 from eval.coco import AnnotationError, CocoImages, atomic_write_json, match_image_id
 
 log = logging.getLogger("eval.attribute")
@@ -243,6 +244,7 @@ def _choose_screened(state: RunState, score: str, k: int) -> list[int]:
   return [l * est.shape[1] + h for l, h in rank_heads(est, k, largest=True, by_abs=True)]
 
 
+@releases_output_locks
 def run(argv: Sequence[str] | None = None, on_sample: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Runs the attribution; returns the summary. `on_sample(n)` is called after the n-th saved sample (tests)."""
   args = build_parser().parse_args(argv)

@@ -26,7 +26,7 @@ from eval import chair_splits
 from eval.captions_io import CaptionRecord, CaptionsFormatError, CaptionsWriter, load_captions, \
   read_jsonl_records
 from eval.chair_metric import STYLES, Vocabulary, compute_chair
-from eval.cli import check_output_dir, resolve_model_flag
+from eval.cli import check_output_dir, releases_output_locks, resolve_model_flag
 from eval.coco import AnnotationError, CocoImages, GroundTruth, atomic_write_json, match_image_id
 
 log = logging.getLogger("eval.chair")
@@ -409,6 +409,7 @@ def _label_for(path: Path) -> str:
   return stem[:-len("_captions")] if stem.endswith("_captions") else stem
 
 
+@releases_output_locks
 def run(argv: Sequence[str] | None = None,
         captioner_factory: Callable[[str], Captioner] | None = None) -> dict[str, dict[str, Any]]:
   """Run the evaluation; returns label -> output JSON (as written). Tests inject ``captioner_factory``."""

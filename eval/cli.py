@@ -59,6 +59,7 @@ def describe_os_error(e: OSError) -> str:
 def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...] = ()) -> int:
   """Runs `body` (which returns the exit status); user errors become one `error:` line and status 2."""
   setup_logging()
+  held = frozenset(_LOCKS)
   try:
     return body()
   except KeyboardInterrupt:
@@ -71,7 +72,7 @@ def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...
     print(f"error: {e}", file=sys.stderr)
     return 2
   finally:
-    release_output_locks()
+    release_output_locks(keep=held)  # the output directories this run locked
 
 
 def check_output_dir(path: str | os.PathLike) -> None:
@@ -111,7 +112,11 @@ def lock_output_dir(path: str | os.PathLike) -> None:
   key = os.path.realpath(path)
   if key in _LOCKS:
     return
-  fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  lock_file = os.path.join(path, LOCK_FILE)
+  try:
+    fd, writable = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666), True
+  except PermissionError:  # left by another user's finished run: flock works on a read-only descriptor too
+    fd, writable = os.open(lock_file, os.O_RDONLY), False
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
@@ -124,16 +129,32 @@ def lock_output_dir(path: str | os.PathLike) -> None:
     logging.getLogger("eval").warning("--out %s: cannot lock it (%s); make sure no other run writes there",
                                       os.fspath(path), e.strerror or e)
     return
-  os.ftruncate(fd, 0)
-  os.write(fd, f"pid {os.getpid()}".encode())
+  if writable:
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}".encode())
   _LOCKS[key] = fd
 
 
-def release_output_locks() -> None:
-  """Releases the output-directory locks this process holds (the CLIs' runner calls it when a run ends)."""
-  for fd in _LOCKS.values():
-    os.close(fd)  # closing the descriptor releases its flock
-  _LOCKS.clear()
+def release_output_locks(keep: frozenset = frozenset()) -> None:
+  """Releases the output-directory locks this process holds, except those in `keep` (real paths)."""
+  for key in [k for k in _LOCKS if k not in keep]:
+    os.close(_LOCKS.pop(key))  # closing the descriptor releases its flock
+
+
+def releases_output_locks(run: Callable) -> Callable:
+  """Decorates a CLI's `run(argv)`: the output directories it locks are released when it returns, also when it is
+  called directly (tests, `eval.rerun`), not only through `run_cli`."""
+  import functools
+
+  @functools.wraps(run)
+  def wrapper(*args, **kwargs):
+    held = frozenset(_LOCKS)
+    try:
+      return run(*args, **kwargs)
+    finally:
+      release_output_locks(keep=held)
+
+  return wrapper
 
 
 def resolve_model_flag(value: str | os.PathLike, flag: str = "--model") -> str:

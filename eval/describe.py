@@ -91,7 +91,18 @@ def describe(args: argparse.Namespace) -> list[dict[str, Any]]:
   except (EvalError, RunError) as e:
     raise UserError(str(e)) from e
   images = [air_jax.load_image(p, p) for p in args.images]  # an ImageError names the file
-  model = air_jax.load_pretrained(resolve_model_flag(args.model), dtype=args.dtype)
+  path = resolve_model_flag(args.model)
+  from air_jax.generate import check_decoding_options
+  from air_jax.loading import load_config
+
+  config, _ = load_config(path)
+  for name in methods:  # every method against the model and the options before any weight is read
+    try:
+      check_decoding_options(air_jax.methods.as_compiled(resolved[name][0], config), num_beams=args.num_beams,
+                             sampling=args.do_sample)
+    except ValueError as e:
+      raise UserError(f"method {name}: {e}") from e
+  model = air_jax.load_pretrained(path, dtype=args.dtype)
   stats = bool(args.stats or args.json)
   labels = getattr(args, "labels", None) or list(args.images)
   records = []

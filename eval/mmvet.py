@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 from air_jax.atomic import atomic_write_json
 from eval import judged
 from eval import manifest as manifest_lib
-from eval.cli import check_output_dir, run_cli
+from eval.cli import check_output_dir, releases_output_locks, run_cli
 from eval.judges import CachedJudge
 from eval.runner import RunError
 
@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+@releases_output_locks
 def run(argv: Sequence[str] | None = None, *, answerer=None, judge: CachedJudge | None = None) -> dict[str, Any]:
   """Runs MM-Vet; returns the results (as written). Tests inject ``answerer`` and ``judge``."""
   args = build_parser().parse_args(argv)

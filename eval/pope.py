@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 from air_jax.atomic import atomic_write_json
 from eval import manifest as manifest_lib
 from eval import pope_data
-from eval.cli import check_output_dir
+from eval.cli import check_output_dir, releases_output_locks
 from eval.runner import RunError, answer_samples, make_answerer, method_record
 
 log = logging.getLogger("eval.pope")
@@ -458,6 +458,7 @@ def score_answers(plan: Mapping[str, Any], answers: Mapping[str, Mapping[Any, st
   return result
 
 
+@releases_output_locks
 def run(argv: Sequence[str] | None = None, answerer_factory: Callable[[str], Any] | None = None
         ) -> dict[str, dict[str, Any]]:
   """Runs POPE; returns method -> results (as written). Tests inject ``answerer_factory(method)``."""

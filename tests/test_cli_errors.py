@@ -121,3 +121,29 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
     holder.wait()
   assert main(args(out, n=3), gt_captioner) == 0
   assert not cli._LOCKS  # released at the end of the run
+
+
+def test_lock_is_released_by_run_and_works_on_a_foreign_lock_file(tmp_path, monkeypatch):
+  """A CLI's run() called directly (eval.rerun, tests) releases its lock when it returns; a lock file left by
+  another user's finished run (not writable here) is locked read-only instead of failing the run."""
+  import os
+
+  from eval import chair, cli
+
+  out = tmp_path / "out"
+  chair.run(args(out, n=3), gt_captioner)
+  assert not cli._LOCKS
+  real_open = os.open
+
+  def foreign(path, flags, *a):
+    if str(path).endswith(cli.LOCK_FILE) and flags & os.O_RDWR:
+      raise PermissionError(13, "Permission denied", str(path))
+    return real_open(path, flags, *a)
+
+  monkeypatch.setattr(os, "open", foreign)
+  cli.lock_output_dir(out)
+  assert len(cli._LOCKS) == 1
+  holder = subprocess.run([sys.executable, "-c", "from eval.cli import lock_output_dir; "
+                           f"lock_output_dir({str(out)!r})"], cwd=ROOT, capture_output=True, text=True)
+  assert holder.returncode != 0 and "in use by another run" in holder.stderr  # the read-only lock still excludes
+  cli.release_output_locks()

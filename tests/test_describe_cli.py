@@ -50,3 +50,9 @@ def test_errors_name_the_problem(tmp_path, tiny_dir, capsys):
   assert "missing.png" in err and "Traceback" not in err
   assert main(paths + ["--model", tiny_dir, "--method", "air"]) == 2  # the AIR family needs heads
   assert "heads" in capsys.readouterr().err
+  # Options a method cannot take are refused before anything runs (greedy first would have run for nothing).
+  assert main(paths + ["--model", tiny_dir, "--method", "greedy,vcd", "--num-beams", "2"]) == 2
+  assert "method vcd: num_beams=2: beam search runs with methods that only edit attention" in \
+      capsys.readouterr().err
+  assert main(paths + ["--model", tiny_dir, "--method", "greedy,opera", "--do-sample"]) == 2
+  assert "method opera: OperaPlan runs a deterministic search" in capsys.readouterr().err

@@ -109,3 +109,33 @@ def test_recorded_snapshot_of_another_machine_resolves(tiny_dir, offline_cache):
   other = elsewhere.replace(SHA, "f" * 40)
   with pytest.raises(hub.CheckpointNotFoundError, match="f" * 40):
     hub.resolve_checkpoint(other)
+
+
+@pytest.mark.parametrize("env, want", [
+    ({"HF_HUB_CACHE": "/a", "HUGGINGFACE_HUB_CACHE": "/b", "HF_HOME": "/c"}, "/a"),
+    ({"HUGGINGFACE_HUB_CACHE": "/b", "HF_HOME": "/c"}, "/b"),
+    ({"HF_HOME": "/c", "XDG_CACHE_HOME": "/x"}, "/c/hub"),
+    ({"XDG_CACHE_HOME": "/x"}, "/x/huggingface/hub"),
+])
+def test_cache_directory_follows_huggingface_hub(monkeypatch, env, want):
+  for k in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+    monkeypatch.delenv(k, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  assert hub._cache_dir() == want
+  # huggingface_hub's own reading of the same environment (it reads it at import: a fresh interpreter)
+  import subprocess
+  import sys
+
+  got = subprocess.run([sys.executable, "-c", "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"],
+                       capture_output=True, text=True, env={**os.environ}, check=True).stdout.strip()
+  assert got == want
+
+
+def test_download_hint_and_foreign_paths(offline_cache):
+  with pytest.raises(hub.CheckpointNotFoundError) as e:
+    hub.resolve_checkpoint("org/absent")
+  for p in hub.WEIGHT_PATTERNS:  # one --include per pattern: hf download takes one value per flag
+    assert f"--include '{p}'" in str(e.value)
+  win = rf"C:\Users\me\.cache\huggingface\hub\models--org--name\snapshots\{SHA}"
+  assert hub.parse_repo_id(win) == ("org/name", SHA)
