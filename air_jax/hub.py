@@ -100,14 +100,16 @@ def resolve_checkpoint(path: str | os.PathLike, *, config_only: bool = False,
                              local_files_only=offline)
   except Exception as e:  # noqa: BLE001 -- hub errors (offline, missing, gated, network) all end the same way
     cache = _cache_dir()
-    reason = type(e).__name__
+    first = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else ""  # its first sentence
+    reason = type(e).__name__ + (f": {first}" if first else "")
+    why = "HF_HUB_OFFLINE is set" if local_files_only is None else "local_files_only"
     includes = " ".join(f"--include '{p}'" for p in patterns)  # hf download takes one pattern per --include
     hint = (f"download it where the hub is reachable (`hf download {repo}"
             f"{' --revision ' + revision if revision else ''} {includes}`) into that cache, or pass the "
             "checkpoint directory")
     raise CheckpointNotFoundError(
         f"{what} {path!r} is neither a local path nor a Hugging Face repository available "
-        f"{'in the local cache (offline: HF_HUB_OFFLINE is set)' if offline else 'from the hub or the local cache'}"
+        f"{f'in the local cache (offline: {why})' if offline else 'from the hub or the local cache'}"
         f" ({reason}; cache: {cache}); {hint}") from e
 
 
