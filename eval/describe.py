@@ -96,10 +96,11 @@ def describe(args: argparse.Namespace) -> list[dict[str, Any]]:
   from air_jax.loading import load_config
 
   config, _ = load_config(path)
+  compiled = {}
   for name in methods:  # every method against the model and the options before any weight is read
     try:
-      check_decoding_options(air_jax.methods.as_compiled(resolved[name][0], config), num_beams=args.num_beams,
-                             sampling=args.do_sample)
+      compiled[name] = air_jax.methods.as_compiled(resolved[name][0], config)
+      check_decoding_options(compiled[name], num_beams=args.num_beams, sampling=args.do_sample)
     except ValueError as e:
       raise UserError(f"method {name}: {e}") from e
   model = air_jax.load_pretrained(path, dtype=args.dtype)
@@ -109,19 +110,19 @@ def describe(args: argparse.Namespace) -> list[dict[str, Any]]:
   for name in methods:
     cfg, hyper = resolved[name]
     # Methods with their own search (OPERA, HALC) and beam search keep no per-step attention statistics.
-    own_search = air_jax.methods.as_compiled(cfg, model.config).plan.searches
+    own_search = compiled[name].plan.searches
     out = air_jax.generate(model, cfg, images, args.prompt, max_new_tokens=args.max_new_tokens,
                            num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed,
                            output_attention_stats=stats and args.num_beams == 1 and not own_search)
-    for i, path in enumerate(labels):
+    for i, label in enumerate(labels):
       n = int(out.num_tokens[i])
-      records.append({"method": name, "hyperparameters": hyper, "image_index": i, "image": path,
+      records.append({"method": name, "hyperparameters": hyper, "image_index": i, "image": label,
                       "prompt": args.prompt, "text": out.texts[i], "token_ids": out.token_ids[i, :n].tolist(),
                       "attention_mass": attention_masses(out, i)})
   width = max(len(m) for m in methods)
-  for i, path in enumerate(labels):
-    print(f"== {path}")
+  for i, label in enumerate(labels):
+    print(f"== {label}")
     for r in (r for r in records if r["image_index"] == i):
       print(f"  {r['method']:<{width}}  {r['text']}")
       if args.stats and r["attention_mass"] is not None:
