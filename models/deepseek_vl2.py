@@ -293,11 +293,22 @@ DeepseekVL2Config.dims = property(_dims, doc="The decoder's dims (MLA: one key/v
                                              "use_mla = False variant: its GQA heads).")
 
 
+@dataclasses.dataclass(frozen=True)
+class DeepseekVL2Normalisation:
+  """The official image normalisation ((x - 0.5) / 0.5 per channel), for tools that show a detector the image the
+  model sees (HALC)."""
+
+  image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+  image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+
 @dataclasses.dataclass
 class DeepseekVL2Processor:
-  """What air-jax needs of the official processor: the tokenizer (tiling and tokens: models.deepseek_vl2_processing)."""
+  """What air-jax needs of the official processor: the tokenizer (tiling and tokens: models.deepseek_vl2_processing)
+  and the image normalisation."""
 
   tokenizer: object
+  image_processor: DeepseekVL2Normalisation = dataclasses.field(default_factory=DeepseekVL2Normalisation)
 
 
 def _family():

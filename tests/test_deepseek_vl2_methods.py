@@ -62,6 +62,23 @@ def test_methods_run_and_rows_equal_alone(tiny, method):
     np.testing.assert_allclose(alone.scores[0], both.scores[i], atol=1e-5, rtol=1e-5)
 
 
+def test_halc_runs_and_rows_equal_alone(tiny, tmp_path):
+  """HALC crops DeepSeek-VL2's tiles (global view and local tiles) and shows the detector the global view,
+  de-normalised with the official (x - 0.5) / 0.5; a batch equals its rows run alone."""
+  from tests.test_halc import StubDetector, greedy_words_synonyms
+
+  model = tiny[3]
+  imgs = images()[:2]
+  synonyms = greedy_words_synonyms(model, imgs, PROMPTS, 16, tmp_path / "synonyms.txt", min_words=2)
+  cfg = air_jax.methods.make("halc", detector=StubDetector(), synonyms=synonyms)
+  batch = air_jax.generate(model, cfg, imgs, PROMPTS, max_new_tokens=16)
+  for i in range(2):
+    alone = air_jax.generate(model, cfg, imgs[i], PROMPTS[i], max_new_tokens=16)
+    np.testing.assert_array_equal(alone.token_ids[0], batch.token_ids[i])
+  greedy = air_jax.generate(model, None, imgs, PROMPTS, max_new_tokens=16)
+  assert not np.array_equal(batch.token_ids, greedy.token_ids)  # some object word was re-decided
+
+
 def test_a_list_of_one_image_is_that_image(tiny):
   """generate takes a list of images per prompt in every family: [a] is a, an empty list a named error."""
   model = tiny[3]

@@ -49,16 +49,15 @@ def images():
   return random_images(3, 28, seed=5)
 
 
-@pytest.fixture(scope="module")
-def synonyms(tiny_model, images, tmp_path_factory):
-  """A CHAIR synonyms file whose 'objects' are the words greedy writes for these images (a random tiny model
-  writes no English), so that object words occur."""
+def greedy_words_synonyms(model, images, prompt, n, path, min_words: int = 4) -> str:
+  """A CHAIR synonyms file at `path` whose 'objects' are the words greedy writes for these images (a random tiny
+  model writes no English), so that object words occur."""
   from air_jax.halc_search import _PUNCT, starts_word, word_tables
   from eval.chair_metric import Vocabulary, singularize
 
-  g = air_jax.generate(tiny_model, None, images, PROMPT, max_new_tokens=N)
-  tok = tiny_model.processor.tokenizer
-  tab = word_tables(tok, Vocabulary.from_synonyms([["zz"]], rules="generic"), tiny_model.config.dims.vocab_size)
+  g = air_jax.generate(model, None, images, prompt, max_new_tokens=n)
+  tok = model.processor.tokenizer
+  tab = word_tables(tok, Vocabulary.from_synonyms([["zz"]], rules="generic"), model.config.dims.vocab_size)
   found = set()
   for r in range(len(images)):
     ids = g.token_ids[r, : g.num_tokens[r]].tolist()
@@ -67,10 +66,14 @@ def synonyms(tiny_model, images, tmp_path_factory):
       w = tok.decode(ids[a:b], skip_special_tokens=True).strip().strip(_PUNCT).lower()
       if w and " " not in w:
         found.add(singularize(w))
-  assert len(found) >= 4
-  path = tmp_path_factory.mktemp("halc") / "synonyms.txt"
+  assert len(found) >= min_words
   path.write_text("\n".join(sorted(found)) + "\n")
   return str(path)
+
+
+@pytest.fixture(scope="module")
+def synonyms(tiny_model, images, tmp_path_factory):
+  return greedy_words_synonyms(tiny_model, images, PROMPT, N, tmp_path_factory.mktemp("halc") / "synonyms.txt")
 
 
 def ours(tiny_model, cfg, images, trace=None):
