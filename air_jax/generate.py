@@ -184,7 +184,7 @@ def generate(params: LoadedModel, method_cfg, image, prompt, *, max_new_tokens: 
   if protocol is not None:
     extra["finished_pad"] = protocol.finished_pad_id(params.processor.tokenizer)
   method = _method_for(method_cfg, config)
-  _check_filler_rows(method, b, ids.shape[0], devices)
+  _check_filler_rows(method, b, ids.shape[0])
   check_lengths(config, ids.shape[0] * method.plan.num_views, ids.shape[1], max_new_tokens, params.dtype.itemsize,
                 devices, real_prompt_len=int(mask.sum(-1).max()))
   if method.plan.searches:  # the method brings its own search (e.g. OPERA)
@@ -376,9 +376,8 @@ def _check_prompts(params, images: list, prompts: list) -> None:
                        "(prompts without an image: Qwen2.5-VL and InternVL)")
 
 
-def _check_filler_rows(method, b: int, rows: int, devices) -> None:
+def _check_filler_rows(method, b: int, rows: int) -> None:
   """Refuses filler rows (a batch padded to split over the data axis) for a method whose rows see each other."""
-  del devices
   if rows != b and method.plan.couples_rows(method.values):
     raise ValueError(f"a batch of {b} does not split evenly over the data axis ({rows} rows after padding), and "
                      f"{type(method.plan).__name__} computes a statistic over the batch (DoLa batch_js, the official "
@@ -434,7 +433,7 @@ def generate_sweep(params: LoadedModel, air_cfgs: Sequence, image, prompt, *, ma
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, bucket=bucket, backend=backend)
             for c in air_cfgs]
   ids, mask, pixels, b = _prepare(params, image, prompt, bucket, devices, shards=_data_shards(params, devices))
-  _check_filler_rows(specs, b, ids.shape[0], devices)
+  _check_filler_rows(specs, b, ids.shape[0])
   # Every config runs every view of every example as a row of its own.
   check_lengths(params.config, ids.shape[0] * len(air_cfgs) * specs.plan.num_views, ids.shape[1], max_new_tokens,
                 params.dtype.itemsize, devices, real_prompt_len=int(mask.sum(-1).max()))
