@@ -59,9 +59,8 @@ def describe_os_error(e: OSError) -> str:
 def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...] = ()) -> int:
   """Runs `body` (which returns the exit status); user errors become one `error:` line and status 2."""
   setup_logging()
-  held = frozenset(_LOCKS)
   try:
-    return body()
+    return releases_output_locks(body)()  # the output directories this run locked are released when it ends
   except KeyboardInterrupt:
     print("interrupted: finished results are on disk; rerun the same command to resume", file=sys.stderr)
     return 130
@@ -71,8 +70,6 @@ def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...
   except (UserError, ValueError, *user_errors) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  finally:
-    release_output_locks(keep=held)  # the output directories this run locked
 
 
 def check_output_dir(path: str | os.PathLike) -> None:
