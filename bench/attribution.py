@@ -124,8 +124,10 @@ def torch_full_sequence(model, ids, vision_kw: dict, p: int, heads: list[tuple[i
   return elapsed, np.array(probs)
 
 
-def ours(loaded, ids, pixels, p: int, semantics: str, chunk: int, layout: str, repeats: int = 2, reuse: bool = True):
-  """(compile s, best steady call s, ablated probabilities [L, H], clean probability, matrix-product GFLOP)."""
+def ours(loaded, ids, pixels, p: int, semantics: str, chunk: int, layout: str, repeats: int = 2, reuse: bool = True,
+         count_flops: bool = False):
+  """(compile s, best steady call s, ablated probabilities [L, H], clean probability, matrix-product GFLOP or None
+  without `count_flops`)."""
   from air_jax.attribution_core import head_logprobs
   from models.llama import unstack_layers
 
@@ -143,7 +145,8 @@ def ours(loaded, ids, pixels, p: int, semantics: str, chunk: int, layout: str, r
     t = time.perf_counter()
     clean, abl = run()
     best = min(best, time.perf_counter() - t)
-  return compile_s, best, np.exp(abl[0]), float(np.exp(clean[0])), jaxpr_matmul_gflop(run(lower="trace").jaxpr)
+  gflop = jaxpr_matmul_gflop(run(lower="trace").jaxpr) if count_flops else None
+  return compile_s, best, np.exp(abl[0]), float(np.exp(clean[0])), gflop
 
 
 def main(argv=None):
@@ -182,7 +185,7 @@ def main(argv=None):
   c_ours = c_torch = None
   if "current_token" in todo:
     t_compile, t_ours, p_ours, c_ours, gflop = ours(loaded, ids, pixels, p, "current_token", args.chunk,
-                                                    args.layout, args.repeats)
+                                                    args.layout, args.repeats, count_flops=True)
     t_torch, pre_torch, c_torch, p_torch = torch_current_token(model, ids, vision_kw, p, heads)
     pre_ours, pre_gflop = ours_prefill_s(loaded, ids, pixels, p, args.layout, args.repeats)
     err = float(np.abs(np.log(p_ours.reshape(-1)) - np.log(p_torch)).max())
