@@ -293,13 +293,16 @@ DeepseekVL2Config.dims = property(_dims, doc="The decoder's dims (MLA: one key/v
                                              "use_mla = False variant: its GQA heads).")
 
 
+IMAGE_MEAN = IMAGE_STD = 0.5  # the official normalisation, every channel (models.deepseek_vl2_processing)
+
+
 @dataclasses.dataclass(frozen=True)
 class DeepseekVL2Normalisation:
-  """The official image normalisation ((x - 0.5) / 0.5 per channel), for tools that show a detector the image the
-  model sees (HALC)."""
+  """The image normalisation `models.deepseek_vl2_processing` applies, for tools that show a detector the image
+  the model sees (HALC)."""
 
-  image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-  image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+  image_mean: tuple[float, ...] = (IMAGE_MEAN,) * 3
+  image_std: tuple[float, ...] = (IMAGE_STD,) * 3
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.deepseek_vl2 import DeepseekVL2Config
+from models.deepseek_vl2 import IMAGE_MEAN, IMAGE_STD, DeepseekVL2Config
 
 USER_TEMPLATE = "<|User|>: <image>\n{prompt}\n\n<|Assistant|>:"
 IMAGE_TOKEN = "<image>"
@@ -47,7 +47,7 @@ def select_best_resolution(image_size: tuple[int, int], candidates) -> tuple[int
 
 def _to_array(img) -> np.ndarray:
   x = np.asarray(img.convert("RGB"), np.float32) / 255.0
-  return ((x - 0.5) / 0.5).transpose(2, 0, 1)
+  return ((x - IMAGE_MEAN) / IMAGE_STD).transpose(2, 0, 1)
 
 
 def tile_image(image, cfg: DeepseekVL2Config, cropping: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
