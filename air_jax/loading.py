@@ -97,9 +97,10 @@ def load_config(path: str):
   check_config_dict(raw, file)
   fam = family_for_config_dict(raw, file)
   try:
-    return fam.parse_config(raw), fam
+    config = fam.parse_config(raw)
   except (ValueError, TypeError) as e:
     raise ValueError(f"{file}: {e}{_field_hint(raw, e)}") from e
+  return fam.complete_config(config, raw, os.path.dirname(file)), fam
 
 
 def _field_hint(raw: dict, error: Exception) -> str:

@@ -330,6 +330,14 @@ def _family():
     def parse_config(self, raw):
       return config_from_dict(raw)
 
+    def complete_config(self, config, raw, path):
+      # The official processor takes '<image>''s id from the tokenizer, and the released config.json files do
+      # not name it (deepseek-vl2-small's vocabulary is smaller than the default id).
+      from convert.hf_deepseek_vl2 import tokenizer_image_token_id
+
+      tok_id = None if "image_token_id" in raw else tokenizer_image_token_id(path)
+      return config if tok_id is None else dataclasses.replace(config, image_token_id=tok_id)
+
     def param_shapes(self, config):
       return param_shapes(config)
 

@@ -15,6 +15,8 @@ Config and checkpoint
     (layers / heads / kv heads / head_dim / width / vocab / EOS ids of the language decoder), which is all that
     AIR presets, specs, attribution and analyses use to size their arrays. Register the config class in
     `config_types` so `family_of(config)` finds the family.
+  - `complete_config(config, raw, path) -> config`: fills in what config.json leaves to the checkpoint's other
+    files (default: unchanged); `air_jax.load_config` calls it with the checkpoint directory.
   - `param_shapes(config) -> tree`: nested dicts of shape tuples (leaves), transformers names, decoder layers
     stacked on a leading L axis. This is the tree `convert.checkpoint.load_params` fills and `jax.eval_shape`
     counts.
@@ -152,6 +154,11 @@ class Family:
   # ---- config and checkpoint ----
   def parse_config(self, raw: dict):
     raise NotImplementedError
+
+  def complete_config(self, config, raw: dict, path: str):
+    """The parsed config with what config.json leaves to the checkpoint's other files in directory `path`
+    (e.g. a token id the official processor reads from the tokenizer). Default: unchanged."""
+    return config
 
   def param_shapes(self, config) -> dict:
     raise NotImplementedError

@@ -125,3 +125,24 @@ def test_unsupported_moe_layer_freq_is_named():
     deepseek_v2_config_from_dict({"model_type": "deepseek_v2", "moe_layer_freq": 2})
   assert deepseek_v2_config_from_dict({"model_type": "deepseek_v2", "moe_layer_freq": 1}) == \
       deepseek_v2_config_from_dict({"model_type": "deepseek_v2"})
+
+
+def test_image_token_id_comes_from_the_tokenizer_when_config_json_has_none(tmp_path):
+  """The released config.json files do not name '<image>''s id; the official processor reads the tokenizer's."""
+  import json
+
+  import air_jax
+  from air_jax.loading import load_config as load_config_of
+
+  path = str(tmp_path / "ck")
+  _, tok = make_tiny_deepseek_vl2(path)
+  want = tok.convert_tokens_to_ids("<image>")
+  with open(f"{path}/config.json") as f:
+    raw = json.load(f)
+  assert raw.pop("image_token_id") == want != 128815  # the tiny tokenizer's id is not the default one
+  with open(f"{path}/config.json", "w") as f:
+    json.dump(raw, f)
+  model = air_jax.load_pretrained(path)
+  assert model.config.image_token_id == want and load_config_of(path)[0].image_token_id == want
+  out = air_jax.generate(model, None, images()[:1], "Describe.", max_new_tokens=3)
+  assert out.token_ids.shape == (1, 3)
