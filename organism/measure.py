@@ -20,6 +20,8 @@ Splits (organism.scenes2 "test" priors, seeds disjoint from training's seed 0 an
   heads vs the others, and top heads at hallucinated vs correct object steps;
 - CHAIR with AIR (lambda 3.5, gamma 0.1, tau 0.3, beta 0.3) on the top-k heads by E_h, with reallocation alone on
   them, and on --random-draws sets of k random other heads;
+- not a criterion: how often greedy, AIR and reallocation alone name a trap's missing member, split by whether a
+  present object is still to be named at its slot (`trap_member_named`);
 - with --scan-heads: AIR on each head alone, its mean change of log P(m) on absent and on present items of the dev
   seed (`head_scan`), and where the top-k heads by E_h rank by that gap (which heads AIR would help on).
 """
@@ -290,6 +292,31 @@ def chair(scenes, texts, vocab) -> dict[str, float]:
   return out
 
 
+def trap_member_named(scenes, texts) -> dict[str, float | int]:
+  """How often a trap scene's missing group member is named, split by what the image offers at its slot.
+
+  "competitor": a present object comes after the missing member in caption order, so at the member's slot the
+  image holds an object still to be named (what more attention to the image could promote instead); "none": the
+  caption's true continuation there is the end. Fractions of (scene, missing member) items, with their counts.
+  """
+  from organism.quality import caption_objects
+  from organism.vocab import CLASS_NAMES
+
+  named: dict[str, list[bool]] = {"competitor": [], "none": []}
+  for s, t in zip(scenes, texts):
+    if not s.trap:
+      continue
+    objs = set(caption_objects(t))
+    for m in s.expected_absent:
+      after = any(CLASS_NAMES.index(o) > CLASS_NAMES.index(m) for o in s.names)
+      named["competitor" if after else "none"].append(m in objs)
+  out: dict[str, float | int] = {}
+  for k, v in named.items():
+    out[k] = float(np.mean(v)) if v else float("nan")
+    out[f"n_{k}"] = len(v)
+  return out
+
+
 def mai_at_objects(gen, scenes, tokenizer, top_mask: np.ndarray) -> dict[str, float]:
   """Pooled MAI (text / image mass) at object-word steps: top heads vs others; top at hallucinated vs correct."""
   from organism.vocab import word_to_class
@@ -405,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   scenes = scenes2.scenes2(args.n, args.seed, "test")
   texts, outs = gen(scenes, stats=True)
   res["greedy"] = chair(scenes, texts, vocab)
+  res["trap_named"] = {"greedy": trap_member_named(scenes, texts)}
 
   g = types.SimpleNamespace()  # the batches' generation outputs, concatenated for MAI
   width = max(o.token_ids.shape[1] for o in outs)
@@ -423,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       (f"air_random{i}", air_jax.AIRConfig.preset("air", heads=h, **PAPER)) for i, h in enumerate(rand_sets)]:
     t, _ = gen(scenes, cfg)
     res[name] = chair(scenes, t, vocab)
+    if name in ("air", "realloc_only"):
+      res["trap_named"][name] = trap_member_named(scenes, t)
     print(f"{name} {json.dumps(res[name])}  [{time.time() - t0:.0f}s]", flush=True)
     if name == "air":
       res["air_examples"] = [{"greedy": a, "air": b} for a, b in list(zip(texts, t))[:3]]
@@ -497,6 +527,11 @@ def print_report(r: dict) -> None:
     ("reallocation alone >= 1/2 of the effect", f"C_S {100 * ro['CHAIRs']:.1f} ({100 * cut(ro):.0f}%), recall "
      f"{100 * ro['Recall']:.1f}", cut(a) > 0 and cut(ro) >= cut(a) / 2),
   ]
+  tn = r.get("trap_named", {})
+  if tn:  # not a criterion: where AIR's added image attention could act (measured before the criteria below)
+    print("trap scenes, missing member named: " + "; ".join(
+        f"{name} {100 * v['competitor']:.0f}% with a present object still to name (n {v['n_competitor']}), "
+        f"{100 * v['none']:.0f}% without (n {v['n_none']})" for name, v in tn.items()))
   print(f"\norganism v2 criteria ({r['model']}, {r['n']} held-out scenes of seed {r['seed']}, heads top-{r['top_k']} "
         f"by E_h on seed {r['dev_seed']}: {r['heads']})")
   for name, value, ok in rows:

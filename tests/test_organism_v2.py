@@ -103,7 +103,7 @@ def test_tune_air_selects_under_constraints():
 
 
 def test_measure_helpers():
-  from organism.measure import auc, fit_logistic, slot_items, slot_prefix
+  from organism.measure import auc, fit_logistic, slot_items, slot_prefix, trap_member_named
 
   assert auc([2, 3], [1, 0]) == 1.0 and auc([1], [1]) == 0.5 and auc([0], [1, 2]) == 0.0
   rng = np.random.default_rng(0)
@@ -121,6 +121,19 @@ def test_measure_helpers():
     assert pre.endswith("There is")  # the article is scored with the name: it would give "an umbrella" away
     if present:  # the prefix is exactly the caption before m's sentence
       assert scenes2.caption2(s).startswith(pre + " " + scenes2.article(m) + " " + m)
+  # trap items: true captions never name the missing member; appending it names it in every item
+  truth = [scenes2.caption2(s) for s in scenes]
+  none = trap_member_named(scenes, truth)
+  hal = trap_member_named(scenes, [t + "".join(f" There is a {m}." for m in s.expected_absent)
+                                   for s, t in zip(scenes, truth)])
+  n_items = sum(len(s.expected_absent) for s in scenes if s.trap)
+  assert none["n_competitor"] + none["n_none"] == n_items and none["n_competitor"] and none["n_none"]
+  assert none["competitor"] == none["none"] == 0.0 and hal["competitor"] == hal["none"] == 1.0
+  s0 = next(s for s in scenes if s.trap)  # the split: a present object after the missing member's class
+  from organism.vocab import CLASS_NAMES
+  after = any(CLASS_NAMES.index(o) > CLASS_NAMES.index(s0.expected_absent[0]) for o in s0.names)
+  one = trap_member_named([s0], [f"There is a {s0.expected_absent[0]}."])
+  assert one["competitor" if after else "none"] == 1.0 and one["n_" + ("none" if after else "competitor")] == 0
 
 
 TINY = dict(seed=1, image_size=32, patch_size=8, vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32,
