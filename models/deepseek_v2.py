@@ -54,7 +54,7 @@ def _layer(cfg, li, p, x, cos, sin, ctx, spec_l, cache, write_index, want_patter
                           want_stats, cache_write)
   x = x + a
   y = rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps)
-  y = moe.moe(cfg, p["mlp"], y) if cfg.is_moe(li) else moe.mlp(cfg, p["mlp"], y)
+  y = moe.moe(cfg.router, p["mlp"], y) if cfg.is_moe(li) else moe.mlp(cfg.hidden_act, p["mlp"], y)
   return x + y, cache, extras
 
 
@@ -176,9 +176,7 @@ def param_shapes(cfg: DeepseekV2TextConfig) -> dict:
                   q_b_proj=lin(h * qk, cfg.q_lora_rank))
     if cfg.is_moe(li):
       x, i = cfg.n_routed_experts, cfg.moe_intermediate_size
-      m = {"gate": {"weight": (x, e)},
-           "experts": {"gate_proj": {"weight": (x, i, e)}, "up_proj": {"weight": (x, i, e)},
-                       "down_proj": {"weight": (x, e, i)}}}
+      m = moe.expert_shapes(x, i, e)
       if cfg.topk_method == "noaux_tc":
         m["gate"]["e_score_correction_bias"] = (x,)
       if cfg.n_shared_experts:

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from models.config import _ACTIVATIONS, RopeConfig, TextConfig, _check, _rope_from_dict
+from models.moe import Router
 
 _TOPK = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -102,6 +103,14 @@ class DeepseekV2TextConfig:
 
   def is_moe(self, layer: int) -> bool:
     return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
+
+  @property
+  def router(self) -> Router:
+    """The routing of the MoE layers (models.moe): float32 router logits, DeepSeek's normalisation."""
+    return Router(num_experts=self.n_routed_experts, num_experts_per_tok=self.num_experts_per_tok,
+                  hidden_act=self.hidden_act, scoring_func=self.scoring_func, topk_method=self.topk_method,
+                  n_group=self.n_group, topk_group=self.topk_group, norm_topk_prob=self.norm_topk_prob,
+                  routed_scaling_factor=self.routed_scaling_factor, deepseek_norm=True, float32_logits=True)
 
   @property
   def softmax_scale(self) -> float:

@@ -107,7 +107,7 @@ def test_routing_matches_transformers_including_ties(name):
   x[:8] = 0.0  # all scores equal: the tie-break alone decides
   with torch.no_grad():
     _, w_ref, i_ref = gate(x)
-  w, idx = moe.route(cfg, params["layers"][layer]["mlp"]["gate"], jnp.asarray(x.numpy()))
+  w, idx = moe.route(cfg.router, params["layers"][layer]["mlp"]["gate"], jnp.asarray(x.numpy()))
   ref_sets = [sorted(zip(r.tolist(), wr.tolist())) for r, wr in zip(i_ref, w_ref)]
   our_sets = [sorted(zip(r.tolist(), wr.tolist())) for r, wr in zip(np.asarray(idx), np.asarray(w))]
   # Scores as the router sees them (group-limited: non-kept groups zeroed), to find boundary ties.
@@ -287,7 +287,7 @@ def test_official_noaux_tc_sigmoid_normalised_gating():
   weight, bias = torch.randn(8, 32, generator=gen) * 0.3, torch.randn(8, generator=gen) * 0.1
   x = torch.randn(40, 32, generator=gen)
   w_ref, i_ref = official_gate(x, weight, bias, cfg)
-  w, idx = moe.route(cfg, {"weight": jnp.asarray(weight.numpy()), "e_score_correction_bias": jnp.asarray(bias.numpy())},
+  w, idx = moe.route(cfg.router, {"weight": jnp.asarray(weight.numpy()), "e_score_correction_bias": jnp.asarray(bias.numpy())},
                      jnp.asarray(x.numpy()))
   for a, b, wa, wb in zip(i_ref.tolist(), np.asarray(idx).tolist(), w_ref.tolist(), np.asarray(w).tolist()):
     assert sorted(a) == sorted(b)
