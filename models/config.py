@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from models.moe import Router
+
 _ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "silu", "swish", "relu")
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -78,7 +80,22 @@ class TextConfig:
   qk_norm: bool = False
   mrope_section: tuple[int, ...] | None = None
   sliding_window: int | None = None  # Mistral: a query sees keys at most sliding_window - 1 slots back
+  # Sparse MoE feed-forward (Qwen3-MoE): the layers in `sparse_layers` replace the dense MLP by `moe` routed experts
+  # of width moe_intermediate_size (models.moe); the others keep the dense MLP of intermediate_size. None: dense.
+  moe: Router | None = None
+  moe_intermediate_size: int = 0
+  sparse_layers: tuple[int, ...] = ()
   model_type: str = "llama"
+
+  def is_sparse(self, layer: int) -> bool:
+    """Whether decoder layer `layer` has the routed experts instead of the dense MLP."""
+    return layer in self.sparse_layers
+
+  @property
+  def mixed_layers(self) -> bool:
+    """Some layers sparse and some dense: their params differ in shape, so the layers are a tuple of per-layer
+    trees (never stacked)."""
+    return 0 < len(self.sparse_layers) < self.num_hidden_layers
 
   @property
   def dims(self):

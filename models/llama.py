@@ -1,7 +1,9 @@
 """Llama decoder (transformers `LlamaModel` + `lm_head`), layers stacked and scanned, optional KV cache.
 
 Params: embed_tokens.weight [V, E]; layers.{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
-mlp.{gate,up,down}_proj} with a leading layer axis L; norm.weight [E]; lm_head.weight [V, E] unless tied.
+mlp.{gate,up,down}_proj} with a leading layer axis L; norm.weight [E]; lm_head.weight [V, E] unless tied. A
+Qwen3-MoE layer's mlp is {gate, experts} instead (models.moe); a decoder that mixes dense and MoE layers has them as
+a tuple of per-layer trees.
 `layers` may also be a tuple of per-layer trees (`unstack_layers`), run as a Python loop for short chunks (faster
 decoding on CPU) and as a scan for long ones (`SCAN_MIN_TOKENS`: one compiled layer).
 Cache: {"k", "v"} of shape [L, B, S, K, D] with stacked layers, or with per-layer layers a tuple of per-layer
@@ -15,10 +17,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models import rope
+from models import llama_parts, rope
 from models.attention import attend
 from models.config import TextConfig
-from models.layers import activation, linear, rms_norm
+from models.layers import linear, rms_norm
 from models.spec import AttnContext, RectificationSpec, layer_slice
 
 
@@ -81,10 +83,7 @@ def _layer(cfg: TextConfig, p, x, cos, sin, ctx, spec_l, cache_kv, write_index, 
   z, extras = attend(q, k, v, ctx, spec_l, want_pattern=want_pattern, want_stats=want_stats, own=own,
                      kv_layout=layout)
   x = x + linear(a["o_proj"], z.reshape(b, t, h * d))
-  y = rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps)
-  m = p["mlp"]
-  y = linear(m["down_proj"], activation(cfg.hidden_act)(linear(m["gate_proj"], y)) * linear(m["up_proj"], y))
-  return x + y, cache_kv, extras
+  return llama_parts.mlp_residual(cfg, p, x), cache_kv, extras
 
 
 def decoder(
@@ -125,7 +124,7 @@ def decoder(
     near = jnp.arange(ctx.mask.shape[-1])[None, :] > ctx.query_slot[:, None] - cfg.sliding_window
     ctx = ctx.replace(mask=ctx.mask & near[None])
   layers = params["layers"]
-  if isinstance(layers, (list, tuple)) and embeds.shape[1] >= SCAN_MIN_TOKENS:
+  if isinstance(layers, (list, tuple)) and embeds.shape[1] >= SCAN_MIN_TOKENS and llama_parts.uniform(layers):
     # Per-layer buffers, a long chunk: a scan whose step picks layer li's params (and cache) with a switch. The
     # layer, and every attention edit in it, is then compiled once instead of once per layer (AIR's prefill edits
     # dominated its compile time); the switch copies one layer's weights per step, which a compute-bound chunk
@@ -155,7 +154,8 @@ def decoder(
       extras = _scanned_hidden(embeds, extras, output_hidden_layers)
   elif isinstance(layers, (list, tuple)):
     # Per-layer buffers (see `unstack_layers`): a Python loop. XLA:CPU reads separate buffers much faster than
-    # slices of one stacked array, which matters for bandwidth-bound decoding steps.
+    # slices of one stacked array, which matters for bandwidth-bound decoding steps. Layers of different shapes
+    # (dense and MoE, TextConfig.mixed_layers) always run here: a scan's switch needs one param shape.
     x, new_cache, per_layer, hidden = embeds, [], [], [embeds]
     for li, p in enumerate(layers):
       spec_l = layer_slice(spec, li)

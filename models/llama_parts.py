@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models import rope
+from models import moe, rope
 from models.attention import NEG
 from models.config import TextConfig
 from models.layers import activation, linear, rms_norm
@@ -29,8 +29,17 @@ def layer_params(layers, index: int | jax.Array):
   return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False), layers)
 
 
+def uniform(layers) -> bool:
+  """Whether every layer has the same param structure and shapes (stacked layers always do; a tuple of per-layer
+  trees does unless it mixes dense and MoE layers)."""
+  if not isinstance(layers, (list, tuple)):
+    return True
+  first = jax.tree.structure(layers[0]), [a.shape for a in jax.tree.leaves(layers[0])]
+  return all((jax.tree.structure(lp), [a.shape for a in jax.tree.leaves(lp)]) == first for lp in layers[1:])
+
+
 def stacked(layers):
-  """`layers` with a leading L axis (stacks a tuple of per-layer trees)."""
+  """`layers` with a leading L axis (stacks a tuple of per-layer trees; they must be `uniform`)."""
   if isinstance(layers, (list, tuple)):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
   return layers
@@ -106,11 +115,17 @@ def head_outputs(cfg: TextConfig, p, z):
   return jnp.einsum("...hd,ehd->...he", z, w)
 
 
+def feed_forward(cfg: TextConfig, m, y):
+  """A layer's feed-forward on normed y [..., E]: the dense MLP, or (Qwen3-MoE) the routed experts when its params
+  `m` hold them (the layer's param structure decides, statically)."""
+  if "experts" in m:
+    return moe.moe(cfg.moe, m, y)
+  return linear(m["down_proj"], activation(cfg.hidden_act)(linear(m["gate_proj"], y)) * linear(m["up_proj"], y))
+
+
 def mlp_residual(cfg: TextConfig, p, x):
-  """x + MLP(post_attention_layernorm(x))."""
-  y = rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps)
-  m = p["mlp"]
-  return x + linear(m["down_proj"], activation(cfg.hidden_act)(linear(m["gate_proj"], y)) * linear(m["up_proj"], y))
+  """x + MLP(post_attention_layernorm(x)) (dense or MoE, see `feed_forward`)."""
+  return x + feed_forward(cfg, p["mlp"], rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps))
 
 
 def full_layer(cfg: TextConfig, p, x, cos, sin):

@@ -14,8 +14,11 @@ Routing (scores in float32):
   DeepSeek code only): choose with scores + e_score_correction_bias, groups ranked by the sum of their top-2,
   weights are the unbiased scores. With norm_topk_prob the K weights are divided by their sum (DeepSeek's official
   code: only when K > 1, sum + 1e-20; Qwen3-MoE: always, plain sum), then multiplied by routed_scaling_factor.
-Ties: `jax.lax.top_k` prefers the lower expert index, as torch.topk does on CPU (tested with duplicated router
-rows). Every token's routed output is sum_k w_k expert_{i_k}(x), w cast to the input dtype (as both references do).
+Ties: `jax.lax.top_k` prefers the lower expert index. Experts tied inside the top-k are chosen by both; at a tie on
+the k-th place torch.topk's pick on CPU is an artifact of std::nth_element / partial_sort (no index rule: it takes
+the higher index in some positions), so exactly tied scores (duplicated router rows) may route differently there
+(tested: tests/test_deepseek_v2.py, tests/test_internvl_moe.py). Every token's routed output is
+sum_k w_k expert_{i_k}(x), w cast to the input dtype (as both references do).
 """
 
 from __future__ import annotations
