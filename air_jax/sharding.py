@@ -61,11 +61,12 @@ def path_names(key_path) -> tuple[str, ...]:
 def spec_for(rules, parts: tuple, shape: tuple, model_size: int) -> PartitionSpec:
   """The PartitionSpec of the param at `parts` (names) with `shape`, from the family's rules.
 
-  Rules give the spec of the per-layer tensor; stacked decoder/encoder params ("layers" in the path) get a
-  leading None for the layer axis. Dimensions the model axis does not divide are not split.
+  Rules give the spec of the per-layer tensor; stacked decoder/encoder params ("layers" in the path, not followed
+  by a layer index as in a tuple of per-layer trees) get a leading None for the layer axis. Dimensions the model
+  axis does not divide are not split.
   """
   name = ".".join(parts)
-  stacked = "layers" in parts
+  stacked = any(p == "layers" and not (i + 1 < len(parts) and parts[i + 1].isdigit()) for i, p in enumerate(parts))
   for pattern, spec in rules:
     if re.search(pattern, name):
       spec = tuple(spec)

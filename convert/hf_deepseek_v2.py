@@ -12,11 +12,10 @@ import re
 
 import numpy as np
 
-from convert.tree_fill import TreeFiller
+from convert.tree_fill import TreeFiller, set_fused_experts
 from models import deepseek_v2
 from models.deepseek_v2_config import DeepseekV2TextConfig
 
-_FUSED = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
@@ -35,19 +34,7 @@ def feed(filler: TreeFiller, cfg: DeepseekV2TextConfig, key: str, name: str, arr
     return
   if ".shared_experts." in name and cfg.n_shared_experts == 0 and 0 in np.shape(array):
     return  # transformers builds zero-width shared experts when there are none: nothing to load
-  m = _FUSED.match(name)
-  if m:
-    arr = np.asarray(array)
-    if arr.ndim != 3 or (m.group(2) == "gate_up_proj" and arr.shape[1] % 2):
-      want = "2 * intermediate, hidden" if m.group(2) == "gate_up_proj" else "hidden, intermediate"
-      filler.mismatched.append(f"{key}: checkpoint {arr.shape} is not a fused expert tensor [experts, {want}]")
-      return
-    if m.group(2) == "gate_up_proj":
-      i = arr.shape[1] // 2
-      filler.set(key, prefix + m.group(1) + ".gate_proj.weight", arr[:, :i])
-      filler.set(key, prefix + m.group(1) + ".up_proj.weight", arr[:, i:])
-    else:
-      filler.set(key, prefix + m.group(1) + ".down_proj.weight", arr)
+  if set_fused_experts(filler, key, prefix + name, array):
     return
   filler.set(key, prefix + name, array)
 

@@ -1,5 +1,6 @@
 """Loads a local Hugging Face InternVL (`-HF`) checkpoint directory: params (through the family's key table, see
-models/internvl.py) and an images-only processor (tokenizer + image processor + chat template, no video processor).
+models/internvl.py; Qwen3-MoE decoders through `load_moe_params`) and an images-only processor (tokenizer + image
+processor + chat template, no video processor).
 """
 
 from __future__ import annotations
@@ -10,11 +11,33 @@ from convert.vl_processor import (ImageTextProcessor, load_tokenizer, read_chat_
                                   read_json)
 from models.internvl import FAMILY, InternVLConfig
 
+
 def load_params(path: str, config: InternVLConfig, dtype=np.float32) -> dict:
   """Validated numpy params (every key used, every param filled) in the canonical tree."""
-  from convert.checkpoint import load_params as load
+  return FAMILY.load_params(path, config, dtype)
 
-  return load(path, config, dtype, family=FAMILY)
+
+def load_moe_params(path: str, config: InternVLConfig, dtype=np.float32) -> dict:
+  """Validated numpy params of a Qwen3-MoE InternVL: the family's key table, then the experts of each sparse layer
+  from either layout, per-expert keys `...mlp.experts.{j}.{gate,up,down}_proj.weight` (released checkpoints,
+  transformers' save_pretrained) or transformers 5.x's fused `...mlp.experts.gate_up_proj` / `down_proj`
+  (convert.tree_fill.set_fused_experts). Every key must be used and every param filled once."""
+  from convert.checkpoint import checkpoint_files
+  from convert.safetensors_io import SafetensorsFile
+  from convert.tree_fill import TreeFiller, set_fused_experts
+
+  filler = TreeFiller(FAMILY.param_shapes(config), dtype, path)
+  for file in checkpoint_files(path):
+    with SafetensorsFile(file) as st:
+      for key in st.keys():
+        if any(p.search(key) for p in FAMILY.ignored_keys):
+          continue
+        name = FAMILY.canonical_key(key)
+        if name is None:
+          filler.skip(key)
+        elif not FAMILY.skip_key(name, config) and not set_fused_experts(filler, key, name, st.get(key)):
+          filler.set(key, name, st.get(key))
+  return filler.finish()
 
 
 class InternVLProcessor(ImageTextProcessor):

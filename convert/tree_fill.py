@@ -10,9 +10,15 @@ has one source), so a checkpoint that does not match its config never loads sile
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from models.params import is_shape
+
+# transformers 5.x's fused MoE expert tensors (DeepSeek-V2, Qwen3-MoE): `...layers.{i}.mlp.experts.gate_up_proj`
+# [X, 2I, E] (gate rows first) and `...experts.down_proj` [X, E, I].
+_FUSED_EXPERTS = re.compile(r"^(.*\blayers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
 class TreeFiller:
@@ -116,6 +122,27 @@ class TreeFiller:
         lines.append(f"  parameters filled twice ({len(self.duplicated)}; keep one of each): {self.duplicated[:50]}")
       raise ValueError("\n".join(lines))
     return out
+
+
+def set_fused_experts(filler: TreeFiller, key: str, name: str, array) -> bool:
+  """Writes a fused expert tensor (canonical `name`, checkpoint `key`) as the per-expert-stacked params
+  `...experts.{gate_proj, up_proj, down_proj}.weight` ([X, I, E] / [X, E, I]); False when `name` is not one (the
+  per-expert keys `...experts.{j}.gate_proj.weight` need no help: `set` stacks them on the expert axis)."""
+  m = _FUSED_EXPERTS.match(name)
+  if m is None:
+    return False
+  arr = np.asarray(array)
+  if arr.ndim != 3 or (m.group(2) == "gate_up_proj" and arr.shape[1] % 2):
+    want = "2 * intermediate, hidden" if m.group(2) == "gate_up_proj" else "hidden, intermediate"
+    filler.mismatched.append(f"{key}: checkpoint {arr.shape} is not a fused expert tensor [experts, {want}]")
+    return True
+  if m.group(2) == "gate_up_proj":
+    i = arr.shape[1] // 2
+    filler.set(key, m.group(1) + ".gate_proj.weight", arr[:, :i])
+    filler.set(key, m.group(1) + ".up_proj.weight", arr[:, i:])
+  else:
+    filler.set(key, m.group(1) + ".down_proj.weight", arr)
+  return True
 
 
 def place(tree, sharding):

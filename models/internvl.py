@@ -1,4 +1,5 @@
-"""InternVL (transformers `InternVLForConditionalGeneration`): InternViT -> pixel shuffle -> MLP -> Qwen2/Qwen3 decoder.
+"""InternVL (transformers `InternVLForConditionalGeneration`): InternViT -> pixel shuffle -> MLP -> Qwen2/Qwen3 decoder
+(or Qwen3-MoE: InternVL3_5-30B-A3B-HF, InternVL3_5-241B-A28B-HF; see models.qwen_text).
 
 Params: {"vision_tower": models.intern_vit params, "multi_modal_projector": {layer_norm, linear_1, linear_2},
          "language_model": decoder params (models.llama names), "lm_head"?: {"weight"}}.
@@ -241,7 +242,8 @@ KEY_PREFIXES = (
 
 
 class InternVLFamily(LlamaDecoderFamily):
-  """InternVL (-HF): InternViT -> pixel shuffle -> MLP -> Qwen2/Qwen3 decoder; dynamic tiles with a thumbnail."""
+  """InternVL (-HF): InternViT -> pixel shuffle -> MLP -> Qwen2/Qwen3/Qwen3-MoE decoder; dynamic tiles with a
+  thumbnail."""
 
   name = "internvl"
   max_images_per_prompt = None
@@ -254,6 +256,16 @@ class InternVLFamily(LlamaDecoderFamily):
 
   def parse_config(self, raw):
     return config_from_dict(raw)
+
+  def load_params(self, path, config, dtype, sharding=None):
+    if config.text.moe is None:
+      return super().load_params(path, config, dtype, sharding)
+    # Qwen3-MoE: experts are stacked from per-expert keys or split from fused ones, which the one-key-per-slice
+    # streaming loader cannot do; the filled numpy tree is then placed (convert.tree_fill.place).
+    from convert.hf_internvl import load_moe_params
+    from convert.tree_fill import place
+
+    return place(load_moe_params(path, config, dtype), sharding)
 
   def param_shapes(self, config):
     return param_shapes(config)
@@ -287,13 +299,23 @@ class InternVLFamily(LlamaDecoderFamily):
   def max_image_tokens(self, config):
     return PLAN_TILES * config.tokens_per_tile
 
+  def supports_layer_reuse(self, config) -> bool:
+    # The reuse path stacks the layers (models.llama_parts.stacked): dense and MoE layers mixed cannot be.
+    return super().supports_layer_reuse(config) and not config.text.mixed_layers
+
   def partition_rules(self, config):
-    # Megatron split over the "model" mesh axis (air_jax.sharding); specs of the per-layer [out, in] tensors.
+    # Megatron split over the "model" mesh axis (air_jax.sharding); specs of the per-layer [out, in] tensors
+    # (`layers.` or, for mixed dense/MoE decoders, `layers.{i}.`). Qwen3-MoE experts are split inside each expert
+    # like a dense MLP (gate/up [X, I, E] on I, down [X, E, I] on I): every device routes every token exactly as one
+    # device does; the router stays whole.
     col, row, col_b = ("model", None), (None, "model"), ("model",)
+    lyr = r"^language_model\.layers\.(\d+\.)?"
     return (
-        (r"^language_model\.layers\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.weight$", col),
-        (r"^language_model\.layers\.self_attn\.(q|k|v)_proj\.bias$", col_b),
-        (r"^language_model\.layers\.(self_attn\.o_proj|mlp\.down_proj)\.weight$", row),
+        (lyr + r"(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.weight$", col),
+        (lyr + r"self_attn\.(q|k|v)_proj\.bias$", col_b),
+        (lyr + r"(self_attn\.o_proj|mlp\.down_proj)\.weight$", row),
+        (lyr + r"mlp\.experts\.(gate|up)_proj\.weight$", (None, "model", None)),
+        (lyr + r"mlp\.experts\.down_proj\.weight$", (None, None, "model")),
         (r"^language_model\.embed_tokens\.weight$", col),
         (r"^lm_head\.weight$", col),
         (r"^vision_tower\.encoder\.layers\.(attention\.(q|k|v)_proj|mlp\.fc1)\.weight$", col),
