@@ -150,8 +150,11 @@ def make_tiny_internvl(path: str, *, text_type: str = "qwen3", text_layers: int 
                        kv_heads: int = 2, vision_layers: int = 3, image_size: int = 32, patch_size: int = 4,
                        norm_type: str = "layer_norm", use_qk_norm: bool = False, use_mean_pooling: bool = True,
                        vision_feature_layer: int = -1, max_patches: int = 4, tie_word_embeddings: bool = False,
-                       seed: int = 0, save: bool = True):
-  """Builds (and saves) a tiny random InternVL; returns (torch model, transformers processor)."""
+                       seed: int = 0, save: bool = True, text_extra: dict | None = None, edit=None):
+  """Builds (and saves) a tiny random InternVL; returns (torch model, transformers processor).
+
+  text_extra: more text_config fields (e.g. Qwen3-MoE's experts); edit: called with the initialised torch model
+  before it is saved (e.g. to tie two router rows)."""
   import json
 
   from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
@@ -165,7 +168,7 @@ def make_tiny_internvl(path: str, *, text_type: str = "qwen3", text_layers: int 
               num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=len(tok) + 2, head_dim=hidden // heads,
               max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
               eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
-              bos_token_id=None, tie_word_embeddings=tie_word_embeddings)
+              bos_token_id=None, tie_word_embeddings=tie_word_embeddings, **(text_extra or {}))
   vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
                 image_size=image_size, patch_size=patch_size, norm_type=norm_type, use_qk_norm=use_qk_norm,
                 use_mean_pooling=use_mean_pooling, attention_bias=True, hidden_act="gelu")
@@ -173,6 +176,8 @@ def make_tiny_internvl(path: str, *, text_type: str = "qwen3", text_layers: int 
   cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=ctx_id, image_seq_length=seq,
                        vision_feature_layer=vision_feature_layer, tie_word_embeddings=tie_word_embeddings)
   torch_model = _init(InternVLForConditionalGeneration(cfg), seed)
+  if edit is not None:
+    edit(torch_model)
   improc = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
                                     min_patches=1, max_patches=max_patches)
   with _no_video_class_check():
