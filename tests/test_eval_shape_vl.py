@@ -59,3 +59,26 @@ def test_internvl3_5_8b_param_count_and_shapes():
   pixels = np.zeros((2, 3, 448, 448), np.float32)
   out = jax.eval_shape(lambda p: internvl.forward(p, config, ids, pixels), params)
   assert out["logits"].shape == (1, 524, 151936)
+
+
+def test_internvl3_5_30b_a3b_param_count_and_shapes():
+  """The Qwen3-MoE variant. The fixture is InternVL3_5-8B-HF's vision / projector fields (the same InternViT-300M)
+  with Qwen3-30B-A3B's published config.json as text_config (48 layers, 128 experts of width 768, top-8,
+  norm_topk_prob true): every layer sparse, so the layers stay stacked."""
+  from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+  raw = _raw("InternVL3_5-30B-A3B-HF.json")
+  config = internvl.config_from_dict(raw)
+  t = config.text
+  assert t.moe.num_experts == 128 and t.moe.num_experts_per_tok == 8 and t.moe.norm_topk_prob
+  assert t.sparse_layers == tuple(range(48)) and not t.mixed_layers and t.moe_intermediate_size == 768
+  params = _abstract(internvl.param_shapes(config))
+  with torch.device("meta"):
+    ref = InternVLForConditionalGeneration(InternVLConfig(**dict(raw, tie_word_embeddings=False)))
+  n = sum(p.numel() for p in ref.parameters())
+  assert count_params(params) == n
+  assert 30.5e9 < n < 31.5e9  # card: 30.5B (InternViT-300M + Qwen3-30B-A3B)
+  ids = np.concatenate([np.full((1, 5), 1), np.full((1, 256), config.image_token_id), np.full((1, 7), 1)], 1)
+  pixels = np.zeros((1, 3, 448, 448), np.float32)
+  out = jax.eval_shape(lambda p: internvl.forward(p, config, ids, pixels), params)
+  assert out["logits"].shape == (1, 268, 151936)

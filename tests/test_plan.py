@@ -77,3 +77,21 @@ def test_a_model_parallel_size_that_divides_nothing_is_noted(dir_34b, capsys):
   assert "divides few of the tensors" in p.replicated_note and p.params > 0.9 * p.num_params * 2
   for mp in (2, 4, 8):  # good splits (a few small tensors kept whole) get no note
     assert plan(dir_34b, mp, "bfloat16").replicated_note == "", mp
+
+
+def test_moe_experts_are_counted_and_split(tmp_path):
+  """InternVL3_5-30B-A3B-HF (Qwen3-MoE): the plan counts every expert (its count is the model's), and the experts,
+  split inside each expert on the model axis, leave about a quarter of the bytes per device at model-parallel 4."""
+  import jax
+
+  from air_jax.loading import load_config
+  from models.params import count_params
+
+  shutil.copy(os.path.join(FIXTURES, "InternVL3_5-30B-A3B-HF.json"), tmp_path / "config.json")
+  config, fam = load_config(str(tmp_path))
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, "bfloat16"), fam.param_shapes(config),
+                          is_leaf=lambda x: isinstance(x, tuple))
+  p4 = plan(str(tmp_path), 4, "bfloat16", device_memory=80)
+  p1 = plan(str(tmp_path), 1, "bfloat16", device_memory=80)
+  assert p4.num_params == p1.num_params == count_params(abstract) > 30e9
+  assert p1.params == 2 * p1.num_params and abs(p4.params - p1.params / 4) < 0.01 * p1.params / 4
