@@ -20,8 +20,9 @@ Splits (organism.scenes2 "test" priors, seeds disjoint from training's seed 0 an
   heads vs the others, and top heads at hallucinated vs correct object steps;
 - CHAIR with AIR (lambda 3.5, gamma 0.1, tau 0.3, beta 0.3) on the top-k heads by E_h, with reallocation alone on
   them, and on --random-draws sets of k random other heads;
-- not a criterion: how often greedy, AIR and reallocation alone name a trap's missing member, split by whether a
-  present object is still to be named at its slot (`trap_member_named`);
+- not criteria: CHAIR with the top heads removed outright (head_gate 0 at every step: the most an edit of their
+  attention could remove); how often greedy, AIR, reallocation alone and that removal name a trap's missing member,
+  split by whether a present object is still to be named at its slot (`trap_member_named`);
 - with --scan-heads: AIR on each head alone, its mean change of log P(m) on absent and on present items of the dev
   seed (`head_scan`), and where the top-k heads by E_h rank by that gap (which heads AIR would help on).
 """
@@ -336,6 +337,10 @@ def mai_at_objects(gen, scenes, tokenizer, top_mask: np.ndarray) -> dict[str, fl
     return float(r[..., 2][:, mask].sum() / max(r[..., 1][:, mask].sum(), 1e-9))
   allrows = hal + cor
   other = ~top_mask
+  if not allrows:  # a model that names no object: nothing to pool
+    nan = float("nan")
+    return {"top": nan, "others": nan, "top_mean_of_heads": nan, "others_mean_of_heads": nan,
+            "top_hallucinated": nan, "top_correct": nan, "n_hallucinated_steps": 0, "n_correct_steps": 0}
   per_head = np.stack(allrows)  # [K, L, H, 3]
   mai_h = per_head[..., 2].sum(0) / np.maximum(per_head[..., 1].sum(0), 1e-9)  # [L, H]
   return {"top": pooled(allrows, top_mask), "others": pooled(allrows, other),
@@ -367,12 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  import jax.numpy as jnp
+
   import air_jax
   from air_jax.analysis.base_llm import load_base_llm
   from air_jax.atomic import atomic_write_json
   from air_jax.head_sets import random_head_sets
   from eval import attribute as attribute_cli
   from eval.chair_metric import Vocabulary, compute_chair
+  from models.spec import RectificationSpec
   from organism import scenes2
   from organism.dataset2 import ID_OFFSET, write_dataset2
   from organism.scenes import render
@@ -447,11 +455,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   air = air_jax.AIRConfig.preset("air", heads=top, **PAPER)
   realloc = air.replace(projection=False, qk_rescale=False)
   rand_sets = random_head_sets(k, nl, nh, draws=args.random_draws, seed=0, exclude=top)
-  for name, cfg in [("air", air), ("realloc_only", realloc)] + [
+  # Not a criterion: the top heads removed outright (head_gate 0 at every step), the most any edit of their attention
+  # could take away (AD-HH's premise: removing LLaVA's hallucination heads lowers hallucination).
+  gate = np.where(top_mask, 0.0, 1.0).astype(np.float32)
+  ablate = RectificationSpec(head_gate=jnp.asarray(gate))
+  for name, cfg in [("air", air), ("realloc_only", realloc), ("ablate_top", ablate)] + [
       (f"air_random{i}", air_jax.AIRConfig.preset("air", heads=h, **PAPER)) for i, h in enumerate(rand_sets)]:
     t, _ = gen(scenes, cfg)
     res[name] = chair(scenes, t, vocab)
-    if name in ("air", "realloc_only"):
+    if name in ("air", "realloc_only", "ablate_top"):
       res["trap_named"][name] = trap_member_named(scenes, t)
     print(f"{name} {json.dumps(res[name])}  [{time.time() - t0:.0f}s]", flush=True)
     if name == "air":
@@ -527,6 +539,10 @@ def print_report(r: dict) -> None:
     ("reallocation alone >= 1/2 of the effect", f"C_S {100 * ro['CHAIRs']:.1f} ({100 * cut(ro):.0f}%), recall "
      f"{100 * ro['Recall']:.1f}", cut(a) > 0 and cut(ro) >= cut(a) / 2),
   ]
+  if "ablate_top" in r:
+    ab = r["ablate_top"]
+    print(f"top heads removed (not a criterion): C_S {100 * ab['CHAIRs']:.1f} ({100 * cut(ab):.0f}% cut), recall "
+          f"{100 * ab['Recall']:.1f}, malformed {100 * ab['malformed']:.1f}%")
   tn = r.get("trap_named", {})
   if tn:  # not a criterion: where AIR's added image attention could act (measured before the criteria below)
     print("trap scenes, missing member named: " + "; ".join(

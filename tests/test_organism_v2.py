@@ -188,6 +188,41 @@ def test_train2_tiny_run_writes_llava_and_base_llm(tmp_path):
     main(["train2", "--out", str(tmp_path / "bad"), *[f"--{k.replace('_', '-')}={v}" for k, v in bad.items()],
           "--init-from", str(tmp_path / "ckpt")])
   assert not (tmp_path / "bad" / "train_log.jsonl").exists()
+  _measure_runs_end_to_end(tmp_path, str(tmp_path / "ckpt"))
+
+
+def _measure_runs_end_to_end(tmp_path, ckpt: str):
+  """`python -m organism.measure` on a trained tiny checkpoint: every row is written, and the non-criterion rows are
+  what they say (the top heads removed = generate with their head_gate at 0)."""
+  import air_jax
+  import jax.numpy as jnp
+
+  from models.spec import RectificationSpec
+  from organism import measure
+  from organism.scenes import render
+  from organism.train2 import PROMPT
+
+  heads = tmp_path / "heads.json"
+  heads.write_text(json.dumps({"hal_heads": [[1, 2], [0, 3]], "non_hal_heads": []}))
+  out = tmp_path / "measure"
+  assert measure.main(["--model", ckpt, "--heads", str(heads), "--n", "12", "--n-dev", "4", "--n-probe", "12",
+                       "--random-draws", "1", "--max-new-tokens", "6", "--out", str(out)]) == 0
+  r = json.loads((out / "measure.json").read_text())
+  for key in ("greedy", "air", "realloc_only", "ablate_top", "air_random0", "mai", "trap_named", "probe_auc",
+              "counterfactual_auc", "counterfactual_auc_air", "text_only_p_missing", "base_llm_p_missing"):
+    assert key in r, key
+  assert set(r["trap_named"]) == {"greedy", "air", "realloc_only", "ablate_top"}
+  model = air_jax.load_pretrained(ckpt)
+  scenes = measure_scenes = __import__("organism.scenes2", fromlist=["x"]).scenes2(12, 7, "test")
+  gate = np.ones((2, 4), np.float32)
+  gate[1, 2] = gate[0, 3] = 0
+  texts = air_jax.generate(model, RectificationSpec(head_gate=jnp.asarray(gate)), [render(s, 64) for s in scenes],
+                           PROMPT, max_new_tokens=6).texts
+  from eval.chair_metric import Vocabulary
+
+  vocab = Vocabulary.from_file(str(out / "dev_seed5" / "synonyms.txt"))
+  assert r["ablate_top"] == pytest.approx(measure.chair(measure_scenes, texts, vocab))
+  assert r["trap_named"]["ablate_top"] == pytest.approx(measure.trap_member_named(measure_scenes, texts), nan_ok=True)
 
 
 def _tiny(n_scenes: int, image_size: int = 32):
