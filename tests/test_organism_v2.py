@@ -197,6 +197,7 @@ def _measure_runs_end_to_end(tmp_path, ckpt: str):
   import air_jax
   import jax.numpy as jnp
 
+  from eval.chair_metric import Vocabulary
   from models.spec import RectificationSpec
   from organism import measure
   from organism.scenes import render
@@ -213,16 +214,14 @@ def _measure_runs_end_to_end(tmp_path, ckpt: str):
     assert key in r, key
   assert set(r["trap_named"]) == {"greedy", "air", "realloc_only", "ablate_top"}
   model = air_jax.load_pretrained(ckpt)
-  scenes = measure_scenes = __import__("organism.scenes2", fromlist=["x"]).scenes2(12, 7, "test")
+  scenes = scenes2.scenes2(12, 7, "test")  # measure's evaluation seed (default 7)
   gate = np.ones((2, 4), np.float32)
   gate[1, 2] = gate[0, 3] = 0
   texts = air_jax.generate(model, RectificationSpec(head_gate=jnp.asarray(gate)), [render(s, 64) for s in scenes],
                            PROMPT, max_new_tokens=6).texts
-  from eval.chair_metric import Vocabulary
-
   vocab = Vocabulary.from_file(str(out / "dev_seed5" / "synonyms.txt"))
-  assert r["ablate_top"] == pytest.approx(measure.chair(measure_scenes, texts, vocab))
-  assert r["trap_named"]["ablate_top"] == pytest.approx(measure.trap_member_named(measure_scenes, texts), nan_ok=True)
+  assert r["ablate_top"] == pytest.approx(measure.chair(scenes, texts, vocab))
+  assert r["trap_named"]["ablate_top"] == pytest.approx(measure.trap_member_named(scenes, texts), nan_ok=True)
 
 
 def _tiny(n_scenes: int, image_size: int = 32):
