@@ -544,7 +544,7 @@ def print_report(r: dict) -> None:
     print(f"top heads removed (not a criterion): C_S {100 * ab['CHAIRs']:.1f} ({100 * cut(ab):.0f}% cut), recall "
           f"{100 * ab['Recall']:.1f}, malformed {100 * ab['malformed']:.1f}%")
   tn = r.get("trap_named", {})
-  if tn:  # not a criterion: where AIR's added image attention could act (measured before the criteria below)
+  if tn:  # not a criterion: where the image attention AIR adds could act
     print("trap scenes, missing member named: " + "; ".join(
         f"{name} {100 * v['competitor']:.0f}% with a present object still to name (n {v['n_competitor']}), "
         f"{100 * v['none']:.0f}% without (n {v['n_none']})" for name, v in tn.items()))
