@@ -228,3 +228,18 @@ def test_sharding_rules_split_experts_inside_each_expert():
   assert tuple(spec_for(rules, per_layer, (128, 768, 2048), 4)) == (None, "model", None)
   assert tuple(spec_for(rules, ("language_model", "layers", "3", "self_attn", "q_proj", "weight"), (4096, 2048),
                         4)) == ("model", None)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_routed_experts_equal_every_expert_on_every_token(norm):
+  # Qwen3-MoE's router (logits in the input dtype, plain renormalisation, no shared experts), float32 and bfloat16.
+  from tests.test_deepseek_v2 import each_impl, random_experts
+
+  rng = np.random.default_rng(5)
+  r = moe.Router(num_experts=8, num_experts_per_tok=3, norm_topk_prob=norm, deepseek_norm=False, float32_logits=False)
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 0.03)):
+    p = {k: v for k, v in random_experts(rng, 8, 12, 32, dtype).items() if k != "shared_experts"}
+    x = jnp.asarray(rng.standard_normal((45, 32), np.float32), dtype)
+    out = {k: np.asarray(v, np.float32) for k, v in each_impl(r, p, x).items()}
+    for impl, y in out.items():
+      np.testing.assert_allclose(y, out["dense"], rtol=tol, atol=tol * np.abs(out["dense"]).max(), err_msg=impl)
