@@ -7,7 +7,7 @@ evenly; real routers are more skewed, which the routed paths' padding absorbs): 
 width 768). Routing is computed once outside the timed calls (all paths share it). Prints the wall time (best of
 3 after a warm-up; one run when a run takes over 5 s), the routed/dense time ratio, and the compiled temporary
 bytes (`memory_analysis().temp_size_in_bytes`: the intermediates). "ragged" (jax.lax.ragged_dot, the default on
-GPU/TPU) is timed on CPU only while its compiled temporaries stay under --ragged-limit-gb: XLA:CPU lowers it to a
+TPU) is timed on CPU only while its compiled temporaries stay under --ragged-limit-gb: XLA:CPU lowers it to a
 product over every group (K times the dense work), so only its memory is shown beyond that.
 """
 

@@ -22,8 +22,9 @@ sum_k w_k expert_{i_k}(x), w cast to the input dtype (as both references do).
 
 Experts (`routed_experts`, chosen statically by `prefill_impl`): decoding (N * K <= X) gathers the K chosen experts'
 weights per token; more tokens run only the routed (token, slot) pairs, sorted by expert into contiguous groups, as
-grouped products (`jax.lax.ragged_dot` on GPU/TPU; on CPU a scan over tiles of one expert each, since XLA:CPU
-lowers ragged_dot to a product over every group). "dense" (every expert on every token, X / K times the work and an
+grouped products (`jax.lax.ragged_dot` on TPU, which has a native ragged-dot instruction; elsewhere a scan over
+tiles of one expert each, since XLA:CPU lowers ragged_dot to a product over every group and its GPU lowering could
+not be measured here). "dense" (every expert on every token, X / K times the work and an
 [N, X, I] intermediate) is kept as the reference the tests compare with. bench/moe.py measures them.
 """
 
@@ -59,7 +60,7 @@ class Router:
   # DeepSeek casts x and the router to float32 before the product; Qwen3-MoE multiplies in the input dtype.
   float32_logits: bool = True
   # How the routed experts run (a static choice, not a model property): "auto" (gather for decoding, else ragged_dot
-  # on GPU/TPU, the tiled scan on CPU), or one of "gather", "dense", "ragged", "tiled" for every N (`prefill_impl`).
+  # on TPU, the tiled scan elsewhere), or one of "gather", "dense", "ragged", "tiled" for every N (`prefill_impl`).
   experts_impl: str = "auto"
 
 
@@ -115,13 +116,14 @@ def moe(r: Router, p: dict, x: jax.Array) -> jax.Array:
 def prefill_impl(r: Router, n: int) -> str:
   """The routed-experts algorithm for n tokens (static): `r.experts_impl` unless "auto", which gathers the chosen
   experts' weights when n * K <= X (decoding), else runs grouped products over the sorted (token, slot) rows:
-  `jax.lax.ragged_dot` on GPU/TPU, the tiled scan on CPU (XLA:CPU lowers ragged_dot to a dense product over every
-  group, K times the dense path's work: bench/moe.py)."""
+  `jax.lax.ragged_dot` on TPU (a native instruction), the tiled scan elsewhere. XLA:CPU lowers ragged_dot to a dense
+  product over every group, K times the dense path's work and memory (bench/moe.py); on GPU it was not measurable
+  here, and the tiled scan bounds the memory either way ("ragged" forces it)."""
   if r.experts_impl != "auto":
     return r.experts_impl
   if n * r.num_experts_per_tok <= r.num_experts:
     return "gather"
-  return "tiled" if jax.default_backend() == "cpu" else "ragged"
+  return "ragged" if jax.default_backend() == "tpu" else "tiled"
 
 
 def routed_experts(r: Router, ex: dict, xf: jax.Array, w: jax.Array, idx: jax.Array) -> jax.Array:
