@@ -16,7 +16,7 @@ PROMPTS = ["Please describe this image in detail.", "What is in the picture?"]
 # tests marked slow one by one, every test of these files runs in the second process (the model families, sharding,
 # end-to-end CLIs and benchmarks' heavier checks), which balances the two halves on a 2-core machine.
 SECOND_STEP_FILES = {
-    "test_llava_next.py", "test_qwen2_5_vl.py", "test_internvl.py", "test_vl_e2e.py", "test_deepseek_v2.py",
+    "test_llava_next.py", "test_qwen2_5_vl.py", "test_internvl.py", "test_vl_e2e.py",
     "test_deepseek_vl2.py", "test_instructblip.py", "test_families_blip_dsvl2.py", "test_sharding.py",
     "test_sharding_vl.py", "test_eval_shape.py", "test_eval_shape_next.py", "test_eval_shape_vl.py",
     "test_eval_shape_blip_dsvl2.py", "test_plan.py", "test_analysis_model.py", "test_export_hf.py",
