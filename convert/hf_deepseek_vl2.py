@@ -52,8 +52,9 @@ def load_config(path: str) -> DeepseekVL2Config:
     raise FileNotFoundError(f"no config.json at {file}")
   with open(file) as f:
     d = json.load(f)
-  tok = d.get("image_token_id", tokenizer_image_token_id(path))
-  return config_from_dict(d, tok)
+  from models.deepseek_vl2 import FAMILY
+
+  return FAMILY.complete_config(config_from_dict(d), d, path)
 
 
 def feed(filler: TreeFiller, cfg: DeepseekVL2Config, key: str, arr) -> None:

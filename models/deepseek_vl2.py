@@ -84,7 +84,7 @@ class DeepseekVL2Config:
     return resolution[0] // tile, resolution[1] // tile
 
 
-def config_from_dict(d: dict, image_token_id: int | None = None) -> DeepseekVL2Config:
+def config_from_dict(d: dict) -> DeepseekVL2Config:
   """Parses the official config.json (vision_config / projector_config / language_config)."""
   mt = d.get("model_type", "deepseek_vl_v2")
   _check(mt == "deepseek_vl_v2", "model_type", mt, "'deepseek_vl_v2'")
@@ -116,7 +116,7 @@ def config_from_dict(d: dict, image_token_id: int | None = None) -> DeepseekVL2C
   _check(proj.n_embed == text.hidden_size, "projector_config.n_embed", proj.n_embed,
          f"the language width {text.hidden_size}")
   cands = tuple(tuple(int(x) for x in c) for c in d.get("candidate_resolutions", [[vision.image_size] * 2]))
-  tok = image_token_id if image_token_id is not None else d.get("image_token_id", OFFICIAL_IMAGE_TOKEN_ID)
+  tok = d.get("image_token_id", OFFICIAL_IMAGE_TOKEN_ID)  # the tokenizer's id: FAMILY.complete_config
   return DeepseekVL2Config(vision=vision, projector=proj, text=text, tile_tag=tile_tag, global_view_pos=gpos,
                            candidate_resolutions=cands, image_token_id=int(tok))
 
@@ -335,8 +335,13 @@ def _family():
       # not name it (deepseek-vl2-small's vocabulary is smaller than the default id).
       from convert.hf_deepseek_vl2 import tokenizer_image_token_id
 
-      tok_id = None if "image_token_id" in raw else tokenizer_image_token_id(path)
-      return config if tok_id is None else dataclasses.replace(config, image_token_id=tok_id)
+      tok_id = tokenizer_image_token_id(path)
+      if tok_id is None or tok_id == config.image_token_id:
+        return config
+      if "image_token_id" in raw:
+        raise ValueError(f"{path}: the tokenizer's '<image>' id is {tok_id} but the config uses "
+                         f"{config.image_token_id}; set \"image_token_id\": {tok_id} in config.json")
+      return dataclasses.replace(config, image_token_id=tok_id)
 
     def param_shapes(self, config):
       return param_shapes(config)
@@ -351,13 +356,9 @@ def _family():
       return {"language.lm_head.weight": "head", "language.model.embed_tokens.weight": "embed"}.get(key)
 
     def load_params(self, path, config, dtype, sharding=None):
-      from convert.hf_deepseek_vl2 import load_params, tokenizer_image_token_id
+      from convert.hf_deepseek_vl2 import load_params
       from convert.tree_fill import place
 
-      tok_id = tokenizer_image_token_id(path)
-      if tok_id is not None and tok_id != config.image_token_id:
-        raise ValueError(f"{path}: the tokenizer's '<image>' id is {tok_id} but the config uses "
-                         f"{config.image_token_id}; set \"image_token_id\": {tok_id} in config.json")
       return place(load_params(path, config, dtype), sharding)
 
     def load_processor(self, path):

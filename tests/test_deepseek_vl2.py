@@ -146,3 +146,9 @@ def test_image_token_id_comes_from_the_tokenizer_when_config_json_has_none(tmp_p
   assert model.config.image_token_id == want and load_config_of(path)[0].image_token_id == want
   out = air_jax.generate(model, None, images()[:1], "Describe.", max_new_tokens=3)
   assert out.token_ids.shape == (1, 3)
+  raw["image_token_id"] = want + 1  # an id config.json names that the tokenizer contradicts: named, with the fix
+  with open(f"{path}/config.json", "w") as f:
+    json.dump(raw, f)
+  with pytest.raises(ValueError, match=f"'<image>' id is {want} but the config uses {want + 1}; set "
+                                       f"\"image_token_id\": {want} in config.json"):
+    load_config_of(path)
