@@ -243,3 +243,16 @@ def test_routed_experts_equal_every_expert_on_every_token(norm):
     out = {k: np.asarray(v, np.float32) for k, v in each_impl(r, p, x).items()}
     for impl, y in out.items():
       np.testing.assert_allclose(y, out["dense"], rtol=tol, atol=tol * np.abs(out["dense"]).max(), err_msg=impl)
+
+
+@pytest.mark.parametrize("bad, field", [({"num_experts_per_tok": 9}, "text_config.num_experts_per_tok"),
+                                        ({"decoder_sparse_step": 0}, "text_config.decoder_sparse_step"),
+                                        ({"num_experts": -1}, "text_config.num_experts")])
+def test_bad_moe_config_values_are_named(bad, field):
+  from models.qwen_text import qwen_text_config_from_dict
+
+  d = {"model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "num_experts": 8,
+       "num_experts_per_tok": 2, "moe_intermediate_size": 16, **bad}
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    qwen_text_config_from_dict(d)
